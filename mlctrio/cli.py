@@ -1,0 +1,133 @@
+"""`mlctrio serve MODEL [options]`, mirroring `mlc_llm serve`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import EngineOverrides, ServerConfig
+from .errors import ConfigError, MlctrioError
+
+DEFAULT_MODEL = "mock://echo"
+
+
+def _json_list(flag: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple[str, ...]:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON list, got {text!r}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON list of strings")
+        return tuple(value)
+
+    return parse
+
+
+def _overrides(text: str) -> EngineOverrides:
+    try:
+        return EngineOverrides.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlctrio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL,
+        help=f"model directory, HF://org/name, or mock://echo (default: {DEFAULT_MODEL})",
+    )
+    serve.add_argument("--model-lib", default=None, help="a compiled model library (.so)")
+    serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--mode", choices=["local", "interactive", "server"], default="local")
+    serve.add_argument(
+        "--overrides", type=_overrides, default=EngineOverrides(),
+        help='engine settings over the mode\'s, e.g. "max_num_sequence=8;prefill_chunk_size=512"',
+    )
+    serve.add_argument("--prefix-cache-mode", choices=["radix", "disable"], default="radix")
+    serve.add_argument("--allow-origins", type=_json_list("--allow-origins"), default=())
+    serve.add_argument("--allow-methods", type=_json_list("--allow-methods"), default=("*",))
+    serve.add_argument("--allow-headers", type=_json_list("--allow-headers"), default=("*",))
+    serve.add_argument("--allow-credentials", action="store_true")
+    serve.add_argument("--api-key", action="append", default=[], help="repeatable")
+    serve.add_argument("--api-key-file", type=Path, default=None, help="one key per line")
+    serve.add_argument("--enable-debug", action="store_true")
+    serve.add_argument("--enable-tracing", action="store_true")
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-queued-requests", type=int, default=256)
+    serve.add_argument("--request-timeout", type=float, default=None, help="seconds")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    serve.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def read_api_keys(keys: Sequence[str], key_file: Path | None) -> tuple[str, ...]:
+    out = [k for k in keys if k]
+    if key_file is not None:
+        try:
+            text = key_file.read_text()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file: {exc}") from None
+        out.extend(line.strip() for line in text.splitlines() if line.strip())
+    return tuple(out)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.max_queued_requests < 1:
+        raise ConfigError("--max-queued-requests must be at least 1")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise ConfigError("--request-timeout must be positive")
+    return ServerConfig(
+        model=args.model,
+        model_lib=args.model_lib,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        mode=args.mode,
+        overrides=args.overrides,
+        prefix_cache_mode=args.prefix_cache_mode,
+        allow_origins=args.allow_origins,
+        allow_methods=args.allow_methods,
+        allow_headers=args.allow_headers,
+        allow_credentials=args.allow_credentials,
+        api_keys=read_api_keys(args.api_key, args.api_key_file),
+        enable_debug=args.enable_debug,
+        enable_tracing=args.enable_tracing,
+        served_model_name=args.served_model_name,
+        max_queued_requests=args.max_queued_requests,
+        request_timeout_s=args.request_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+        max_body_bytes=args.max_body_bytes,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            config = config_from_args(args)
+            logging.basicConfig(
+                level=config.log_level.upper(),
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            from .serve import run
+
+            return run(config)
+    except MlctrioError as exc:
+        print(f"mlctrio: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2

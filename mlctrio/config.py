@@ -1,0 +1,125 @@
+"""Configuration values: the engine's (mirrors mlc_llm's EngineConfig) and the server's.
+
+Parsed from the command line (cli.py) or from MLCTRIO_* environment variables (app.py); both end
+in the same frozen values, so the two ways of starting the server behave the same.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from .errors import ConfigError
+
+Mode = Literal["local", "interactive", "server"]
+PrefixCacheMode = Literal["radix", "disable"]
+
+
+@attrs.frozen
+class EngineOverrides:
+    """`--overrides "k=v;k=v"`: each None field keeps the mode's choice."""
+
+    max_num_sequence: int | None = None
+    max_total_seq_length: int | None = None
+    prefill_chunk_size: int | None = None
+    max_single_sequence_length: int | None = None
+    gpu_memory_utilization: float | None = None
+    context_window_size: int | None = None
+    sliding_window_size: int | None = None
+    attention_sink_size: int | None = None
+    tensor_parallel_shards: int | None = None
+    pipeline_parallel_stages: int | None = None
+    max_history_size: int | None = None
+    prefix_cache_max_num_recycling_seqs: int | None = None
+    kv_page_size: int | None = None
+    num_threads: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> EngineOverrides:
+        """Parse "k=v;k=v" (mlc_llm's format). Unknown keys and bad values raise ConfigError."""
+        fields = {f.name: f for f in attrs.fields(cls)}
+        values: dict[str, int | float] = {}
+        for item in text.split(";"):
+            item = item.strip()
+            if not item:
+                continue
+            if "=" not in item:
+                raise ConfigError(f"--overrides: expected key=value, got {item!r}")
+            key, _, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise ConfigError(f"--overrides: unknown key {key!r} (known: {known})")
+            kind = float if key == "gpu_memory_utilization" else int
+            try:
+                value = kind(raw.strip())
+            except ValueError:
+                raise ConfigError(
+                    f"--overrides: {key} must be {kind.__name__}, got {raw.strip()!r}"
+                ) from None
+            if key == "gpu_memory_utilization":
+                if not 0.0 < value <= 1.0:
+                    raise ConfigError("--overrides: gpu_memory_utilization must be in (0, 1]")
+            elif value <= 0 and key not in ("sliding_window_size", "attention_sink_size"):
+                raise ConfigError(f"--overrides: {key} must be positive, got {value}")
+            values[key] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class EngineConfig:
+    """The resolved engine configuration (served at /debug/config)."""
+
+    model: str
+    mode: Mode = "local"
+    max_num_sequence: int = 4
+    max_total_seq_length: int = 8192
+    prefill_chunk_size: int = 2048
+    context_window_size: int = 2048
+    kv_page_size: int = 16
+    gpu_memory_utilization: float = 0.85
+    prefix_cache_mode: PrefixCacheMode = "radix"
+    prefix_cache_max_num_recycling_seqs: int = 16
+    num_threads: int | None = None
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything `mlctrio serve` / `hypercorn mlctrio.app:app` is configured with."""
+
+    model: str
+    model_lib: str | None = None
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mode: Mode = "local"
+    overrides: EngineOverrides = attrs.field(factory=EngineOverrides)
+    prefix_cache_mode: PrefixCacheMode = "radix"
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("*",)
+    allow_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    api_keys: tuple[str, ...] = ()
+    enable_debug: bool = False
+    enable_tracing: bool = False
+    served_model_name: str | None = None
+    max_queued_requests: int = 256
+    request_timeout_s: float | None = None
+    shutdown_timeout_s: float = 30.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    log_level: str = "info"
+    trace_buffer_size: int = 100_000
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or default_served_name(self.model)
+
+
+def default_served_name(model: str) -> str:
+    """The model id clients send when --served-model-name is not given: the model string as
+    given, without a mock:// URL's options (so `mock://echo?delay_ms=5` is served as
+    `mock://echo`)."""
+    if model.startswith("mock://"):
+        return model.split("?", 1)[0]
+    return model

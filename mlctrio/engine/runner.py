@@ -1,0 +1,59 @@
+"""The seam between the scheduler/worker and a model: `ModelRunner`.
+
+A runner owns the paged KV cache and executes one batched forward step. The TVM runner
+(runtime/tvm_runner.py) and the echo fake (testing/echo.py) both implement it. All calls happen on
+the single engine worker thread; a runner is not thread-safe.
+
+Sequence ids are small non-negative ints chosen by the caller. Page accounting: a sequence of
+length L holds ceil(L / page_size) pages, except that a forked child shares its parent's full
+pages (copy-on-write at page granularity, as TVM's paged KV cache does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+
+class ModelRunner(Protocol):
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def page_size(self) -> int: ...
+
+    @property
+    def context_window_size(self) -> int: ...
+
+    @property
+    def max_num_sequence(self) -> int: ...
+
+    def total_pages(self) -> int: ...
+
+    def free_pages(self) -> int: ...
+
+    def add_sequence(self, seq_id: int) -> None: ...
+
+    def remove_sequence(self, seq_id: int) -> None: ...
+
+    def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
+        """Create child from parent's first fork_pos tokens (-1: all of them)."""
+
+    def popn(self, seq_id: int, num_tokens: int) -> None:
+        """Drop the last num_tokens tokens of a sequence from the cache."""
+
+    def sequence_length(self, seq_id: int) -> int: ...
+
+    def step(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
+        """Append each (seq_id, new_token_ids) to the cache and run the model.
+
+        Returns float32 logits of shape (len(batch), vocab_size): the logits at the LAST new
+        position of each entry. Entries may mix prefill chunks (many tokens) and decodes (one).
+        A seq_id appears at most once per batch.
+        """
+        ...
+
+    def close(self) -> None: ...

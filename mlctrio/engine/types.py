@@ -1,0 +1,115 @@
+"""Values that cross the engine boundary: what a request asks for and what each step returns.
+
+The engine speaks token ids and sampling parameters only. These classes are frozen attrs values,
+shared by the scheduler (engine/), the worker (runtime/) and the bridge (service.py). Nothing here
+knows about HTTP or the OpenAI schema: protocol/ converts to and from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
+
+
+@attrs.frozen
+class SamplingParams:
+    """How to sample one request's tokens. Validated by protocol/ before it gets here.
+
+    temperature == 0 means greedy. top_k == -1 or 0 means off. seed None means "engine picks one"
+    (the worker draws a random seed so every request still has its own generator stream).
+    """
+
+    n: int = 1
+    max_tokens: int | None = None  # None: up to the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = attrs.field(factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True
+
+
+@attrs.frozen
+class GenerationRequest:
+    """One request as submitted to the engine: the prompt is already tokenized."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_time: float = 0.0  # time.monotonic() when the server received it
+
+
+@attrs.frozen
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+
+
+@attrs.frozen
+class TokenLogprob:
+    """Logprob of one sampled token and the top alternatives at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@attrs.frozen
+class ChoiceDelta:
+    """What one choice (branch) of a request produced in one step.
+
+    `text` never ends inside a UTF-8 character nor inside a possible stop string (held back until
+    resolved). `finish_reason` is set exactly once, on the last delta of that choice.
+    """
+
+    index: int
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+
+
+@attrs.frozen
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen
+class RequestOutput:
+    """One step's worth of output for one request (all its choices that changed).
+
+    `finished` is True on the request's final record; exactly one final record is delivered per
+    request whatever path ends it (done, length, stop, abort, error). `error` carries a message when
+    the engine failed the request.
+    """
+
+    request_id: str
+    deltas: tuple[ChoiceDelta, ...]
+    usage: Usage
+    finished: bool = False
+    error: str | None = None
+    num_preemptions: int = 0

@@ -1,0 +1,136 @@
+"""Feeds metrics and the event trace from what the engine bridge delivers.
+
+Runs on the trio side inside AsyncEngine._deliver, so every method must be cheap and never raise.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import attrs
+
+from ..engine.types import GenerationRequest, RequestOutput
+from ..metrics import Metrics
+
+
+@attrs.define
+class _Track:
+    arrival: float
+    tid: int
+    prompt_tokens: int
+    first_output: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    num_tokens: int = 0
+    reasons: set[str] = attrs.field(factory=set)
+
+
+@attrs.define
+class EventTrace:
+    """A bounded ring buffer of Chrome-trace events (one track per request)."""
+
+    capacity: int
+    _events: collections.deque[dict[str, Any]] = attrs.field(init=False)
+    _origin: float = attrs.field(factory=time.monotonic)
+
+    def __attrs_post_init__(self) -> None:
+        self._events = collections.deque(maxlen=self.capacity)
+
+    def add(self, name: str, tid: int, ts: float, request_id: str, **args: Any) -> None:
+        self._events.append(
+            {
+                "name": name,
+                "cat": "request",
+                "ph": "i",
+                "s": "t",
+                "ts": round((ts - self._origin) * 1e6, 1),
+                "pid": 1,
+                "tid": tid,
+                "args": {"request_id": request_id, **args},
+            }
+        )
+
+    def dump(self) -> dict[str, Any]:
+        names: dict[int, str] = {}
+        for ev in self._events:
+            names.setdefault(ev["tid"], ev["args"]["request_id"])
+        meta = [
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": rid}}
+            for tid, rid in names.items()
+        ]
+        return {"traceEvents": meta + list(self._events), "displayTimeUnit": "ms"}
+
+
+@attrs.define
+class EngineObserver:
+    metrics: Metrics
+    trace: EventTrace | None = None
+    clock: Any = time.monotonic
+    _tracks: dict[str, _Track] = attrs.field(factory=dict)
+    _next_tid: int = 1
+
+    def on_submit(self, request: GenerationRequest) -> None:
+        now = self.clock()
+        arrival = request.arrival_time or now
+        self._tracks[request.request_id] = _Track(
+            arrival, self._next_tid, len(request.prompt_token_ids)
+        )
+        if self.trace is not None:
+            self.trace.add("received", self._next_tid, arrival, request.request_id)
+            self.trace.add(
+                "queued", self._next_tid, now, request.request_id,
+                prompt_tokens=len(request.prompt_token_ids),
+            )
+        self._next_tid += 1
+
+    def on_output(self, output: RequestOutput, abort_reason: str | None) -> None:
+        track = self._tracks.get(output.request_id)
+        if track is None:
+            return
+        now = self.clock()
+        m = self.metrics
+        if track.first_output is None:
+            track.first_output = now
+            m.request_queue_time.observe(now - track.arrival)
+        num_new = 0
+        for d in output.deltas:
+            num_new += len(d.token_ids)
+            if d.finish_reason:
+                track.reasons.add(d.finish_reason)
+        if num_new:
+            if track.first_token is None:
+                track.first_token = now
+                m.time_to_first_token.observe(now - track.arrival)
+                if self.trace is not None:
+                    self.trace.add("first_token", track.tid, now, output.request_id)
+            elif track.last_token is not None:
+                m.inter_token_latency.observe(now - track.last_token)
+            track.last_token = now
+            track.num_tokens += num_new
+            m.generation_tokens.inc(num_new)
+            if self.trace is not None:
+                self.trace.add("step", track.tid, now, output.request_id, tokens=num_new)
+        if not output.finished:
+            return
+        del self._tracks[output.request_id]
+        m.prompt_tokens.inc(output.usage.prompt_tokens)
+        m.request_prompt_tokens.observe(output.usage.prompt_tokens)
+        m.request_generation_tokens.observe(output.usage.completion_tokens)
+        m.e2e_request_latency.observe(now - track.arrival)
+        reasons = track.reasons
+        if output.error is not None:
+            m.request_finished("error")
+            reason = "error"
+        elif "abort" in reasons:
+            reason = abort_reason or "abort"
+            m.request_aborted(reason)
+        else:
+            reason = sorted(reasons)[0] if reasons else "stop"
+            m.request_finished(reason)
+        if self.trace is not None:
+            self.trace.add("finished", track.tid, now, output.request_id, reason=reason)
+
+    def on_stats(self, stats: Any) -> None:
+        self.metrics.observe_engine(stats)

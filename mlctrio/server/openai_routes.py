@@ -1,0 +1,355 @@
+"""POST /v1/chat/completions, /v1/completions, /tokenize, /detokenize.
+
+One HTTP request = one `engine.generate()` block. Streaming and non-streaming responses go
+through the same path; leaving the block early (client gone, deadline) aborts in the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+
+from ..engine.types import GenerationRequest, RequestOutput, Usage
+from ..errors import InvalidRequestError, RequestError, RequestTimeoutError
+from ..protocol.openai import (
+    parse_chat_request,
+    parse_completion_request,
+    parse_detokenize_request,
+    parse_tokenize_request,
+)
+from ..service import RequestStream
+from . import generation as g
+from . import prompts
+from .app import ServerState, json_response, read_json
+from .sse import DONE, PING, event
+
+_TIMEOUT = object()
+
+
+def _deadline(state: ServerState, arrival: float) -> float:
+    timeout = state.config.request_timeout_s
+    return trio.current_time() + timeout if timeout else float("inf")
+
+
+async def _next(stream: RequestStream, deadline: float, ping_s: float) -> Any:
+    """The next output, PING when nothing came for ping_s, _TIMEOUT past the deadline."""
+    wake = min(deadline, trio.current_time() + ping_s)
+    with trio.move_on_at(wake):
+        return await stream.receive()
+    return _TIMEOUT if trio.current_time() >= deadline else PING
+
+
+def _timeout_error(state: ServerState) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"The request took longer than the server's timeout of "
+        f"{state.config.request_timeout_s} s and was aborted."
+    )
+
+
+def _engine_error(message: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"The engine failed while generating: {message}",
+            "type": "server_error",
+            "param": None,
+            "code": "engine_error",
+        }
+    }
+
+
+def _sse(body: AsyncIterator[bytes]) -> Response:
+    response = Response(body, content_type="text/event-stream; charset=utf-8")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.timeout = None
+    return response
+
+
+async def _collect(
+    state: ServerState, requests: Sequence[GenerationRequest], deadline: float
+) -> list[RequestOutput]:
+    """Run requests to completion (non-streaming)."""
+    outputs: list[RequestOutput] = []
+    async with state.engine.generate(requests) as stream:
+        with trio.move_on_at(deadline):
+            while (output := await stream.receive()) is not None:
+                if output.error is not None:
+                    raise RequestError(f"The engine failed: {output.error}")
+                outputs.append(output)
+            return outputs
+        stream.abort_reason = "timeout"
+        raise _timeout_error(state)
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Tokenization and template rendering run off the event loop."""
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        arrival = time.monotonic()
+        req = parse_chat_request(await read_json())
+        state.check_model(req.model)
+        info = state.model_info()
+        if req.response_format is not None and req.response_format.type != "text":
+            raise InvalidRequestError(
+                f"response_format type {req.response_format.type!r} is not supported yet.",
+                param="response_format",
+            )
+        tool_choice = req.tool_choice if req.tool_choice is not None else "auto"
+        if req.tools and tool_choice != "none":
+            raise InvalidRequestError(
+                "Tool calling is not supported yet; send tool_choice='none' to pass tools "
+                "to the chat template only.",
+                param="tool_choice" if req.tool_choice is not None else "tools",
+            )
+        template = info.chat_template
+        tools = prompts.tools_for_template(req)
+        prompt = await _in_thread(
+            lambda: prompts.render_chat(req.messages, tools, template, info.tokenizer)
+        )
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        max_tokens = g.check_context(len(prompt), max_tokens, info.context_window_size, param)
+        params = g.sampling_params(
+            req,
+            max_tokens=max_tokens,
+            tokenizer=info.tokenizer,
+            template_stop=template.stop_strings,
+            template_stop_ids=template.stop_token_ids,
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+        )
+        head = g.ResponseHead.new("chatcmpl", "chat.completion", state.model_name)
+        gen = g.generation_request(head.id, prompt, params, arrival)
+        deadline = _deadline(state, arrival)
+        if not req.stream:
+            outputs = await _collect(state, [gen], deadline)
+            choices = [g.ChoiceAccumulator(i) for i in range(params.n)]
+            for output in outputs:
+                for delta in output.deltas:
+                    choices[delta.index].add(delta)
+            return json_response(
+                g.chat_completion_json(head, choices, outputs[-1].usage, bool(req.logprobs))
+            )
+        state.engine.check_admission()
+        include_usage = req.include_usage
+        return _sse(_chat_stream(state, head, gen, include_usage, deadline))
+
+    async def _chat_stream(
+        state: ServerState,
+        head: g.ResponseHead,
+        gen: GenerationRequest,
+        include_usage: bool,
+        deadline: float,
+    ) -> AsyncIterator[bytes]:
+        chunk = g.chat_chunk
+        n = gen.params.n
+        head = g.ResponseHead(head.id, "chat.completion.chunk", head.created, head.model)
+        usage = Usage(len(gen.prompt_token_ids), 0)
+        async with state.engine.generate([gen]) as stream:
+            for i in range(n):
+                yield event(
+                    chunk(head, i, {"role": "assistant", "content": ""}, include_usage=include_usage)
+                )
+            while True:
+                output = await _next(stream, deadline, state.sse_ping_interval_s)
+                if output is None:
+                    break
+                if output is PING:
+                    yield PING
+                    continue
+                if output is _TIMEOUT:
+                    stream.abort_reason = "timeout"
+                    yield event(_timeout_error(state).to_dict())
+                    yield DONE
+                    return
+                if output.error is not None:
+                    yield event(_engine_error(output.error))
+                    yield DONE
+                    return
+                usage = output.usage
+                for d in output.deltas:
+                    if d.text or d.finish_reason or d.logprobs:
+                        yield event(
+                            chunk(
+                                head,
+                                d.index,
+                                {"content": d.text} if d.text else {},
+                                finish_reason=d.finish_reason,
+                                logprobs=d.logprobs,
+                                include_usage=include_usage,
+                            )
+                        )
+        if include_usage:
+            yield event(g.usage_chunk(head, usage))
+        yield DONE
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        arrival = time.monotonic()
+        req = parse_completion_request(await read_json())
+        state.check_model(req.model)
+        info = state.model_info()
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequestError(
+                "echo together with logprobs needs prompt logprobs, which this server does "
+                "not compute.",
+                param="echo",
+            )
+        prompt_ids: list[list[int]] = await _in_thread(
+            lambda: prompts.prompt_token_lists(req, info.tokenizer)
+        )
+        head = g.ResponseHead.new("cmpl", "text_completion", state.model_name)
+        gens: list[GenerationRequest] = []
+        for k, prompt in enumerate(prompt_ids):
+            max_tokens = g.check_context(
+                len(prompt), req.max_output_tokens, info.context_window_size, "max_tokens"
+            )
+            params = g.sampling_params(
+                req,
+                max_tokens=max_tokens,
+                tokenizer=info.tokenizer,
+                logprobs=req.logprobs is not None,
+                top_logprobs=req.logprobs or 0,
+            )
+            request_id = head.id if len(prompt_ids) == 1 else f"{head.id}-{k}"
+            gens.append(g.generation_request(request_id, prompt, params, arrival))
+        n = gens[0].params.n
+        index_of = {gen.request_id: k * n for k, gen in enumerate(gens)}
+        echo = (
+            [info.tokenizer.decode(p, skip_special_tokens=False) for p in prompt_ids]
+            if req.echo
+            else None
+        )
+        deadline = _deadline(state, arrival)
+        if not req.stream:
+            outputs = await _collect(state, gens, deadline)
+            acc = {}
+            usage = {}
+            for output in outputs:
+                base = index_of[output.request_id]
+                usage[output.request_id] = output.usage
+                for d in output.deltas:
+                    acc.setdefault(base + d.index, g.ChoiceAccumulator(base + d.index)).add(d)
+            choices = []
+            for index in sorted(acc):
+                c = acc[index]
+                prefix = echo[index // n] if echo else ""
+                choices.append(
+                    g.completion_choice(
+                        index,
+                        prefix + "".join(c.text),
+                        c.finish_reason,
+                        c.logprobs if req.logprobs is not None else None,
+                        len(prefix),
+                    )
+                )
+            total = Usage(
+                sum(u.prompt_tokens for u in usage.values()),
+                sum(u.completion_tokens for u in usage.values()),
+            )
+            body = head.base()
+            body["choices"] = choices
+            body["usage"] = g.usage_json(total)
+            return json_response(body)
+        state.engine.check_admission(len(gens))
+        include_usage = req.include_usage
+        return _sse(
+            _completion_stream(
+                state, head, gens, index_of, echo, req.logprobs is not None, include_usage,
+                deadline,
+            )
+        )
+
+    async def _completion_stream(
+        state: ServerState,
+        head: g.ResponseHead,
+        gens: list[GenerationRequest],
+        index_of: dict[str, int],
+        echo: list[str] | None,
+        want_logprobs: bool,
+        include_usage: bool,
+        deadline: float,
+    ) -> AsyncIterator[bytes]:
+        n = gens[0].params.n
+        usage = {gen.request_id: Usage(len(gen.prompt_token_ids), 0) for gen in gens}
+        offsets: dict[int, int] = {}
+
+        def choice_chunk(index: int, text: str, finish: str | None, lps: Any) -> bytes:
+            body = head.base()
+            body["choices"] = [
+                g.completion_choice(
+                    index, text, finish, lps if want_logprobs else None, offsets.get(index, 0)
+                )
+            ]
+            if include_usage:
+                body["usage"] = None
+            offsets[index] = offsets.get(index, 0) + len(text)
+            return event(body)
+
+        async with state.engine.generate(gens) as stream:
+            if echo is not None:
+                for k, text in enumerate(echo):
+                    for i in range(n):
+                        yield choice_chunk(k * n + i, text, None, [] if want_logprobs else None)
+            while True:
+                output = await _next(stream, deadline, state.sse_ping_interval_s)
+                if output is None:
+                    break
+                if output is PING:
+                    yield PING
+                    continue
+                if output is _TIMEOUT:
+                    stream.abort_reason = "timeout"
+                    yield event(_timeout_error(state).to_dict())
+                    yield DONE
+                    return
+                if output.error is not None:
+                    yield event(_engine_error(output.error))
+                    yield DONE
+                    return
+                usage[output.request_id] = output.usage
+                base = index_of[output.request_id]
+                for d in output.deltas:
+                    if d.text or d.finish_reason or d.logprobs:
+                        yield choice_chunk(base + d.index, d.text, d.finish_reason, d.logprobs or [])
+        if include_usage:
+            total = Usage(
+                sum(u.prompt_tokens for u in usage.values()),
+                sum(u.completion_tokens for u in usage.values()),
+            )
+            yield event(g.usage_chunk(head, total))
+        yield DONE
+
+    @app.post("/tokenize")
+    async def tokenize() -> Response:
+        req = parse_tokenize_request(await read_json())
+        state.check_model(req.model)
+        info = state.model_info()
+        tokens = await _in_thread(lambda: prompts.tokenize(req, info.tokenizer, info.chat_template))
+        return json_response(
+            {"tokens": tokens, "count": len(tokens), "max_model_len": info.context_window_size}
+        )
+
+    @app.post("/detokenize")
+    async def detokenize() -> Response:
+        req = parse_detokenize_request(await read_json())
+        state.check_model(req.model)
+        info = state.model_info()
+        vocab = info.tokenizer.vocab_size
+        for i, token in enumerate(req.tokens):
+            if not 0 <= token < vocab:
+                raise InvalidRequestError(
+                    f"Token id {token} is outside the vocabulary (0..{vocab - 1}).",
+                    param=f"tokens.{i}",
+                )
+        text = await _in_thread(lambda: info.tokenizer.decode(req.tokens))
+        return json_response({"prompt": text})

@@ -1,0 +1,141 @@
+"""A real mlctrio server (Hypercorn + engine thread + echo fake) in a background thread.
+
+Tests talk to it over loopback HTTP with httpx or the official openai SDK, exactly as users do.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from mlctrio.config import ServerConfig
+from mlctrio.serve import RunningServer, serve
+
+
+@attrs.define
+class ServerHandle:
+    config: ServerConfig
+    running: RunningServer | None = None
+    token: trio.lowlevel.TrioToken | None = None
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.running is not None
+        return self.running.url
+
+    @property
+    def engine(self) -> Any:
+        assert self.running is not None
+        return self.running.state.engine
+
+    def core_stats(self) -> Any:
+        return self.engine.stats()
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.01)
+        raise AssertionError("condition not reached in time")
+
+    def wait_quiescent(self, timeout_s: float = 10.0) -> None:
+        """No request in flight, nothing running or waiting, every KV page free."""
+
+        def idle() -> bool:
+            stats = self.core_stats()
+            return (
+                self.engine.num_in_flight == 0
+                and stats.num_running == 0
+                and stats.num_waiting == 0
+                and stats.free_pages == stats.total_pages
+            )
+
+        self.wait_until(idle, timeout_s)
+
+    def stop(self) -> None:
+        if self.running is not None and self.token is not None:
+            try:
+                self.token.run_sync_soon(self.running.shutdown.set)
+            except trio.RunFinishedError:
+                pass
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            assert not self.thread.is_alive(), "server thread did not stop"
+
+
+def start_server(config: ServerConfig, ping_interval_s: float = 10.0) -> ServerHandle:
+    handle = ServerHandle(config)
+    ready = threading.Event()
+
+    async def main() -> None:
+        handle.token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            handle.running = await nursery.start(
+                partial(
+                    serve, config, handle_signals=False, sse_ping_interval_s=ping_interval_s
+                )
+            )
+            ready.set()
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported by the test that waits for readiness
+            handle.error = exc
+        finally:
+            ready.set()
+
+    handle.thread = threading.Thread(target=run, name="mlctrio-test-server", daemon=True)
+    handle.thread.start()
+    ready.wait(30)
+    if handle.error is not None:
+        raise handle.error
+    assert handle.running is not None
+    with httpx.Client(base_url=handle.url) as client:
+        handle.wait_until(lambda: client.get("/health").status_code == 200)
+    return handle
+
+
+def make_config(**kwargs: Any) -> ServerConfig:
+    kwargs.setdefault("model", "mock://echo")
+    kwargs.setdefault("port", 0)
+    return ServerConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerHandle]:
+    """The shared default server: mock://echo, no auth, no CORS, debug and tracing on."""
+    handle = start_server(
+        make_config(model="mock://echo", enable_debug=True, enable_tracing=True)
+    )
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ServerHandle]]:
+    """Start servers with special configurations; all are stopped at the end of the test."""
+    handles: list[ServerHandle] = []
+
+    def factory(ping_interval_s: float = 10.0, **kwargs: Any) -> ServerHandle:
+        handle = start_server(make_config(**kwargs), ping_interval_s)
+        handles.append(handle)
+        return handle
+
+    yield factory
+    for handle in handles:
+        handle.stop()
