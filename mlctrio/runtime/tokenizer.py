@@ -1,0 +1,473 @@
+"""Tokenizers for real models: `HFTokenizer` over HF `tokenizers` (or SentencePiece), and
+`load_tokenizer(model_dir)`, which also reads the bos/eos conventions of the model directory.
+
+Where the files come from, in MLC's order of preference:
+
+    tokenizer.json                HF `tokenizers` (BPE, byte-level or SentencePiece-style)
+    tokenizer.model               SentencePiece, only if the `sentencepiece` package is installed
+    vocab.json + merges.txt       byte-level BPE (GPT-2 style), plus added_tokens.json if present
+
+bos/eos: tokenizer_config.json (`bos_token`, `eos_token`, `add_bos_token`), then
+generation_config.json, mlc-chat-config.json and config.json (`bos_token_id`, `eos_token_id`, which
+may be a list). The eos ids are the union, generation_config's first.
+
+`WindowDetokenizer` is the incremental detokenizer; it needs only `decode` and two facts about
+tokens (which are skipped, which are SentencePiece byte tokens), so it works for every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
+
+import attrs
+import tokenizers
+
+from mlctrio.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+ByteScheme = Literal["byte_level", "byte_fallback", "plain"]
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_SPM_SPACE = "\u2581"  # "▁", SentencePiece's word-boundary mark
+
+
+@functools.cache
+def _gpt2_unicode_to_bytes() -> Mapping[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable char each byte is spelled with."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    byte_values = list(printable)
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in byte_values:
+            byte_values.append(b)
+            chars.append(256 + n)
+            n += 1
+    return MappingProxyType({chr(c): b for b, c in zip(byte_values, chars, strict=True)})
+
+
+class _Backend(Protocol):
+    """What HFTokenizer needs from a tokenizer library."""
+
+    vocab_size: int
+    special_ids: frozenset[int]
+    added_ids: frozenset[int]  # tokens whose text is literal (not run through the decoder)
+    byte_scheme: ByteScheme
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...
+
+    def id_to_token(self, token_id: int) -> str | None: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+
+def _walk_types(node: Any) -> set[str]:
+    """All `type` values in a (possibly nested Sequence) tokenizer.json component."""
+    if isinstance(node, dict):
+        found = {node["type"]} if isinstance(node.get("type"), str) else set()
+        for value in node.values():
+            found |= _walk_types(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(_walk_types(v) for v in node)) if node else set()
+    return set()
+
+
+class _HFBackend:
+    """A `tokenizers.Tokenizer` with the facts HFTokenizer needs precomputed."""
+
+    def __init__(self, tok: tokenizers.Tokenizer) -> None:
+        self.tok = tok
+        spec = json.loads(tok.to_str())
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        added = spec.get("added_tokens") or []
+        self.special_ids = frozenset(int(t["id"]) for t in added if t.get("special"))
+        self.added_ids = frozenset(int(t["id"]) for t in added)
+        decoder_types = _walk_types(spec.get("decoder"))
+        model = spec.get("model") or {}
+        if "ByteLevel" in decoder_types:
+            self.byte_scheme: ByteScheme = "byte_level"
+        elif "ByteFallback" in decoder_types or model.get("byte_fallback"):
+            self.byte_scheme = "byte_fallback"
+        else:
+            self.byte_scheme = "plain"
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tok.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+
+class SentencePieceBackend:
+    """A `sentencepiece.SentencePieceProcessor` (or anything with its API) as a backend.
+
+    Special tokens are SentencePiece's control and unknown pieces. With
+    skip_special_tokens=False they are spelled out between the decoded runs.
+    """
+
+    byte_scheme: ByteScheme = "byte_fallback"
+    added_ids: frozenset[int] = frozenset()
+
+    def __init__(self, processor: Any) -> None:
+        self.sp = processor
+        self.vocab_size = int(processor.get_piece_size())
+        self.special_ids = frozenset(
+            i for i in range(self.vocab_size) if processor.is_control(i) or processor.is_unknown(i)
+        )
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = [int(i) for i in self.sp.encode(text)]
+        bos = int(self.sp.bos_id())
+        # SentencePiece Llama convention: BOS yes, EOS no.
+        return [bos, *ids] if add_special_tokens and bos >= 0 else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self.special_ids:
+                if not skip_special_tokens:
+                    parts.append(str(self.sp.decode(run)) if run else "")
+                    parts.append(str(self.sp.id_to_piece(i)))
+                    run = []
+            else:
+                run.append(i)
+        if run:
+            parts.append(str(self.sp.decode(run)))
+        return "".join(parts)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if not 0 <= token_id < self.vocab_size:
+            return None
+        return str(self.sp.id_to_piece(token_id))
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = int(self.sp.piece_to_id(token))
+        # piece_to_id answers unk for unknown pieces; only unk itself maps to unk.
+        if self.sp.is_unknown(token_id) and self.sp.id_to_piece(token_id) != token:
+            return None
+        return token_id
+
+
+@attrs.define(eq=False)
+class HFTokenizer:
+    """The `Tokenizer` protocol over HF `tokenizers` or SentencePiece.
+
+    `encode(..., add_special_tokens=True)` adds what the tokenizer's post-processor adds (or,
+    when tokenizer_config.json says `add_bos_token`, a BOS), and never doubles a BOS that the
+    text already starts with (chat templates usually render `{{ bos_token }}`). Chat prompts
+    should be encoded with add_special_tokens=False.
+    """
+
+    backend: _Backend
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    add_bos_token: bool | None = None  # None: leave it to the post-processor
+    _byte_tokens: dict[int, int] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.backend.byte_scheme == "byte_fallback":
+            for i in range(self.backend.vocab_size):
+                token = self.backend.id_to_token(i)
+                match = _BYTE_TOKEN.match(token or "")
+                if match and i not in self.backend.added_ids:
+                    self._byte_tokens[i] = int(match.group(1), 16)
+
+    @classmethod
+    def from_file(cls, tokenizer_json: str | Path, **kwargs: Any) -> HFTokenizer:
+        """Load a tokenizer.json alone (bos/eos given as keyword arguments)."""
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise ModelLoadError(f"cannot load tokenizer {tokenizer_json}: {exc}") from exc
+        return cls(_HFBackend(tok), **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.vocab_size
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return self.backend.special_ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not add_special_tokens:
+            return self.backend.encode(text, False)
+        bos = self.bos_token_id
+        if self.add_bos_token is None:
+            ids = self.backend.encode(text, True)
+        else:
+            ids = self.backend.encode(text, False)
+            if self.add_bos_token and bos is not None:
+                ids = [bos, *ids]
+        if bos is not None and ids[:2] == [bos, bos]:
+            if self.backend.encode(text, False)[:1] == [bos]:
+                ids = ids[1:]
+        return ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(token_ids, skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes this token stands for: byte-level BPE's bytes, SentencePiece's ▁ as a
+        space and `<0xNN>` as that byte; added tokens are their literal text."""
+        if token_id in self._byte_tokens:
+            return bytes([self._byte_tokens[token_id]])
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        if token_id in self.backend.added_ids or token_id in self.backend.special_ids:
+            return token.encode("utf-8")
+        scheme = self.backend.byte_scheme
+        if scheme == "byte_level":
+            table = _gpt2_unicode_to_bytes()
+            if all(c in table for c in token):
+                return bytes(table[c] for c in token)
+            return token.encode("utf-8")
+        if scheme == "byte_fallback" or _SPM_SPACE in token:
+            return token.replace(_SPM_SPACE, " ").encode("utf-8")
+        return self.backend.decode([token_id], False).encode("utf-8")
+
+    def detokenizer(self, skip_special_tokens: bool = True) -> WindowDetokenizer:
+        return WindowDetokenizer(
+            decode=lambda ids: self.backend.decode(ids, skip_special_tokens),
+            skipped_ids=self.backend.special_ids if skip_special_tokens else frozenset(),
+            byte_run_ids=frozenset(self._byte_tokens),
+        )
+
+
+@attrs.define
+class WindowDetokenizer:
+    """Incremental detokenizer with the prefix-offset/read-offset technique over a bounded window.
+
+    Invariants (checked by tests/runtime/test_tokenizer.py's property tests):
+    - all push() results + flush() == decode(all pushed ids);
+    - text is held back while the window's decode ends with U+FFFD (an unfinished character) or
+      while a run of SentencePiece byte tokens is open: `tokenizers`' ByteFallback decodes a run
+      all or nothing (one invalid byte turns the whole run into U+FFFDs), so a run is final only
+      when a non-byte token follows;
+    - each push decodes only the window `ids[prefix_offset:]`, normally 2-3 tokens; a window that
+      stays undecidable for `max_pending` tokens is cut where the text can no longer change.
+      Byte-token pushes decode nothing, so a long byte run costs one decode when it closes.
+    - flush() ends the sequence; pushing afterwards starts a new one.
+    """
+
+    _decode: Callable[[Sequence[int]], str]
+    _skipped_ids: frozenset[int] = frozenset()
+    _byte_run_ids: frozenset[int] = frozenset()
+    _max_pending: int = 16
+    _window: list[int] = attrs.field(init=False, factory=list)
+    _read: int = attrs.field(init=False, default=0)  # window[:_read] is context already emitted
+    _prefix_text: str = attrs.field(init=False, default="")  # decode(window[:_read])
+
+    def push(self, token_id: int) -> str:
+        """Feed one token; return the text that became final (possibly "")."""
+        if token_id in self._skipped_ids:
+            # decode() drops them anyway (bytes around them join as if they were not there), so
+            # leaving them out saves a decode and keeps runs of them from growing the window.
+            return ""
+        self._window.append(token_id)
+        if token_id in self._byte_run_ids:
+            return ""
+        text = self._decode(self._window)
+        if len(text) > len(self._prefix_text) and not text.endswith("\ufffd"):
+            out = text[len(self._prefix_text) :]
+            self._window = self._window[self._read :]
+            self._read = len(self._window)
+            self._prefix_text = self._decode(self._window)
+            return out
+        if len(self._window) - self._read > self._max_pending:
+            return self._cut()
+        return ""
+
+    def flush(self) -> str:
+        """Return whatever is still held back; the sequence is over afterwards."""
+        text = self._decode(self._window)
+        out = text[len(self._prefix_text) :]
+        self._window, self._read, self._prefix_text = [], 0, ""
+        return out
+
+    def _cut(self) -> str:
+        """Emit a long undecidable window up to a point that later tokens cannot change.
+
+        Four tokens (at least four bytes) after the cut seal any UTF-8 sequence that starts
+        before it; the prefix checks make sure the cut text is what the whole window says.
+        """
+        k = len(self._window) - 4
+        window, read = self._window, self._read
+        if k <= read or (window[k - 1] in self._byte_run_ids and window[k] in self._byte_run_ids):
+            return ""
+        head = self._decode(window[:k])
+        new_prefix = self._decode(window[read:k])
+        if not (
+            new_prefix
+            and head.startswith(self._prefix_text)
+            and self._decode(window).startswith(head)
+            and self._decode(window[read:]).startswith(new_prefix)
+        ):
+            return ""
+        out = head[len(self._prefix_text) :]
+        self._window = window[read:]
+        self._read = k - read
+        self._prefix_text = new_prefix
+        return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def token_content(value: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _load_backend(model_dir: Path, tok_config: dict[str, Any]) -> _Backend:
+    tokenizer_json = model_dir / "tokenizer.json"
+    spm_model = model_dir / "tokenizer.model"
+    vocab_json, merges_txt = model_dir / "vocab.json", model_dir / "merges.txt"
+    try:
+        if tokenizer_json.is_file():
+            return _HFBackend(tokenizers.Tokenizer.from_file(str(tokenizer_json)))
+        if spm_model.is_file():
+            try:
+                import sentencepiece
+            except ImportError:
+                sentencepiece = None
+            if sentencepiece is not None:
+                return SentencePieceBackend(
+                    sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+                )
+        if vocab_json.is_file() and merges_txt.is_file():
+            return _HFBackend(_byte_level_bpe(model_dir, tok_config))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # tokenizers/sentencepiece raise assorted exception types
+        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
+    if spm_model.is_file():
+        raise ModelLoadError(
+            f"{spm_model} is a SentencePiece model and there is no tokenizer.json beside it: "
+            "install the `sentencepiece` package (pip install sentencepiece) to load it"
+        )
+    raise ModelLoadError(
+        f"no tokenizer in {model_dir}: expected tokenizer.json, tokenizer.model "
+        "or vocab.json + merges.txt"
+    )
+
+
+def _byte_level_bpe(model_dir: Path, tok_config: dict[str, Any]) -> tokenizers.Tokenizer:
+    from tokenizers import decoders, models, pre_tokenizers
+
+    bpe = models.BPE.from_file(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    added: dict[int, tuple[str, bool]] = {}
+    for id_str, spec in (tok_config.get("added_tokens_decoder") or {}).items():
+        content = token_content(spec)
+        if content is not None:
+            added[int(id_str)] = (content, bool(spec.get("special", True)))
+    for content, token_id in _read_json(model_dir / "added_tokens.json").items():
+        added.setdefault(int(token_id), (content, True))
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        content = token_content(tok_config.get(key))
+        if content is not None and content not in {c for c, _ in added.values()}:
+            added[bpe.token_to_id(content) or 1 << 30] = (content, True)
+    # In id order, so tokens beyond vocab.json get the ids their files promise.
+    for _, (content, special) in sorted(added.items()):
+        token = tokenizers.AddedToken(content, special=special, normalized=False)
+        if special:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
+    return tok
+
+
+def load_tokenizer(model_dir: str | Path) -> HFTokenizer:
+    """Load the tokenizer of an HF or MLC model directory, with its bos/eos conventions."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    tok_config = _read_json(model_dir / "tokenizer_config.json")
+    gen_config = _read_json(model_dir / "generation_config.json")
+    config = _read_json(model_dir / "config.json")
+    mlc_config = _read_json(model_dir / "mlc-chat-config.json")
+    backend = _load_backend(model_dir, tok_config)
+
+    def lookup(key: str) -> int | None:
+        content = token_content(tok_config.get(key))
+        return backend.token_to_id(content) if content is not None else None
+
+    bos = lookup("bos_token")
+    # An explicit `"bos_token": null` (Qwen-style) means no BOS, whatever config.json says.
+    if bos is None and "bos_token" not in tok_config:
+        found = (i for c in (gen_config, mlc_config, config) for i in _ids(c.get("bos_token_id")))
+        bos = next(found, None)
+    eos: list[int] = []
+    eos_tok = lookup("eos_token")
+    for token_id in (
+        _ids(gen_config.get("eos_token_id"))
+        + ([eos_tok] if eos_tok is not None else [])
+        + _ids(mlc_config.get("eos_token_id"))
+        + _ids(config.get("eos_token_id"))
+    ):
+        if token_id not in eos:
+            eos.append(token_id)
+    add_bos = tok_config.get("add_bos_token")
+    tokenizer = HFTokenizer(
+        backend,
+        bos_token_id=bos,
+        eos_token_ids=tuple(eos),
+        add_bos_token=add_bos if isinstance(add_bos, bool) else None,
+    )
+    logger.info(
+        "tokenizer: %s, vocab %d, bos %s, eos %s", model_dir, tokenizer.vocab_size, bos, eos
+    )
+    return tokenizer
