@@ -5,7 +5,8 @@ parser, so both ways of starting behave the same:
 
     MLCTRIO_MODEL (positional MODEL, default mock://echo)   MLCTRIO_MODEL_LIB    MLCTRIO_DEVICE
     MLCTRIO_MODE          MLCTRIO_OVERRIDES          MLCTRIO_PREFIX_CACHE_MODE
-    MLCTRIO_ALLOW_ORIGINS / _ALLOW_METHODS / _ALLOW_HEADERS (JSON lists)   MLCTRIO_ALLOW_CREDENTIALS=1
+    MLCTRIO_ALLOW_ORIGINS / _ALLOW_METHODS / _ALLOW_HEADERS (JSON lists)
+    MLCTRIO_ALLOW_CREDENTIALS=1
     MLCTRIO_API_KEY (several separated by commas)   MLCTRIO_API_KEY_FILE
     MLCTRIO_ENABLE_DEBUG=1   MLCTRIO_ENABLE_TRACING=1   MLCTRIO_SERVED_MODEL_NAME
     MLCTRIO_MAX_QUEUED_REQUESTS   MLCTRIO_REQUEST_TIMEOUT   MLCTRIO_SHUTDOWN_TIMEOUT
@@ -29,9 +30,21 @@ from .server.app import create_app
 from .service import AsyncEngine
 
 _VALUE_FLAGS = (
-    "model_lib", "device", "mode", "overrides", "prefix_cache_mode", "allow_origins",
-    "allow_methods", "allow_headers", "api_key_file", "served_model_name",
-    "max_queued_requests", "request_timeout", "shutdown_timeout", "max_body_bytes", "log_level",
+    "model_lib",
+    "device",
+    "mode",
+    "overrides",
+    "prefix_cache_mode",
+    "allow_origins",
+    "allow_methods",
+    "allow_headers",
+    "api_key_file",
+    "served_model_name",
+    "max_queued_requests",
+    "request_timeout",
+    "shutdown_timeout",
+    "max_body_bytes",
+    "log_level",
 )
 _SWITCHES = ("allow_credentials", "enable_debug", "enable_tracing")
 

@@ -203,9 +203,7 @@ class AsyncEngine:
             )
 
     @contextlib.asynccontextmanager
-    async def generate(
-        self, requests: Sequence[GenerationRequest]
-    ) -> AsyncIterator[RequestStream]:
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[RequestStream]:
         """Submit requests (one HTTP request may hold several); yield one stream of their outputs.
 
         Leaving the block before every final output arrived (client gone, deadline, exception)
@@ -312,9 +310,7 @@ class AsyncEngine:
 def _failed(request: GenerationRequest, message: str) -> RequestOutput:
     from .engine.types import ChoiceDelta, Usage
 
-    deltas = tuple(
-        ChoiceDelta(index=i, finish_reason="error") for i in range(request.params.n)
-    )
+    deltas = tuple(ChoiceDelta(index=i, finish_reason="error") for i in range(request.params.n))
     return RequestOutput(
         request_id=request.request_id,
         deltas=deltas,

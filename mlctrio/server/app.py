@@ -131,7 +131,7 @@ def create_app(
         @app.before_serving
         async def _start_engine() -> None:
             # start_soon, not start: Hypercorn serves (/health 503) while the model loads.
-            app.nursery.start_soon(serve_engine, engine)  # type: ignore[attr-defined]
+            app.nursery.start_soon(serve_engine, engine)
 
         @app.after_serving
         async def _stop_engine() -> None:
@@ -173,9 +173,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
-        return Response(
-            metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict[str, Any]:
         info = state.model_info()
@@ -239,15 +237,23 @@ _DEBUG_PATHS: dict[str, Any] = {
     "/debug/dump_event_trace": {
         "post": {
             "summary": "The event trace (Chrome trace JSON), needs --enable-tracing",
-            "responses": {"200": {"description": "Chrome trace format",
-                                  "content": {"application/json": {"schema": {"type": "object"}}}}},
+            "responses": {
+                "200": {
+                    "description": "Chrome trace format",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
         }
     },
     "/debug/config": {
         "get": {
             "summary": "The resolved server and engine configuration",
-            "responses": {"200": {"description": "configuration",
-                                  "content": {"application/json": {"schema": {"type": "object"}}}}},
+            "responses": {
+                "200": {
+                    "description": "configuration",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
         }
     },
 }

@@ -58,4 +58,3 @@ def decorate(config: ServerConfig, response: Response) -> None:
         response.headers["Vary"] = "Origin"
     if config.allow_credentials:
         response.headers["Access-Control-Allow-Credentials"] = "true"
-

@@ -19,9 +19,7 @@ log = logging.getLogger("mlctrio.server")
 
 
 def error_response(exc: RequestError) -> Response:
-    response = Response(
-        dumps(exc.to_dict()), status=exc.status, content_type="application/json"
-    )
+    response = Response(dumps(exc.to_dict()), status=exc.status, content_type="application/json")
     for key, value in exc.headers.items():
         response.headers[key] = value
     return response

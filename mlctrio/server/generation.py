@@ -268,8 +268,6 @@ def completion_choice(
     return {
         "index": index,
         "text": text,
-        "logprobs": (
-            completion_logprobs(logprobs, text_offset) if logprobs is not None else None
-        ),
+        "logprobs": (completion_logprobs(logprobs, text_offset) if logprobs is not None else None),
         "finish_reason": finish_reason,
     }

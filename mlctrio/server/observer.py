@@ -80,7 +80,10 @@ class EngineObserver:
         if self.trace is not None:
             self.trace.add("received", self._next_tid, arrival, request.request_id)
             self.trace.add(
-                "queued", self._next_tid, now, request.request_id,
+                "queued",
+                self._next_tid,
+                now,
+                request.request_id,
                 prompt_tokens=len(request.prompt_token_ids),
             )
         self._next_tid += 1

@@ -157,7 +157,9 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         async with state.engine.generate([gen]) as stream:
             for i in range(n):
                 yield event(
-                    chunk(head, i, {"role": "assistant", "content": ""}, include_usage=include_usage)
+                    chunk(
+                        head, i, {"role": "assistant", "content": ""}, include_usage=include_usage
+                    )
                 )
             while True:
                 output = await _next(stream, deadline, state.sse_ping_interval_s)
@@ -232,8 +234,8 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         deadline = _deadline(state, arrival)
         if not req.stream:
             outputs = await _collect(state, gens, deadline)
-            acc = {}
-            usage = {}
+            acc: dict[int, g.ChoiceAccumulator] = {}
+            usage: dict[str, Usage] = {}
             for output in outputs:
                 base = index_of[output.request_id]
                 usage[output.request_id] = output.usage
@@ -264,7 +266,13 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         include_usage = req.include_usage
         return _sse(
             _completion_stream(
-                state, head, gens, index_of, echo, req.logprobs is not None, include_usage,
+                state,
+                head,
+                gens,
+                index_of,
+                echo,
+                req.logprobs is not None,
+                include_usage,
                 deadline,
             )
         )
@@ -320,7 +328,9 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                 base = index_of[output.request_id]
                 for d in output.deltas:
                     if d.text or d.finish_reason or d.logprobs:
-                        yield choice_chunk(base + d.index, d.text, d.finish_reason, d.logprobs or [])
+                        yield choice_chunk(
+                            base + d.index, d.text, d.finish_reason, d.logprobs or []
+                        )
         if include_usage:
             total = Usage(
                 sum(u.prompt_tokens for u in usage.values()),

@@ -85,9 +85,7 @@ def start_server(config: ServerConfig, ping_interval_s: float = 10.0) -> ServerH
         handle.token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             handle.running = await nursery.start(
-                partial(
-                    serve, config, handle_signals=False, sse_ping_interval_s=ping_interval_s
-                )
+                partial(serve, config, handle_signals=False, sse_ping_interval_s=ping_interval_s)
             )
             ready.set()
 
@@ -119,9 +117,7 @@ def make_config(**kwargs: Any) -> ServerConfig:
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerHandle]:
     """The shared default server: mock://echo, no auth, no CORS, debug and tracing on."""
-    handle = start_server(
-        make_config(model="mock://echo", enable_debug=True, enable_tracing=True)
-    )
+    handle = start_server(make_config(model="mock://echo", enable_debug=True, enable_tracing=True))
     yield handle
     handle.stop()
 

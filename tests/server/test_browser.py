@@ -44,7 +44,8 @@ const report = (result) => fetch("/result", {method: "POST", body: JSON.stringif
       const event = JSON.parse(line.slice(6));
       for (const c of event.choices) content += c.delta.content || "";
     }
-    await report({ok: true, status: response.status, content, done: raw.endsWith("data: [DONE]\\n\\n")});
+    const done = raw.endsWith("data: [DONE]\\n\\n");
+    await report({ok: true, status: response.status, content, done});
   } catch (e) {
     await report({ok: false, error: String(e)});
   }
@@ -101,9 +102,17 @@ def _chromium() -> str:
 def _run_page(page: _PageServer, tmp_path) -> dict:  # type: ignore[no-untyped-def, type-arg]
     proc = subprocess.Popen(
         [
-            _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={tmp_path}", page.origin + "/",
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path}",
+            page.origin + "/",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -123,13 +132,14 @@ def page() -> Iterator[_PageServer]:
 
 
 def test_cross_origin_stream_allowed_with_cors(server_factory, tmp_path, page) -> None:  # type: ignore[no-untyped-def]
-    handle: ServerHandle = server_factory(
-        allow_origins=(page.origin,), api_keys=("sk-browser",)
-    )
+    handle: ServerHandle = server_factory(allow_origins=(page.origin,), api_keys=("sk-browser",))
     page.api_url = handle.url
     result = _run_page(page, tmp_path)
     assert result == {
-        "ok": True, "status": 200, "content": "from the browser ✓", "done": True,
+        "ok": True,
+        "status": 200,
+        "content": "from the browser ✓",
+        "done": True,
     }
 
 

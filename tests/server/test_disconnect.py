@@ -31,7 +31,9 @@ def _body(text: str, stream: bool, max_tokens: int | None = None) -> bytes:
     import json
 
     body: dict[str, object] = {
-        "model": MODEL, "messages": [{"role": "user", "content": text}], "stream": stream,
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "stream": stream,
     }
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -43,7 +45,10 @@ def _aborted(handle: ServerHandle) -> float:
         text = http.get("/metrics").text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("mlctrio_requests_aborted_total{") and 'reason="client_disconnect"' in line:
+        if (
+            line.startswith("mlctrio_requests_aborted_total{")
+            and 'reason="client_disconnect"' in line
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -99,7 +104,9 @@ def test_many_clients_disconnecting_at_random_points(server_factory) -> None:  #
     rng = random.Random(7)
     sockets = []
     for i in range(40):
-        sockets.append(_raw_request(handle, _body(f"{i}-" + "m" * rng.randint(10, 400), rng.random() < 0.7)))
+        sockets.append(
+            _raw_request(handle, _body(f"{i}-" + "m" * rng.randint(10, 400), rng.random() < 0.7))
+        )
     for sock in sockets:
         time.sleep(rng.random() * 0.02)
         if rng.random() < 0.5:

@@ -25,24 +25,129 @@ def _msg(text: str = "hi") -> list[dict[str, str]]:
 
 CASES = [
     # (path, body, status, type, code, param)
-    (CHAT, {"model": "other", "messages": _msg()}, 404, "invalid_request_error", "model_not_found", "model"),
+    (
+        CHAT,
+        {"model": "other", "messages": _msg()},
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    ),
     (CHAT, {"messages": _msg()}, 400, "invalid_request_error", None, "model"),
     (CHAT, {"model": MODEL}, 400, "invalid_request_error", None, "messages"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "temperature": 2.5}, 400, "invalid_request_error", None, "temperature"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "temperature": "hot"}, 400, "invalid_request_error", None, "temperature"),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "temperature": 2.5},
+        400,
+        "invalid_request_error",
+        None,
+        "temperature",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "temperature": "hot"},
+        400,
+        "invalid_request_error",
+        None,
+        "temperature",
+    ),
     (CHAT, {"model": MODEL, "messages": _msg(), "n": 0}, 400, "invalid_request_error", None, "n"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "max_tokens": "5"}, 400, "invalid_request_error", None, "max_tokens"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "bogus_field": 1}, 400, "invalid_request_error", None, "bogus_field"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "top_logprobs": 3}, 400, "invalid_request_error", None, "top_logprobs"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "logit_bias": {"999999": 5}}, 400, "invalid_request_error", None, "logit_bias"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "stream_options": {"include_usage": True}}, 400, "invalid_request_error", None, "stream_options"),
-    (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request_error", None, "messages.0.role"),
-    (CHAT, {"model": MODEL, "messages": _msg("x" * 5000)}, 400, "invalid_request_error", "context_length_exceeded", "messages"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "max_tokens": 5000}, 400, "invalid_request_error", "context_length_exceeded", "max_tokens"),
-    (CHAT, {"model": MODEL, "messages": _msg(), "response_format": {"type": "json_object"}}, 400, "invalid_request_error", None, "response_format"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "invalid_request_error", "unsupported_parameter", "suffix"),
-    ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, "invalid_request_error", None, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "invalid_request_error", None, "logprobs"),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "max_tokens": "5"},
+        400,
+        "invalid_request_error",
+        None,
+        "max_tokens",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "bogus_field": 1},
+        400,
+        "invalid_request_error",
+        None,
+        "bogus_field",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "top_logprobs": 3},
+        400,
+        "invalid_request_error",
+        None,
+        "top_logprobs",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "logit_bias": {"999999": 5}},
+        400,
+        "invalid_request_error",
+        None,
+        "logit_bias",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "stream_options": {"include_usage": True}},
+        400,
+        "invalid_request_error",
+        None,
+        "stream_options",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "invalid_request_error",
+        None,
+        "messages.0.role",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg("x" * 5000)},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "max_tokens": 5000},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "response_format": {"type": "json_object"}},
+        400,
+        "invalid_request_error",
+        None,
+        "response_format",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "suffix": "y"},
+        400,
+        "invalid_request_error",
+        "unsupported_parameter",
+        "suffix",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": [999999]},
+        400,
+        "invalid_request_error",
+        None,
+        "prompt",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "logprobs": 6},
+        400,
+        "invalid_request_error",
+        None,
+        "logprobs",
+    ),
     ("/detokenize", {"tokens": [10**9]}, 400, "invalid_request_error", None, "tokens.0"),
 ]
 
@@ -123,13 +228,16 @@ def test_request_ids_are_server_generated(server: ServerHandle) -> None:
 
 def test_error_after_stream_started_is_an_error_event(server_factory) -> None:  # type: ignore[no-untyped-def]
     handle = server_factory(model="mock://echo?delay_ms=20", request_timeout_s=0.3)
-    with handle.client() as http, http.stream(
-        "POST", CHAT, json={"model": MODEL, "messages": _msg("z" * 200), "stream": True}
-    ) as response:
+    with (
+        handle.client() as http,
+        http.stream(
+            "POST", CHAT, json={"model": MODEL, "messages": _msg("z" * 200), "stream": True}
+        ) as response,
+    ):
         raw = b"".join(response.iter_raw())
     events = [e for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
-    error = json.loads(events[-2][len(b"data: "):])
+    error = json.loads(events[-2][len(b"data: ") :])
     assert error["error"]["code"] == "request_timeout"
     assert set(error["error"]) == {"message", "type", "param", "code"}
     handle.wait_quiescent()

@@ -54,8 +54,17 @@ def test_sigterm_drains_then_exits_zero() -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlctrio", "serve", "mock://echo?delay_ms=5",
-         "--port", str(port), "--shutdown-timeout", "20"],
+        [
+            sys.executable,
+            "-m",
+            "mlctrio",
+            "serve",
+            "mock://echo?delay_ms=5",
+            "--port",
+            str(port),
+            "--shutdown-timeout",
+            "20",
+        ],
         stderr=subprocess.PIPE,
     )
     try:
@@ -65,9 +74,14 @@ def test_sigterm_drains_then_exits_zero() -> None:
 
         def stream() -> None:
             with httpx.stream(
-                "POST", url + "/v1/chat/completions", timeout=60,
-                json={"model": MODEL, "messages": [{"role": "user", "content": text}],
-                      "stream": True},
+                "POST",
+                url + "/v1/chat/completions",
+                timeout=60,
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": text}],
+                    "stream": True,
+                },
             ) as response:
                 raw = b"".join(response.iter_raw()).decode()
             content = ""
@@ -87,7 +101,8 @@ def test_sigterm_drains_then_exits_zero() -> None:
         assert health.status_code == 503
         assert health.json() == {"status": "draining"}
         refused = httpx.post(
-            url + "/v1/chat/completions", timeout=5,
+            url + "/v1/chat/completions",
+            timeout=5,
             json={"model": MODEL, "messages": [{"role": "user", "content": "late"}]},
         )
         assert refused.status_code == 503
@@ -105,8 +120,17 @@ def test_sigterm_aborts_what_outlives_the_shutdown_timeout() -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlctrio", "serve", "mock://echo?delay_ms=20",
-         "--port", str(port), "--shutdown-timeout", "0.5"],
+        [
+            sys.executable,
+            "-m",
+            "mlctrio",
+            "serve",
+            "mock://echo?delay_ms=20",
+            "--port",
+            str(port),
+            "--shutdown-timeout",
+            "0.5",
+        ],
         stderr=subprocess.PIPE,
     )
     try:
@@ -115,9 +139,14 @@ def test_sigterm_aborts_what_outlives_the_shutdown_timeout() -> None:
 
         def stream() -> None:
             with httpx.stream(
-                "POST", url + "/v1/chat/completions", timeout=60,
-                json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 2000}],
-                      "stream": True},
+                "POST",
+                url + "/v1/chat/completions",
+                timeout=60,
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "x" * 2000}],
+                    "stream": True,
+                },
             ) as response:
                 holder["raw"] = b"".join(response.iter_raw()).decode()
 
@@ -150,7 +179,8 @@ def test_hypercorn_app_configured_from_env(tmp_path: Path) -> None:
     hypercorn = Path(sys.executable).with_name("hypercorn")
     proc = subprocess.Popen(
         [str(hypercorn), "-k", "trio", "--bind", f"127.0.0.1:{port}", "mlctrio.app:app"],
-        env=env, stderr=subprocess.PIPE,
+        env=env,
+        stderr=subprocess.PIPE,
     )
     try:
         _wait_healthy(url, proc)
@@ -159,7 +189,9 @@ def test_hypercorn_app_configured_from_env(tmp_path: Path) -> None:
         models = httpx.get(url + "/v1/models", headers=auth).json()
         assert [m["id"] for m in models["data"]] == ["echo-from-env"]
         reply = httpx.post(
-            url + "/v1/chat/completions", headers=auth, timeout=10,
+            url + "/v1/chat/completions",
+            headers=auth,
+            timeout=10,
             json={"model": "echo-from-env", "messages": [{"role": "user", "content": "env"}]},
         ).json()
         assert reply["choices"][0]["message"]["content"] == "env"
@@ -173,17 +205,34 @@ def test_hypercorn_app_configured_from_env(tmp_path: Path) -> None:
 
 def test_cli_and_env_parse_the_same() -> None:
     args = build_parser().parse_args(
-        ["serve", "mock://echo", "--mode", "server", "--overrides",
-         "max_num_sequence=8;prefill_chunk_size=256", "--allow-origins", '["http://a"]',
-         "--api-key", "x", "--api-key", "y", "--request-timeout", "3", "--enable-tracing"]
+        [
+            "serve",
+            "mock://echo",
+            "--mode",
+            "server",
+            "--overrides",
+            "max_num_sequence=8;prefill_chunk_size=256",
+            "--allow-origins",
+            '["http://a"]',
+            "--api-key",
+            "x",
+            "--api-key",
+            "y",
+            "--request-timeout",
+            "3",
+            "--enable-tracing",
+        ]
     )
     from_cli = config_from_args(args)
     from_env = config_from_env(
         {
-            "MLCTRIO_MODEL": "mock://echo", "MLCTRIO_MODE": "server",
+            "MLCTRIO_MODEL": "mock://echo",
+            "MLCTRIO_MODE": "server",
             "MLCTRIO_OVERRIDES": "max_num_sequence=8;prefill_chunk_size=256",
-            "MLCTRIO_ALLOW_ORIGINS": '["http://a"]', "MLCTRIO_API_KEY": "x,y",
-            "MLCTRIO_REQUEST_TIMEOUT": "3", "MLCTRIO_ENABLE_TRACING": "1",
+            "MLCTRIO_ALLOW_ORIGINS": '["http://a"]',
+            "MLCTRIO_API_KEY": "x,y",
+            "MLCTRIO_REQUEST_TIMEOUT": "3",
+            "MLCTRIO_ENABLE_TRACING": "1",
         }
     )
     assert from_cli == from_env
@@ -191,8 +240,14 @@ def test_cli_and_env_parse_the_same() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["nonsense=1", "max_num_sequence=abc", "max_num_sequence=0", "novalue",
-             "gpu_memory_utilization=1.5"],
+    "text",
+    [
+        "nonsense=1",
+        "max_num_sequence=abc",
+        "max_num_sequence=0",
+        "novalue",
+        "gpu_memory_utilization=1.5",
+    ],
 )
 def test_bad_overrides_are_rejected(text: str) -> None:
     with pytest.raises(ConfigError):
@@ -202,14 +257,18 @@ def test_bad_overrides_are_rejected(text: str) -> None:
 def test_cli_reports_bad_overrides_and_unknown_mock() -> None:
     bad = subprocess.run(
         [sys.executable, "-m", "mlctrio", "serve", "--overrides", "warp_speed=9"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad.returncode == 2
     assert "unknown key 'warp_speed'" in bad.stderr
     assert "Traceback" not in bad.stderr
     mock = subprocess.run(
         [sys.executable, "-m", "mlctrio", "serve", "mock://parrot", "--port", "0"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert mock.returncode == 2
     assert "only mock://echo exists" in mock.stderr

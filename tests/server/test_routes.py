@@ -5,8 +5,6 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from mlctrio.protocol.openapi import openapi_document
-
 from .conftest import ServerHandle
 
 MODEL = "mock://echo"
@@ -41,8 +39,11 @@ def test_metrics_follow_requests(server: ServerHandle) -> None:
         )
         http.post(
             "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "abcdef"}],
-                  "max_tokens": 2},
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "abcdef"}],
+                "max_tokens": 2,
+            },
         )
         server.wait_quiescent()
         after = http.get("/metrics")
@@ -52,8 +53,13 @@ def test_metrics_follow_requests(server: ServerHandle) -> None:
     # "metrics!" echoed plus its EOS, then 2 tokens cut by max_tokens.
     assert _metric(text, gen) - _metric(before, gen) == len("metrics!") + 1 + 2
     ok = "mlctrio_request_success_total"
-    assert _metric(text, ok, finished_reason="stop") - _metric(before, ok, finished_reason="stop") == 1
-    assert _metric(text, ok, finished_reason="length") - _metric(before, ok, finished_reason="length") == 1
+    assert (
+        _metric(text, ok, finished_reason="stop") - _metric(before, ok, finished_reason="stop") == 1
+    )
+    assert (
+        _metric(text, ok, finished_reason="length") - _metric(before, ok, finished_reason="length")
+        == 1
+    )
     for name in (
         "mlctrio_time_to_first_token_seconds_count",
         "mlctrio_e2e_request_latency_seconds_count",
@@ -65,9 +71,12 @@ def test_metrics_follow_requests(server: ServerHandle) -> None:
     itl = "mlctrio_inter_token_latency_seconds_count"
     assert _metric(text, itl) - _metric(before, itl) == len("metrics!") + 1
     for name in (
-        "mlctrio_num_requests_running", "mlctrio_num_requests_waiting",
-        "mlctrio_kv_cache_usage_ratio", "mlctrio_num_preemptions_total",
-        "mlctrio_prompt_tokens_total", "mlctrio_requests_aborted_total",
+        "mlctrio_num_requests_running",
+        "mlctrio_num_requests_waiting",
+        "mlctrio_kv_cache_usage_ratio",
+        "mlctrio_num_preemptions_total",
+        "mlctrio_prompt_tokens_total",
+        "mlctrio_requests_aborted_total",
     ):
         assert name in text, name
     assert f'model_name="{MODEL}"' in text
@@ -111,13 +120,24 @@ def test_openapi_document_matches_real_responses(server: ServerHandle) -> None:
         doc = http.get("/openapi.json").json()
         assert doc["openapi"].startswith("3.1")
         paths = doc["paths"]
-        for route in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
-                      "/detokenize", "/health", "/metrics"):
+        for route in (
+            "/v1/models",
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/tokenize",
+            "/detokenize",
+            "/health",
+            "/metrics",
+        ):
             assert route in paths, route
         chat = http.post(
             "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "schema"}],
-                  "logprobs": True, "top_logprobs": 1},
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "schema"}],
+                "logprobs": True,
+                "top_logprobs": 1,
+            },
         ).json()
         completion = http.post("/v1/completions", json={"model": MODEL, "prompt": "s"}).json()
         models = http.get("/v1/models").json()

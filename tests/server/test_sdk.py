@@ -152,7 +152,10 @@ def test_completions(client: openai.OpenAI) -> None:
     assert short.choices[0].text == "complete me"
     batch = client.completions.create(model=MODEL, prompt=["ab", "cde"], n=2, max_tokens=10)
     assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [
-        "ab", "ab", "cde", "cde",
+        "ab",
+        "ab",
+        "cde",
+        "cde",
     ]
     echo = client.completions.create(model=MODEL, prompt="xy", echo=True, max_tokens=1)
     assert echo.choices[0].text == "xyx"
@@ -161,7 +164,7 @@ def test_completions(client: openai.OpenAI) -> None:
 
 
 def test_completion_with_token_ids(client: openai.OpenAI) -> None:
-    ids = list("hi".encode())
+    ids = list(b"hi")
     reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=10)
     assert reply.choices[0].text == "hi"
 
@@ -186,12 +189,33 @@ def test_logprobs(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("call", "exc"),
     [
-        (lambda c: c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}]), openai.NotFoundError),
+        (
+            lambda c: c.chat.completions.create(
+                model="nope", messages=[{"role": "user", "content": "x"}]
+            ),
+            openai.NotFoundError,
+        ),
         (lambda c: c.chat.completions.create(model=MODEL, messages=[]), openai.BadRequestError),
-        (lambda c: c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5), openai.BadRequestError),
-        (lambda c: c.completions.create(model=MODEL, prompt="x", suffix="y"), openai.BadRequestError),
-        (lambda c: c.completions.create(model=MODEL, prompt="x", best_of=3, n=1), openai.BadRequestError),
-        (lambda c: c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 5000}]), openai.BadRequestError),
+        (
+            lambda c: c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5
+            ),
+            openai.BadRequestError,
+        ),
+        (
+            lambda c: c.completions.create(model=MODEL, prompt="x", suffix="y"),
+            openai.BadRequestError,
+        ),
+        (
+            lambda c: c.completions.create(model=MODEL, prompt="x", best_of=3, n=1),
+            openai.BadRequestError,
+        ),
+        (
+            lambda c: c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x" * 5000}]
+            ),
+            openai.BadRequestError,
+        ),
     ],
 )
 def test_errors_surface_as_sdk_exceptions(client: openai.OpenAI, call, exc) -> None:  # type: ignore[no-untyped-def]
@@ -233,13 +257,23 @@ def test_queue_full_is_503_with_retry_after(server_factory) -> None:  # type: ig
     with handle.client() as http:
         # Two long streams: one runs, one waits in the queue; the third is refused.
         with http.stream(
-            "POST", "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "a" * 200}], "stream": True},
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "a" * 200}],
+                "stream": True,
+            },
         ) as first:
             next(first.iter_bytes())
             with http.stream(
-                "POST", "/v1/chat/completions",
-                json={"model": MODEL, "messages": [{"role": "user", "content": "b" * 200}], "stream": True},
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "b" * 200}],
+                    "stream": True,
+                },
             ) as second:
                 next(second.iter_bytes())
                 handle.wait_until(lambda: handle.engine.num_queued >= 1)

@@ -31,7 +31,7 @@ def test_chat_stream_bytes(server: ServerHandle) -> None:
             "stream_options": {"include_usage": True},
         },
     )
-    first = json.loads(raw.split(b"\n\n")[0][len(b"data: "):])
+    first = json.loads(raw.split(b"\n\n")[0][len(b"data: ") :])
     head = {
         "id": first["id"],
         "object": "chat.completion.chunk",
@@ -42,9 +42,7 @@ def test_chat_stream_bytes(server: ServerHandle) -> None:
 
     def chunk(delta: dict, finish: str | None = None) -> bytes:  # type: ignore[type-arg]
         body = dict(head)
-        body["choices"] = [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        ]
+        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         body["usage"] = None
         return b"data: " + _dump(body) + b"\n\n"
 
@@ -62,7 +60,9 @@ def test_chat_stream_bytes(server: ServerHandle) -> None:
         + chunk({"content": "h"})
         + chunk({"content": "é"})
         + chunk({}, "stop")
-        + b"data: " + _dump(usage) + b"\n\n"
+        + b"data: "
+        + _dump(usage)
+        + b"\n\n"
         + b"data: [DONE]\n\n"
     )
     assert raw == expected
@@ -76,7 +76,7 @@ def test_completion_stream_bytes(server: ServerHandle) -> None:
     )
     events = raw.split(b"\n\n")
     assert events[-1] == b"" and events[-2] == b"data: [DONE]"
-    first = json.loads(events[0][len(b"data: "):])
+    first = json.loads(events[0][len(b"data: ") :])
     head = {
         "id": first["id"],
         "object": "text_completion",
@@ -100,8 +100,13 @@ def test_keepalive_pings_while_queued(server_factory) -> None:  # type: ignore[n
     )
     with handle.client() as http:
         with http.stream(
-            "POST", "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 20}], "stream": True},
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x" * 20}],
+                "stream": True,
+            },
         ) as blocker:
             blocker_bytes = blocker.iter_raw()
             next(blocker_bytes)
