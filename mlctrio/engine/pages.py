@@ -1,0 +1,168 @@
+"""Page accounting that mirrors the runner's paged KV cache, so the scheduler plans without asking.
+
+Rules (the same ones `ModelRunner` documents, and the ones a test checks against `free_pages()`):
+
+* The cache has `total_pages` pages of `page_size` tokens. A page is free iff its refcount is 0;
+  `num_free + num_used == total_pages` at all times.
+* A sequence of L tokens holds exactly ceil(L / page_size) page references, in order.
+* `fork(parent, child, pos)` gives the child the parent's first floor(pos / page_size) pages by
+  reference (refcount + 1) and, when pos is not page aligned, a fresh copy of the partial page.
+  So a page shared by several sequences is always full, and appending never writes into it — except
+  after `pop`, where the now-partial shared last page is copied on the next append (copy-on-write).
+* `remove` drops the sequence's references; pages whose refcount reaches 0 become free.
+
+Page ids here are our own bookkeeping: only the counts must agree with the runner.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ..errors import EngineError
+
+
+class OutOfPages(EngineError):
+    """An engine bug: the scheduler planned more pages than were free."""
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages a sequence of num_tokens tokens holds: ceil(num_tokens / page_size)."""
+    return -(-num_tokens // page_size)
+
+
+@attrs.define
+class _Seq:
+    length: int = 0
+    pages: list[int] = attrs.field(factory=list)
+
+
+@attrs.define(init=False)
+class PagePool:
+    """Refcounted pages per sequence; see the module rules."""
+
+    page_size: int
+    total_pages: int
+    _refcount: list[int]
+    _free: list[int]
+    _seqs: dict[int, _Seq]
+
+    def __init__(self, total_pages: int, page_size: int) -> None:
+        if total_pages <= 0 or page_size <= 0:
+            raise ValueError("total_pages and page_size must be positive")
+        self.page_size = page_size
+        self.total_pages = total_pages
+        self._refcount = [0] * total_pages
+        # Pop from the end: lowest ids are handed out first (only to make dumps readable).
+        self._free = list(range(total_pages - 1, -1, -1))
+        self._seqs = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.total_pages - len(self._free)
+
+    def has(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
+    def seq_ids(self) -> list[int]:
+        return list(self._seqs)
+
+    def length(self, seq_id: int) -> int:
+        return self._seqs[seq_id].length
+
+    def pages_of(self, seq_id: int) -> tuple[int, ...]:
+        return tuple(self._seqs[seq_id].pages)
+
+    def refcount(self, page: int) -> int:
+        return self._refcount[page]
+
+    def pages_to_append(self, seq_id: int, num_tokens: int) -> int:
+        """Free pages that appending num_tokens to seq_id would consume."""
+        seq = self._seqs[seq_id]
+        need = pages_for(seq.length + num_tokens, self.page_size) - len(seq.pages)
+        if num_tokens > 0 and seq.length % self.page_size and self._refcount[seq.pages[-1]] > 1:
+            need += 1  # copy-on-write of a shared partial page (only after pop)
+        return need
+
+    def appendable_tokens(self, seq_id: int | None, num_free: int | None = None) -> int:
+        """Tokens seq_id (None: a new sequence) can take with num_free (default: all) free pages."""
+        free = len(self._free) if num_free is None else num_free
+        if seq_id is None:
+            return free * self.page_size
+        seq = self._seqs[seq_id]
+        pages = len(seq.pages) + free
+        if seq.length % self.page_size and self._refcount[seq.pages[-1]] > 1:
+            pages -= 1  # the first append spends a page on copy-on-write
+        return max(0, pages * self.page_size - seq.length)
+
+    def pages_to_fork(self, parent_id: int, fork_pos: int = -1) -> int:
+        """Free pages a fork at fork_pos consumes: one copy of the partial page, if any."""
+        pos = self._seqs[parent_id].length if fork_pos < 0 else fork_pos
+        return self.pages_to_fork_at(pos)
+
+    def pages_to_fork_at(self, fork_pos: int) -> int:
+        """Free pages a fork of a fork_pos-token prefix consumes."""
+        return 1 if fork_pos % self.page_size else 0
+
+    def add(self, seq_id: int) -> None:
+        if seq_id in self._seqs:
+            raise EngineError(f"sequence {seq_id} already exists")
+        self._seqs[seq_id] = _Seq()
+
+    def remove(self, seq_id: int) -> None:
+        for page in self._seqs.pop(seq_id).pages:
+            self._decref(page)
+
+    def append(self, seq_id: int, num_tokens: int) -> None:
+        seq = self._seqs[seq_id]
+        if self.pages_to_append(seq_id, num_tokens) > len(self._free):
+            raise OutOfPages(f"sequence {seq_id}: no pages for {num_tokens} more tokens")
+        if num_tokens > 0 and seq.length % self.page_size and self._refcount[seq.pages[-1]] > 1:
+            self._decref(seq.pages[-1])
+            seq.pages[-1] = self._alloc()
+        seq.length += num_tokens
+        while len(seq.pages) < pages_for(seq.length, self.page_size):
+            seq.pages.append(self._alloc())
+
+    def fork(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
+        parent = self._seqs[parent_id]
+        pos = parent.length if fork_pos < 0 else fork_pos
+        if not 0 <= pos <= parent.length:
+            raise EngineError(f"fork position {pos} outside sequence {parent_id}")
+        if child_id in self._seqs:
+            raise EngineError(f"sequence {child_id} already exists")
+        if self.pages_to_fork(parent_id, pos) > len(self._free):
+            raise OutOfPages(f"no page to fork sequence {parent_id}")
+        num_full = pos // self.page_size
+        shared = parent.pages[:num_full]
+        for page in shared:
+            self._refcount[page] += 1
+        child = _Seq(length=pos, pages=list(shared))
+        if pos % self.page_size:
+            child.pages.append(self._alloc())
+        self._seqs[child_id] = child
+
+    def pop(self, seq_id: int, num_tokens: int) -> None:
+        seq = self._seqs[seq_id]
+        if not 0 <= num_tokens <= seq.length:
+            raise EngineError(f"cannot pop {num_tokens} tokens of sequence {seq_id}")
+        seq.length -= num_tokens
+        keep = pages_for(seq.length, self.page_size)
+        for page in seq.pages[keep:]:
+            self._decref(page)
+        del seq.pages[keep:]
+
+    def _alloc(self) -> int:
+        if not self._free:
+            raise OutOfPages("KV cache pool exhausted")
+        page = self._free.pop()
+        self._refcount[page] = 1
+        return page
+
+    def _decref(self, page: int) -> None:
+        self._refcount[page] -= 1
+        if self._refcount[page] == 0:
+            self._free.append(page)

@@ -1,0 +1,402 @@
+"""The continuous-batching scheduler: which sequences run in the next step, with how many tokens.
+
+Rules (each is checked by tests/engine):
+
+* One `schedule()` call plans one step and updates the page mirror (`PagePool`) and the branch
+  cursors as if the plan had run; the caller executes `removed_seq_ids`, `added_seq_ids`, the batch
+  and the forks on the runner, in that order, after which `pool` equals the runner's cache.
+* Aborts take effect at the next step boundary (the start of `schedule()`) and free their pages.
+* Decodes first: every decoding sequence gets one token per step, so a long prompt never stalls
+  running streams. When a decode needs a page and none is free, the most recently started request
+  is preempted (pages freed, cursors reset, generated tokens kept) and put at the head of the queue.
+  A request that cannot fit even alone ends its page-starved choices with "length".
+* Then prefills (new prompts, continued chunks, recompute after preemption), FIFO, chunked into the
+  rest of the step's token budget (`prefill_chunk_size` tokens per step in all), bounded by the free
+  pages and by `max_num_sequence` seats (a request reserves one seat per unfinished choice). A
+  running prefill that gets no page preempts newer requests that are not in the batch, so partial
+  prefills can never wait on each other forever. Nothing is admitted in a step that preempted.
+* n > 1: the primary branch computes the prompt once; its siblings are forked from it right after
+  the step that completes the prompt, and all n sample their first token from that same row.
+* Ids: a runner sequence id is held by exactly one live branch; freed ids are reused smallest first.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+
+import attrs
+
+from ..errors import ContextLengthExceededError, EngineError
+from .pages import PagePool
+from .request import Branch, Request, RequestEvent, RequestState
+from .types import GenerationRequest
+
+
+class PromptTooLongError(ContextLengthExceededError, ValueError):
+    """add() of a prompt the engine can never hold (the server is expected to check first)."""
+
+
+@attrs.frozen
+class BatchEntry:
+    """One row of the step: append token_ids to seq_id; then fork; then sample."""
+
+    request: Request
+    seq_id: int
+    token_ids: tuple[int, ...]
+    fork_seq_ids: tuple[int, ...] = ()  # children forked from seq_id after the step
+    sample_branches: tuple[int, ...] = ()  # branch indices sampling from this row's logits
+
+
+@attrs.frozen
+class StepPlan:
+    entries: tuple[BatchEntry, ...]
+    removed_seq_ids: tuple[int, ...]  # remove from the runner before the step
+    added_seq_ids: tuple[int, ...]  # then add these (empty) sequences
+    aborted: tuple[Request, ...]  # requests aborted at this boundary
+    length_capped: tuple[tuple[Request, int], ...]  # (request, branch) ended "length": no pages
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e.token_ids) for e in self.entries)
+
+
+@attrs.define
+class _Draft:
+    """The plan under construction."""
+
+    entries: list[BatchEntry] = attrs.field(factory=list)
+    removed: list[int] = attrs.field(factory=list)
+    added: list[int] = attrs.field(factory=list)
+    aborted: list[Request] = attrs.field(factory=list)
+    capped: list[tuple[Request, int]] = attrs.field(factory=list)
+    touched: set[int] = attrs.field(factory=set)  # seqs stepped or forked in this plan
+    num_preempted: int = 0
+
+
+@attrs.define(init=False)
+class Scheduler:
+    """Plans steps over a page budget; see the module rules."""
+
+    pool: PagePool
+    max_num_sequence: int
+    prefill_chunk_size: int
+    context_window_size: int
+    waiting: collections.deque[Request]
+    running: list[Request]  # in the order they (re)started: most recent last
+    num_preemptions_total: int
+    _requests: dict[str, Request]
+    _pending_aborts: dict[str, str]
+    _free_ids: list[int]
+    _next_id: int
+
+    def __init__(
+        self,
+        *,
+        total_pages: int,
+        page_size: int,
+        max_num_sequence: int,
+        prefill_chunk_size: int,
+        context_window_size: int,
+    ) -> None:
+        self.pool = PagePool(total_pages, page_size)
+        self.max_num_sequence = max_num_sequence
+        self.prefill_chunk_size = prefill_chunk_size
+        self.context_window_size = context_window_size
+        self.waiting = collections.deque()
+        self.running = []
+        self.num_preemptions_total = 0
+        self._requests = {}
+        self._pending_aborts = {}
+        self._free_ids = []
+        self._next_id = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+
+    def add(self, spec: GenerationRequest) -> Request:
+        """Queue a request. Returns it already FINISHED when it has no room to generate at all."""
+        if spec.request_id in self._requests:
+            raise EngineError(f"duplicate request id {spec.request_id!r}")
+        num_prompt = len(spec.prompt_token_ids)
+        n = spec.params.n
+        if num_prompt == 0:
+            raise PromptTooLongError("the prompt is empty", param="messages")
+        if num_prompt > self.context_window_size:
+            raise PromptTooLongError(
+                f"prompt has {num_prompt} tokens, the context window is {self.context_window_size}",
+                param="messages",
+            )
+        fork_pages = (n - 1) * self.pool.pages_to_fork_at(num_prompt)
+        if -(-num_prompt // self.pool.page_size) + fork_pages > self.pool.total_pages:
+            raise PromptTooLongError(
+                f"prompt of {num_prompt} tokens (n={n}) does not fit the KV cache", param="n"
+            )
+        if not 1 <= n <= self.max_num_sequence:
+            raise PromptTooLongError(f"n={n} exceeds max_num_sequence", param="n")
+        room = self.context_window_size - num_prompt
+        max_tokens = spec.params.max_tokens
+        req = Request.create(spec, room if max_tokens is None else min(max_tokens, room))
+        if req.max_new_tokens <= 0:
+            for b in req.branches:
+                b.finished = True
+            req.transition(RequestEvent.FINISH)
+            return req
+        self._requests[spec.request_id] = req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Abort at the next step boundary; unknown or finished ids are ignored."""
+        if request_id in self._requests:
+            self._pending_aborts.setdefault(request_id, reason)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def append_token(self, req: Request, branch_index: int, token_id: int) -> None:
+        """Record a sampled token: it is the pending input of the branch's next decode."""
+        req.branches[branch_index].output.append(token_id)
+
+    def finish_branch(self, req: Request, branch_index: int) -> int | None:
+        """End one choice; returns the runner sequence to remove (or None). Ends the request when
+        it was its last choice."""
+        branch = req.branches[branch_index]
+        if branch.finished:
+            raise EngineError(f"{req.request_id}: choice {branch_index} finished twice")
+        branch.finished = True
+        seq_id = self._release(branch)
+        if req.all_finished:
+            req.transition(RequestEvent.FINISH)
+            self._forget(req)
+        return seq_id
+
+    def fail(self, req: Request) -> list[int]:
+        """End a request now (engine error); returns the runner sequences to remove."""
+        if req.is_terminal:
+            return []
+        seq_ids = self._release_all(req)
+        req.transition(RequestEvent.ABORT)
+        self._forget(req)
+        return seq_ids
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        draft = _Draft()
+        self._apply_aborts(draft)
+        decoding = [r for r in self.running if self._is_decoding(r)]
+        self._plan_decodes(draft, decoding)
+        budget = self.prefill_chunk_size - sum(len(e.token_ids) for e in draft.entries)
+        prefilling = [r for r in self.running if r not in decoding]
+        for req in prefilling:
+            if budget <= 0:
+                break
+            if req.state is not RequestState.RUNNING:
+                continue  # preempted for an older request in this loop
+            planned = self._plan_prefill(draft, req, budget)
+            # Out of pages with nobody decoding, running prefills could wait on each other forever:
+            # make room by preempting newer requests that are not in this step's batch.
+            while planned == 0 and (victim := self._unplanned_newer(draft, req)) is not None:
+                self._preempt(draft, victim)
+                planned = self._plan_prefill(draft, req, budget)
+            budget -= planned
+        # After a preemption, admit nothing this step: the pages just freed would otherwise go
+        # straight back to the victim's recompute (thrashing).
+        while self.waiting and budget > 0 and not draft.num_preempted:
+            req = self.waiting[0]
+            seats = sum(len(r.unfinished()) for r in self.running)
+            if seats + len(req.unfinished()) > self.max_num_sequence:
+                break
+            planned = self._plan_prefill(draft, req, budget)
+            if planned == 0:
+                break  # FIFO: no overtaking, so a long prompt is never starved
+            budget -= planned
+            self.waiting.popleft()
+            req.transition(RequestEvent.ADMIT)
+            self.running.append(req)
+        return StepPlan(
+            entries=tuple(draft.entries),
+            removed_seq_ids=tuple(draft.removed),
+            added_seq_ids=tuple(draft.added),
+            aborted=tuple(draft.aborted),
+            length_capped=tuple(draft.capped),
+            num_preempted=draft.num_preempted,
+        )
+
+    def _apply_aborts(self, draft: _Draft) -> None:
+        pending, self._pending_aborts = self._pending_aborts, {}
+        for request_id in pending:
+            req = self._requests.get(request_id)
+            if req is None or req.is_terminal:
+                continue
+            draft.removed.extend(self._release_all(req))
+            req.transition(RequestEvent.ABORT)
+            self._forget(req)
+            draft.aborted.append(req)
+
+    def _unplanned_newer(self, draft: _Draft, req: Request) -> Request | None:
+        """The most recently started request after req that has nothing in the batch yet."""
+        for other in reversed(self.running):
+            if other is req:
+                return None
+            if not any(b.seq_id in draft.touched for b in other.branches):
+                return other
+        return None
+
+    def _is_decoding(self, req: Request) -> bool:
+        live = req.live_branches()
+        return (
+            bool(live)
+            and len(live) == len(req.unfinished())
+            and all(b.num_pending == 1 for b in live)
+        )
+
+    def _plan_decodes(self, draft: _Draft, decoding: list[Request]) -> None:
+        for req in decoding:
+            if req.state is not RequestState.RUNNING:
+                continue  # preempted earlier in this loop
+            live = req.live_branches()
+            while self._decode_pages(live) > self.pool.num_free:
+                victim = self.running[-1]
+                if victim is not req:
+                    self._preempt(draft, victim)
+                elif len(self.running) > 1:
+                    self._preempt(draft, req)
+                    break
+                else:
+                    # Alone and still out of pages: the cache cannot hold this request.
+                    starved = next(b for b in live if self._decode_pages([b]) > 0)
+                    req_done = self._cap(draft, req, starved)
+                    live.remove(starved)
+                    if req_done:
+                        break
+            if req.state is not RequestState.RUNNING:
+                continue
+            for b in live:
+                self._append(draft, req, b, 1, sample=(b.index,))
+
+    def _decode_pages(self, branches: list[Branch]) -> int:
+        return sum(self.pool.pages_to_append(self._seq(b), 1) for b in branches)
+
+    def _plan_prefill(self, draft: _Draft, req: Request, budget: int) -> int:
+        """Plan chunks for req within budget tokens; returns the tokens planned."""
+        planned = 0
+        primary = req.primary()
+        assert primary is not None, "a queued request has an unfinished choice"
+        siblings = [b for b in req.unforked() if b is not primary]
+        target = primary.num_prompt_tokens if siblings else primary.num_tokens
+        want = min(target - primary.num_cached, budget)
+        if want > 0:
+            k = min(want, self.pool.appendable_tokens(primary.seq_id))
+            fork_pages = len(siblings) * self.pool.pages_to_fork_at(target)
+            if siblings and primary.num_cached + k == target:
+                grow = self._grow_pages(primary, k)
+                if grow + fork_pages > self.pool.num_free:
+                    k = min(k, target - primary.num_cached - 1)
+            if k > 0:
+                if primary.seq_id is None:
+                    primary.seq_id = self._new_seq(draft)
+                completes = primary.num_cached + k == target
+                forked = siblings if completes else []
+                self._append(draft, req, primary, k, forks=forked)
+                planned += k
+        for b in req.live_branches():
+            if b.seq_id in draft.touched or b.num_pending == 0:
+                continue  # already in the batch, or forked after it (must wait a step)
+            k = min(b.num_pending, budget - planned, self.pool.appendable_tokens(b.seq_id))
+            if k > 0:
+                self._append(draft, req, b, k)
+                planned += k
+        return planned
+
+    def _grow_pages(self, b: Branch, k: int) -> int:
+        if b.seq_id is None:
+            return -(-k // self.pool.page_size)
+        return self.pool.pages_to_append(b.seq_id, k)
+
+    def _append(
+        self,
+        draft: _Draft,
+        req: Request,
+        b: Branch,
+        k: int,
+        *,
+        sample: tuple[int, ...] | None = None,
+        forks: list[Branch] | None = None,
+    ) -> None:
+        seq_id = self._seq(b)
+        tokens = b.token_slice(b.num_cached, b.num_cached + k)
+        self.pool.append(seq_id, k)
+        b.num_cached += k
+        fork_ids = []
+        for child in forks or ():
+            child.seq_id = self._next_seq_id()
+            self.pool.fork(seq_id, child.seq_id)
+            child.num_cached = b.num_cached
+            fork_ids.append(child.seq_id)
+        draft.touched.update(fork_ids)
+        draft.touched.add(seq_id)
+        if sample is None:
+            done = [c for c in [b, *(forks or ())] if c.num_cached == c.num_tokens]
+            sample = tuple(c.index for c in done)
+        draft.entries.append(BatchEntry(req, seq_id, tokens, tuple(fork_ids), sample))
+
+    # -- pages and ids ------------------------------------------------------------------------
+
+    def _preempt(self, draft: _Draft, req: Request) -> None:
+        draft.removed.extend(self._release_all(req))
+        req.transition(RequestEvent.PREEMPT)
+        req.num_preemptions += 1
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        draft.num_preempted += 1
+        self.num_preemptions_total += 1
+
+    def _cap(self, draft: _Draft, req: Request, b: Branch) -> bool:
+        """End branch b with "length" for lack of pages; True when that ended the request."""
+        seq_id = self.finish_branch(req, b.index)
+        if seq_id is not None:
+            draft.removed.append(seq_id)
+        draft.capped.append((req, b.index))
+        return req.is_terminal
+
+    def _forget(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._pending_aborts.pop(req.request_id, None)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+
+    def _release_all(self, req: Request) -> list[int]:
+        seq_ids = [self._release(b) for b in req.branches]
+        return [s for s in seq_ids if s is not None]
+
+    def _release(self, b: Branch) -> int | None:
+        seq_id, b.seq_id, b.num_cached = b.seq_id, None, 0
+        if seq_id is not None:
+            self.pool.remove(seq_id)
+            heapq.heappush(self._free_ids, seq_id)
+        return seq_id
+
+    def _new_seq(self, draft: _Draft) -> int:
+        seq_id = self._next_seq_id()
+        self.pool.add(seq_id)
+        draft.added.append(seq_id)
+        return seq_id
+
+    def _next_seq_id(self) -> int:
+        if self._free_ids:
+            return heapq.heappop(self._free_ids)
+        self._next_id += 1
+        return self._next_id - 1
+
+    @staticmethod
+    def _seq(b: Branch) -> int:
+        if b.seq_id is None:
+            raise EngineError(f"choice {b.index} holds no sequence")
+        return b.seq_id

@@ -1,0 +1,121 @@
+"""When a choice stops, and which text it may emit before it does.
+
+Rules:
+
+* Stop strings are matched on the detokenized text, across token boundaries. `StopMatcher` holds
+  back the longest suffix of the text that is a proper prefix of some stop string, so no partial
+  stop string is ever emitted: at every moment, everything emitted so far is a prefix of the final
+  output. When a stop string matches, the text before it is emitted and the rest is dropped. The
+  first stop string to be *completed* wins (the longest among those completed at the same
+  character), which is what streaming generation sees, so the result does not depend on how the
+  text was split into tokens.
+* Stop tokens (tokenizer EOS ids, chat-template stop ids, the request's stop_token_ids) end the
+  choice with "stop"; their text is never emitted. `ignore_eos` disables the EOS ids only.
+  The stop reason is the token id, except None for the tokenizer's own EOS (as vLLM reports it).
+* Reaching max_new_tokens ends the choice with "length", unless the same token also stopped it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from .types import FinishReason
+
+
+@attrs.define(init=False)
+class StopMatcher:
+    """Incremental stop-string matcher with hold-back for one choice."""
+
+    _stops: tuple[str, ...]
+    _held: str
+    matched: str | None
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+        self.matched = None
+
+    @property
+    def held(self) -> str:
+        return self._held
+
+    def push(self, text: str) -> str:
+        """Feed newly decoded text; return the text that is now safe to emit.
+
+        After a match (`matched` is set) the rest of the text is dropped and push returns "".
+        """
+        if self.matched is not None:
+            return ""
+        if not self._stops:
+            return text
+        buf = self._held + text
+        best: tuple[int, int, str] | None = None  # (end, -length, stop) of the first completed
+        for stop in self._stops:
+            at = buf.find(stop)
+            if at >= 0 and (best is None or (at + len(stop), -len(stop)) < best[:2]):
+                best = (at + len(stop), -len(stop), stop)
+        if best is not None:
+            self.matched = best[2]
+            self._held = ""
+            return buf[: best[0] + best[1]]
+        hold = self._longest_partial(buf)
+        self._held = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        """At the end of the choice (no stop matched): release what was held back."""
+        out, self._held = self._held, ""
+        return "" if self.matched is not None else out
+
+    def _longest_partial(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), best, -1):
+                if buf.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
+
+
+@attrs.frozen
+class StopTokens:
+    """The stop-token rule for one request."""
+
+    eos_ids: frozenset[int]
+    other_ids: frozenset[int]
+
+    @classmethod
+    def build(
+        cls,
+        eos_ids: Iterable[int],
+        template_ids: Iterable[int],
+        request_ids: Iterable[int],
+        *,
+        ignore_eos: bool,
+    ) -> StopTokens:
+        eos = frozenset(() if ignore_eos else eos_ids)
+        other = frozenset(template_ids) | frozenset(request_ids)
+        return cls(eos_ids=eos - other, other_ids=other)
+
+    def check(self, token_id: int) -> tuple[bool, int | None]:
+        """(stops?, stop_reason) for a sampled token."""
+        if token_id in self.other_ids:
+            return True, token_id
+        if token_id in self.eos_ids:
+            return True, None
+        return False, None
+
+
+def finish_for_token(
+    stop_tokens: StopTokens, token_id: int, num_generated: int, max_new_tokens: int
+) -> tuple[FinishReason | None, int | None]:
+    """Finish reason (and stop reason) once token_id is the num_generated-th generated token."""
+    stops, reason = stop_tokens.check(token_id)
+    if stops:
+        return "stop", reason
+    if num_generated >= max_new_tokens:
+        return "length", None
+    return None, None

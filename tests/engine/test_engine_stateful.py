@@ -1,0 +1,156 @@
+"""Hypothesis state machine over EngineCore + EchoRunner: any interleaving of submits, steps and
+aborts keeps the page mirror exact, ends every request exactly once, frees an aborted request's
+pages within one step, and — under any page pressure and preemption — produces exactly the output
+the echo reference predicts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from mlctrio.engine.scheduler import PromptTooLongError
+from mlctrio.engine.types import GenerationRequest, SamplingParams
+from mlctrio.testing.echo import build_echo_core
+
+from .echo_harness import Collector, check_mirror, expected_echo
+
+# Stop tokens in a prompt end its echo early: keep them rare (1 draw in 40 each).
+FRAGMENTS = [*["a", "b", " ", "xy", "é", "世", "\n", "cd"] * 5, "<|im_end|>", "<|endoftext|>"]
+# Mostly 10-40 fragments (pressure needs long echoes); now and then one too long for the window.
+prompts = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=45).map("".join)
+stops = st.lists(st.sampled_from(["b ", "世", "ab", "xyz", "é\n", "a"]), max_size=2).map(tuple)
+WINDOW = 64
+N_MAX = 3
+
+
+class EngineMachine(RuleBasedStateMachine):
+    requests = Bundle("requests")
+
+    @initialize(
+        spare_pages=st.integers(0, 10),
+        chunk=st.integers(4, 80),
+        max_seqs=st.integers(N_MAX, 7),
+    )
+    def start(self, spare_pages: int, chunk: int, max_seqs: int) -> None:
+        # Every request fits alone (n branches of a full window), so nothing is ever cut short
+        # for lack of pages: pressure may only cause preemption, never change the output.
+        total = N_MAX * (WINDOW // 16) + spare_pages
+        self.core, self.tokenizer, _ = build_echo_core(
+            total_pages=total,
+            max_num_sequence=max_seqs,
+            context_window_size=WINDOW,
+            prefill_chunk_size=chunk,
+        )
+        self.collector = Collector()
+        self.params: dict[str, tuple[tuple[int, ...], SamplingParams]] = {}
+        self.aborted: set[str] = set()
+        self.abort_pending: set[str] = set()
+        self.counter = 0
+
+    @rule(
+        target=requests,
+        text=prompts,
+        n=st.integers(1, N_MAX),
+        max_tokens=st.none() | st.integers(1, 50),
+        stop=stops,
+        ignore_eos=st.booleans(),
+    )
+    def submit(
+        self, text: str, n: int, max_tokens: int | None, stop: tuple[str, ...], ignore_eos: bool
+    ) -> str:
+        self.counter += 1
+        request_id = f"r{self.counter}"
+        prompt = tuple(self.tokenizer.encode(text))
+        params = SamplingParams(
+            n=n, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos, temperature=0.8
+        )
+        request = GenerationRequest(request_id, prompt, params)
+        if len(prompt) > WINDOW:
+            with pytest.raises(PromptTooLongError):
+                self.core.add_request(request)
+            return request_id
+        self.core.add_request(request)
+        self.collector.expect(request_id, n)
+        self.params[request_id] = (prompt, params)
+        return request_id
+
+    @rule(steps=st.integers(1, 8))
+    def step(self, steps: int) -> None:
+        for _ in range(steps):
+            self._step()
+
+    @rule(request_id=requests, coin=st.integers(0, 2))
+    def abort(self, request_id: str, coin: int) -> None:
+        if coin:  # abort one time in three, so that most requests run to their end
+            return
+        self.core.abort_request(request_id)
+        log = self.collector.logs.get(request_id)
+        if log is not None and log.final is None:
+            self.abort_pending.add(request_id)
+
+    @rule()
+    def abort_unknown(self) -> None:
+        self.core.abort_request("no-such-request")
+
+    @precondition(lambda self: hasattr(self, "core"))
+    @invariant()
+    def mirror(self) -> None:
+        check_mirror(self.core)
+        stats = self.core.stats()
+        assert stats.free_pages == self.core.runner.free_pages()
+        assert stats.total_pages == self.core.runner.total_pages()
+
+    def _step(self) -> None:
+        pending = set(self.abort_pending)
+        self.collector.feed(self.core.step())
+        for request_id in pending:
+            log = self.collector.logs[request_id]
+            # An abort takes effect at the next step boundary: the final record is out, and the
+            # request holds no sequence any more.
+            assert log.final is not None, f"{request_id} not ended one step after abort"
+            if any(c.finish_reason == "abort" for c in log.choices.values()):
+                self.aborted.add(request_id)
+            assert self.core.scheduler.get(request_id) is None
+        self.abort_pending -= pending
+        check_mirror(self.core)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        for _ in range(5000):
+            if not self.core.has_work():
+                break
+            self._step()
+        assert not self.core.has_work(), "the engine did not drain"
+        assert self.collector.unfinished() == []
+        assert self.core.runner.free_pages() == self.core.runner.total_pages()
+        for request_id, (prompt, params) in self.params.items():
+            log = self.collector.logs[request_id]
+            assert log.final is not None and log.final.usage.prompt_tokens == len(prompt)
+            if request_id in self.aborted:
+                continue
+            want = expected_echo(self.tokenizer, prompt, params, WINDOW)
+            for index, choice in log.choices.items():
+                got = (choice.text, choice.finish_reason, choice.stop_reason, len(choice.token_ids))
+                assert got == (want.text, want.finish_reason, want.stop_reason, want.num_tokens), (
+                    request_id,
+                    index,
+                )
+
+
+TestEngineMachine = EngineMachine.TestCase
+TestEngineMachine.settings = settings(
+    max_examples=80,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
