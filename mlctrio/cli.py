@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     serve.add_argument(
-        "model", nargs="?", default=DEFAULT_MODEL,
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
         help=f"model directory, HF://org/name, or mock://echo (default: {DEFAULT_MODEL})",
     )
     serve.add_argument("--model-lib", default=None, help="a compiled model library (.so)")
@@ -49,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--mode", choices=["local", "interactive", "server"], default="local")
     serve.add_argument(
-        "--overrides", type=_overrides, default=EngineOverrides(),
+        "--overrides",
+        type=_overrides,
+        default=EngineOverrides(),
         help='engine settings over the mode\'s, e.g. "max_num_sequence=8;prefill_chunk_size=512"',
     )
     serve.add_argument("--prefix-cache-mode", choices=["radix", "disable"], default="radix")
@@ -66,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=None, help="seconds")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
-    serve.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 

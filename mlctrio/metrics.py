@@ -8,8 +8,26 @@ import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
 )
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
@@ -66,12 +84,18 @@ class Metrics:
             for name, doc in hist.items()
         }
         self.request_prompt_tokens = Histogram(
-            "mlctrio_request_prompt_tokens", "Prompt tokens per request.", lbl,
-            buckets=_TOKEN_BUCKETS, registry=r,
+            "mlctrio_request_prompt_tokens",
+            "Prompt tokens per request.",
+            lbl,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         ).labels(m)
         self.request_generation_tokens = Histogram(
-            "mlctrio_request_generation_tokens", "Generated tokens per request.", lbl,
-            buckets=_TOKEN_BUCKETS, registry=r,
+            "mlctrio_request_generation_tokens",
+            "Generated tokens per request.",
+            lbl,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         ).labels(m)
         self._last_preemptions = 0
 

@@ -55,9 +55,7 @@ async def serve(
 ) -> None:
     """Serve until SIGINT/SIGTERM (or until `RunningServer.shutdown` is set), then drain."""
     engine = AsyncEngine(config.max_queued_requests, core_factory(config))
-    app = create_app(
-        config, engine, own_engine=False, sse_ping_interval_s=sse_ping_interval_s
-    )
+    app = create_app(config, engine, own_engine=False, sse_ping_interval_s=sse_ping_interval_s)
     state: ServerState = app.extensions["mlctrio"]
     shutdown = trio.Event()
 

@@ -1,0 +1,141 @@
+"""Benchmark the TVM runtime on a random-weight preset: compile, load, prefill and decode throughput.
+
+    python bench/runtime.py [--preset small] [--quant q0f32,q4f32_1] [--no-cache] [--steps 8]
+
+Prints one table row per quantization plus the numpy/OpenBLAS reference (same forward, f32, all
+cores) for scale. Figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import numpy as np
+
+from mlctrio.models.compile import compile_model
+from mlctrio.models.llama import SMALL, TINY, LlamaConfig
+from mlctrio.models.quantization import get_quantization
+from mlctrio.models.reference import ReferenceLlama
+from mlctrio.models.weights import hf_to_mlc, mlc_to_params, random_hf_weights
+from mlctrio.runtime.tvm_runner import TVMRunner, set_openblas_threads
+
+PRESETS = {"small": SMALL, "tiny": TINY}
+PREFILL_LENS = (128, 512)
+DECODE_BATCHES = (1, 4, 16, 32)
+
+
+def _best(fn, repeat: int) -> float:
+    """Best wall time of `repeat` calls (the machine is shared: the minimum is the least noisy)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: int) -> dict:
+    row: dict[str, object] = {"pipeline": f"tvm {quant}"}
+    cm = compile_model(config, quant, cache_dir=cache_dir)
+    row["compile_s"] = "cached" if cm.cache_hit else f"{cm.compile_s:.1f}"
+    t0 = time.perf_counter()
+    params = mlc_to_params(hf_to_mlc(config, hf, quant), cm.params)
+    runner = TVMRunner(
+        cm.lib_path,
+        params,
+        config,
+        max_num_sequence=max(DECODE_BATCHES),
+        max_total_seq_length=8192,
+        prefill_chunk_size=max(PREFILL_LENS),
+    )
+    row["load_s"] = f"{time.perf_counter() - t0:.2f}"
+    rng = np.random.default_rng(0)
+    for n in PREFILL_LENS:
+        toks = rng.integers(0, config.vocab_size, n).tolist()
+
+        def _prefill() -> None:
+            runner.add_sequence(0)
+            runner.step([(0, toks)])
+            runner.remove_sequence(0)
+
+        _prefill()  # warm-up
+        row[f"prefill{n}"] = n / _best(_prefill, 2)
+    for b in DECODE_BATCHES:
+        for s in range(b):
+            runner.add_sequence(s)
+        runner.step([(s, rng.integers(0, config.vocab_size, 16).tolist()) for s in range(b)])
+        batch = [(s, [int(rng.integers(0, config.vocab_size))]) for s in range(b)]
+        runner.step(batch)  # warm-up
+        t = _best(lambda batch=batch: [runner.step(batch) for _ in range(steps)], 2)
+        row[f"decode_b{b}"] = b * steps / t
+        for s in range(b):
+            runner.remove_sequence(s)
+    runner.close()
+    return row
+
+
+def bench_numpy(config: LlamaConfig, hf: dict, steps: int) -> dict:
+    set_openblas_threads(os.cpu_count() or 1)
+    row: dict[str, object] = {"pipeline": "numpy/OpenBLAS f32", "compile_s": "-"}
+    t0 = time.perf_counter()
+    ref = ReferenceLlama(config, hf_to_mlc(config, hf, "q0f32"), get_quantization("q0f32"))
+    row["load_s"] = f"{time.perf_counter() - t0:.2f}"
+    rng = np.random.default_rng(0)
+    for n in PREFILL_LENS:
+        toks = rng.integers(0, config.vocab_size, n).tolist()
+
+        def _prefill() -> None:
+            cache = ref.new_cache()
+            cache.add_sequence(0)
+            ref.forward(cache, 0, toks)
+
+        row[f"prefill{n}"] = n / _best(_prefill, 2)
+    cache = ref.new_cache()
+    cache.add_sequence(0)
+    ref.forward(cache, 0, rng.integers(0, config.vocab_size, 16).tolist())
+    tok = [int(rng.integers(0, config.vocab_size))]
+    row["decode_b1"] = steps / _best(lambda: [ref.forward(cache, 0, tok) for _ in range(steps)], 2)
+    set_openblas_threads(1)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--quant", default="q0f32,q4f32_1")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--no-cache", action="store_true", help="compile into a fresh temp dir")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps per measurement")
+    ap.add_argument("--no-reference", action="store_true", help="skip the numpy reference row")
+    args = ap.parse_args()
+    config = PRESETS[args.preset]
+    hf = random_hf_weights(config, seed=0, scale=0.02)
+    n_params = sum(a.size for a in hf.values())
+    print(
+        f"preset {args.preset}: {n_params / 1e6:.0f}M params, TVM_NUM_THREADS="
+        f"{os.environ['TVM_NUM_THREADS']}, {os.cpu_count()} cores"
+    )
+    cache_dir = tempfile.mkdtemp() if args.no_cache else args.cache_dir
+    rows = [] if args.no_reference else [bench_numpy(config, hf, args.steps)]
+    rows += [bench_tvm(config, q, hf, cache_dir, args.steps) for q in args.quant.split(",")]
+    cols = [
+        "pipeline",
+        "compile_s",
+        "load_s",
+        *(f"prefill{n}" for n in PREFILL_LENS),
+        *(f"decode_b{b}" for b in DECODE_BATCHES),
+    ]
+    print("tok/s unless noted | " + " | ".join(cols))
+    print("|".join(["---"] * (len(cols) + 1)))
+    for row in rows:
+        cells = [row.get(c, "-") for c in cols]
+        print(" | " + " | ".join(f"{c:.0f}" if isinstance(c, float) else str(c) for c in cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""Llama-family model (Llama 2/3, Mistral, Qwen2) in `tvm.relax.frontend.nn` over the paged KV cache.
+
+The structure follows mlc-llm's llama: fused qkv projection reshaped to (b, s, h_q + 2 h_kv, d) and
+handed to `PagedKVCache.attention_with_fused_qkv` (RoPE is applied by the KV cache), RMSNorm, SwiGLU
+with a fused gate_up projection, GQA, tied or untied lm_head. Parameter names equal mlc-llm's after
+its fusion (`model.layers.0.self_attn.qkv_proj.weight`, `...q_weight`/`q_scale` when quantized), so
+MLC weights map 1:1 onto `LlamaForCausalLM.named_parameters()` order.
+
+Linear layers are our own `te.compute` (see quantization.matmul_te) rather than `nn.Linear`: the
+weight stays in (out, in) layout with dequantization inside the reduction, which the CPU schedules
+in schedules.py recognise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from mlctrio.models.quantization import QuantSpec, embedding_te, matmul_te, rms_norm_te
+
+
+@attrs.frozen
+class LlamaConfig:
+    """Architecture hyper-parameters, read from a Hugging Face `config.json` by `from_hf`."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = attrs.field(default=None, hash=False)
+    tie_word_embeddings: bool = False
+    context_window_size: int = 4096
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    sliding_window: int | None = None  # Mistral; recorded, not yet enforced (see README of runner)
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        """Build from a parsed HF `config.json` (llama, mistral, qwen2 model types)."""
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r}")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if rope_type in (None, "default"):
+                rope_scaling = None
+            elif rope_type != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {rope_type!r}")
+            else:
+                rope_scaling = {**rope_scaling, "rope_type": "llama3"}
+        ctx = cfg.get("context_window_size") or cfg.get("max_position_embeddings") or 4096
+        window = cfg.get("sliding_window") if model_type == "mistral" else None
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            context_window_size=int(ctx),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            sliding_window=int(window) if window else None,
+            model_type=model_type,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (also the compile-cache key material)."""
+        return attrs.asdict(self)
+
+
+# Presets for tests and benchmarks (random weights; shapes only).
+TINY = LlamaConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=300,
+    context_window_size=512,
+)
+SMALL = LlamaConfig(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=64,
+    vocab_size=32000,
+    context_window_size=2048,
+)
+
+# pylint: disable=missing-docstring,invalid-name
+
+
+class QLinear(nn.Module):
+    """y = x @ W.T (+ b) with W stored as `weight` (q0) or `q_weight` + `q_scale` (q4)."""
+
+    def __init__(self, in_f: int, out_f: int, spec: QuantSpec, act_dtype: str, bias: bool = False):
+        super().__init__()
+        self.spec, self.act_dtype, self.out_f = spec, act_dtype, out_f
+        self.cpu_layout = False  # set by LlamaForCausalLM for llvm targets
+        # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
+        if spec.is_group:
+            groups = -(-in_f // spec.group_size)  # a partial last group is padded, as in mlc-llm
+            self.q_weight = nn.Parameter((out_f, groups * spec.group_size // 8), "uint32")
+            self.q_scale = nn.Parameter((out_f, groups), spec.scale_dtype)
+        else:
+            self.weight = nn.Parameter((out_f, in_f), spec.weight_dtype)
+        self.bias = nn.Parameter((out_f,), act_dtype) if bias else None
+
+    def stored(self) -> list[nn.Parameter]:
+        return [self.q_weight, self.q_scale] if self.spec.is_group else [self.weight]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.tensor_expr_op(
+            matmul_te(self.spec, self.act_dtype, self.out_f, self.cpu_layout),
+            "matmul",
+            [x, *self.stored()],
+        )
+        return y + self.bias if self.bias is not None else y
+
+
+class QEmbedding(QLinear):
+    """Token embedding table in the same storage as QLinear, so a tied lm_head reuses it."""
+
+    def __init__(self, vocab: int, hidden: int, spec: QuantSpec, act_dtype: str):
+        super().__init__(hidden, vocab, spec, act_dtype, bias=False)
+        self.hidden = hidden
+
+    def embed(self, ids: Tensor) -> Tensor:
+        f = embedding_te(self.spec, self.act_dtype, self.hidden)
+        return op.tensor_expr_op(f, "embedding", [ids, *self.stored()])
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as our own two-stage TE op (sum of squares, then scale) that schedules.py can
+    parallelise over rows; relax's rms_norm legalises to seven serial blocks."""
+
+    def __init__(self, hidden: int, eps: float, act_dtype: str):
+        self.weight = nn.Parameter((hidden,), act_dtype)
+        self.eps, self.hidden = eps, hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.tensor_expr_op(rms_norm_te(self.hidden, self.eps), "rms_norm", [x, self.weight])
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
+        self.d, self.h_q, self.h_kv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        qkv_out = (self.h_q + 2 * self.h_kv) * self.d
+        self.qkv_proj = QLinear(c.hidden_size, qkv_out, spec, act_dtype, bias=c.attention_bias)
+        self.o_proj = QLinear(self.h_q * self.d, c.hidden_size, spec, act_dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.h_q + 2 * self.h_kv, self.d))
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.h_q, sm_scale=self.d**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
+        self.gate_up_proj = QLinear(c.hidden_size, 2 * c.intermediate_size, spec, act_dtype)
+        self.down_proj = QLinear(c.intermediate_size, c.hidden_size, spec, act_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
+        self.self_attn = LlamaAttention(c, spec, act_dtype)
+        self.mlp = LlamaMLP(c, spec, act_dtype)
+        eps = c.rms_norm_eps
+        self.input_layernorm = RMSNorm(c.hidden_size, eps, act_dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps, act_dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
+        self.embed_tokens = QEmbedding(c.vocab_size, c.hidden_size, spec, act_dtype)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(c, spec, act_dtype) for _ in range(c.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, act_dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            x = layer(x, kv, layer_id)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The exported model. Functions and signatures match mlc-llm's engine expectations."""
+
+    def __init__(self, config: LlamaConfig, spec: QuantSpec, target: Target, act_dtype: str):
+        self.config, self.spec, self.target, self.act_dtype = config, spec, target, act_dtype
+        self.model = LlamaModel(config, spec, act_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = QLinear(config.hidden_size, config.vocab_size, spec, act_dtype)
+        is_cpu = target is not None and target.kind.name == "llvm"
+        for _, module in _named_modules(self):
+            if isinstance(module, QLinear):
+                module.cpu_layout = is_cpu
+
+    def _logits(self, h: Tensor) -> Tensor:
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        logits = head(h)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def _forward(self, embeds: Tensor, kv: PagedKVCache) -> Tensor:
+        return self.model(embeds, kv)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens.embed(input_ids)
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        h = self._forward(input_embed, paged_kv_cache)
+        return self._logits(_last_position(h)), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache):
+        h = self._forward(input_embeds, paged_kv_cache)
+        # Positions are validated by the runner: take() with out-of-range indices segfaults.
+        h = op.take(h, logit_positions, axis=1)
+        return self._logits(h), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.config
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=_shape_expr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling=c.rope_scaling or {},
+            rope_ext_factors=_rope_ext_factors_none(),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.act_dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        h, dt = self.config.hidden_size, self.act_dtype
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        mod_spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {
+                "input_embed": nn.spec.Tensor([1, "seq_len", h], dt),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_decode": {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, h], dt),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_verify": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(mod_spec, self)
+
+
+def _named_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+
+    def _walk(prefix: str, m: nn.Module) -> None:
+        out.append((prefix, m))
+        items = enumerate(m) if isinstance(m, nn.ModuleList) else vars(m).items()
+        for name, child in items:
+            if isinstance(child, nn.Module):
+                _walk(f"{prefix}.{name}" if prefix else str(name), child)
+
+    _walk("", root)
+    return out
+
+
+def _last_position(h: Tensor) -> Tensor:
+    """h[:, -1:, :] as a TE op (symbolic seq_len)."""
+    from tvm import te
+
+    def _index(x: te.Tensor) -> te.Tensor:
+        b, s, d = x.shape
+        return te.compute(
+            (b, 1, d),
+            lambda i, _, k: x[i, s - 1, k],
+            name="index",
+            attrs={"mlctrio.kind": "injective"},
+        )
+
+    return op.tensor_expr_op(_index, "index", [h])
+
+
+def _shape_expr(values: list[int]) -> Any:
+    from tvm import relax as rx
+
+    return rx.ShapeExpr(values)
+
+
+def _rope_ext_factors_none() -> Any:
+    from tvm import relax as rx
+
+    return rx.prim_value(0)

@@ -1,0 +1,239 @@
+"""Weight quantization: the specs (q0f32, q0f16, q4f16_1, q4f32_1), their TE kernels and numpy packers.
+
+Layout follows mlc-llm's group quantization with the "NK" linear layout (`q4*_1`), so MLC-format
+weights load unchanged:
+
+- a linear weight W of shape (out, in) becomes `q_weight` (out, in / 8) uint32 and `q_scale`
+  (out, in / group_size) in the scale dtype;
+- element k of a row sits in storage word k // 8 at bits 4 * (k % 8);
+- stored nibbles are `round(w / scale) + 7` clipped to [0, 14], `scale = max|w| / 7` per group;
+- dequantization is `(nibble - 7) * scale`.
+
+On the CPU all activations stay float32 (x86 without native fp16 computes fp16 slowly); only the
+stored weights shrink. Dequantization is written inside the matmul's `te.compute` because a separate
+dequantize op is not fused into a matmul by Relax and would materialise the full f32 weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+from tvm import te, tirx
+
+NUM_BITS = 4
+ELEMS_PER_WORD = 32 // NUM_BITS  # 8 nibbles per uint32
+MAX_INT = 2 ** (NUM_BITS - 1) - 1  # 7: the zero point of the stored nibble
+
+
+@attrs.frozen
+class QuantSpec:
+    """How weights are stored. `kind` "none": plain weights in `weight_dtype`; "group": 4-bit groups.
+
+    `mlc_dtype` is the dtype mlc-llm stores the *unquantized* params in (norms, biases, scales) for this
+    quantization name; our own packed params keep those in float32 on the CPU.
+    """
+
+    name: str
+    kind: Literal["none", "group"]
+    weight_dtype: str  # storage dtype of plain weights (kind "none") or "uint32"
+    scale_dtype: str  # dtype of q_scale (kind "group"); unused for "none"
+    mlc_dtype: str
+    group_size: int = 32
+
+    @property
+    def is_group(self) -> bool:
+        return self.kind == "group"
+
+
+QUANTIZATIONS: dict[str, QuantSpec] = {
+    "q0f32": QuantSpec("q0f32", "none", "float32", "float32", "float32"),
+    "q0f16": QuantSpec("q0f16", "none", "float16", "float16", "float16"),
+    "q4f16_1": QuantSpec("q4f16_1", "group", "uint32", "float16", "float16"),
+    "q4f32_1": QuantSpec("q4f32_1", "group", "uint32", "float32", "float32"),
+}
+
+
+def get_quantization(name: str) -> QuantSpec:
+    """Look a quantization up by its MLC name (q0f32, q0f16, q4f16_1, q4f32_1)."""
+    try:
+        return QUANTIZATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown quantization {name!r}; known: {sorted(QUANTIZATIONS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# TE: a weight "view" W(n, k) -> float32 expression, used inside matmul / embedding computes.
+
+WeightFn = Callable[[Any, Any], Any]
+
+
+def weight_fn(spec: QuantSpec, tensors: list[te.Tensor], act_dtype: str) -> WeightFn:
+    """Return W(n, k) as an expression of the stored tensors, in `act_dtype`."""
+    if not spec.is_group:
+        (w,) = tensors
+        if w.dtype == act_dtype:
+            return lambda n, k: w[n, k]
+        return lambda n, k: w[n, k].astype(act_dtype)
+    q_weight, q_scale = tensors
+    group = spec.group_size
+
+    def _deq(n: Any, k: Any) -> Any:
+        word = q_weight[n, k // ELEMS_PER_WORD]
+        shift = (k % ELEMS_PER_WORD * NUM_BITS).astype("uint32")
+        nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(0xF, "uint32"))
+        centered = nibble.astype(act_dtype) - tirx.const(MAX_INT, act_dtype)
+        return centered * q_scale[n, k // group].astype(act_dtype)
+
+    return _deq
+
+
+def matmul_te(
+    spec: QuantSpec, act_dtype: str, out_features: int, cpu_layout: bool = False
+) -> Callable[..., te.Tensor]:
+    """TE function (x (b, s, K), *stored weights) -> (b, s, N) = x @ W.T, dequantised in the loop.
+
+    The reduction block is named "matmul" with block attr `mlctrio.kind = "matmul"` so the CPU
+    schedules find it even after FuseTIR merged epilogues into the same PrimFunc.
+
+    `cpu_layout` (group quantization, K % 8 == 0): dequantise through a separate "dequant" (N, K)
+    stage. The CPU schedule computes it per output tile (so every row of a batch reuses the tile)
+    and vectorises its 8 nibbles of one word (one broadcast word, shifts by <0, 4, ..., 28>, one
+    broadcast scale); the matmul then reads plain float32 like q0f32. Dequantising inside the
+    reduction instead made LLVM emit a gather per scale load (6x slower at batch 1).
+    """
+
+    def _simple(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
+        b, s, in_features = x.shape
+        w = weight_fn(spec, list(ws), act_dtype)
+        k = te.reduce_axis((0, in_features), name="k")
+        return te.compute(
+            (b, s, out_features),
+            lambda i, j, n: te.sum(x[i, j, k].astype(act_dtype) * w(n, k), axis=k),
+            name="matmul",
+            attrs={"mlctrio.kind": "matmul"},
+        )
+
+    def _staged(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
+        b, s, in_features = x.shape
+        w = weight_fn(spec, list(ws), act_dtype)
+        wd = te.compute(
+            (out_features, in_features), w, name="dequant", attrs={"mlctrio.kind": "dequant"}
+        )
+        k = te.reduce_axis((0, in_features), name="k")
+        return te.compute(
+            (b, s, out_features),
+            lambda i, j, n: te.sum(x[i, j, k].astype(act_dtype) * wd[n, k], axis=k),
+            name="matmul",
+            attrs={"mlctrio.kind": "matmul"},
+        )
+
+    def _f(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
+        in_features = int(x.shape[2])
+        if cpu_layout and spec.is_group and in_features % ELEMS_PER_WORD == 0:
+            return _staged(x, *ws)
+        return _simple(x, *ws)
+
+    return _f
+
+
+def embedding_te(spec: QuantSpec, act_dtype: str, hidden: int) -> Callable[..., te.Tensor]:
+    """TE function (ids (n,), *stored table) -> (n, hidden) rows of the (dequantised) table."""
+
+    def _f(ids: te.Tensor, *ws: te.Tensor) -> te.Tensor:
+        w = weight_fn(spec, list(ws), act_dtype)
+        return te.compute(
+            (ids.shape[0], hidden),
+            lambda i, j: w(ids[i], j),
+            name="embedding_take",
+            attrs={"mlctrio.kind": "injective"},
+        )
+
+    return _f
+
+
+def rms_norm_te(hidden: int, eps: float) -> Callable[..., te.Tensor]:
+    """TE RMSNorm over the last axis of x (b, s, hidden): x * rsqrt(mean(x^2) + eps) * weight."""
+
+    def _f(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
+        b, s, _ = x.shape
+        k = te.reduce_axis((0, hidden), name="k")
+        sumsq = te.compute(
+            (b, s),
+            lambda i, j: te.sum(x[i, j, k] * x[i, j, k], axis=k),
+            name="rms_sumsq",
+            attrs={"mlctrio.kind": "rms_sumsq"},
+        )
+        inv_n = tirx.const(1.0 / hidden, x.dtype)
+        return te.compute(
+            (b, s, hidden),
+            lambda i, j, h: (
+                x[i, j, h] * tirx.rsqrt(sumsq[i, j] * inv_n + tirx.const(eps, x.dtype)) * weight[h]
+            ),
+            name="rms_norm",
+            attrs={"mlctrio.kind": "rms_norm"},
+        )
+
+    return _f
+
+
+# --------------------------------------------------------------------------------------------
+# numpy: quantize HF weights on load, and dequantize for the reference forward.
+
+
+def quantize_group_np(
+    w: npt.NDArray[np.floating], spec: QuantSpec
+) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.floating]]:
+    """Quantize a 2-D weight (rows, cols) along cols -> (q_weight (rows, cols/8), q_scale)."""
+    rows, cols = w.shape
+    g = spec.group_size
+    groups = -(-cols // g)
+    # Like mlc-llm, a partial last group is padded (with zeros): q_weight has groups * g / 8 words.
+    wf = np.zeros((rows, groups * g), np.float32)
+    wf[:, :cols] = w
+    wf = wf.reshape(rows, groups, g)
+    scale = (np.abs(wf).max(axis=2) / MAX_INT).astype(spec.scale_dtype)
+    # Quantize against the scale as stored (possibly rounded to f16) so that dequantization is
+    # exactly the value the kernel computes; an all-zero group gets scale 0 and nibble 7.
+    s32 = scale.astype(np.float32)[:, :, None]
+    safe = np.where(s32 == 0, 1.0, s32)
+    q = np.clip(np.round(wf / safe) + MAX_INT, 0, 2 * MAX_INT).astype(np.uint32)
+    q = q.reshape(rows, groups * g // ELEMS_PER_WORD, ELEMS_PER_WORD)
+    shifts = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * NUM_BITS)[None, None, :]
+    packed = np.bitwise_or.reduce(q << shifts, axis=2).astype(np.uint32)
+    return packed, scale
+
+
+def dequantize_group_np(
+    q_weight: npt.NDArray[np.uint32],
+    q_scale: npt.NDArray[np.floating],
+    group_size: int = 32,
+    cols: int | None = None,
+) -> npt.NDArray[np.float32]:
+    """Inverse of `quantize_group_np` (up to rounding): float32 (rows, cols); `cols` drops padding."""
+    rows, words = q_weight.shape
+    shifts = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * NUM_BITS)[None, None, :]
+    nib = (q_weight[:, :, None] >> shifts) & np.uint32(0xF)
+    vals = nib.reshape(rows, words * ELEMS_PER_WORD).astype(np.float32) - MAX_INT
+    scale = np.repeat(q_scale.astype(np.float32), group_size, axis=1)
+    out = (vals * scale).astype(np.float32)
+    return out if cols is None else out[:, :cols]
+
+
+def quantize_weight_np(w: npt.NDArray[np.floating], spec: QuantSpec) -> list[npt.NDArray]:
+    """Stored arrays for one linear/embedding weight under `spec`: [weight] or [q_weight, q_scale]."""
+    if spec.is_group:
+        return list(quantize_group_np(w, spec))
+    return [np.ascontiguousarray(w, dtype=spec.weight_dtype)]
+
+
+def effective_weight_np(
+    stored: list[npt.NDArray], spec: QuantSpec, cols: int | None = None
+) -> npt.NDArray[np.float32]:
+    """The float32 weight the compiled kernel effectively multiplies by (for the reference)."""
+    if spec.is_group:
+        return dequantize_group_np(stored[0], stored[1], spec.group_size, cols)
+    return stored[0].astype(np.float32)

@@ -1,0 +1,149 @@
+"""Weight name mapping: HF tensors -> MLC-named tensors -> the packed parameter list of the model.
+
+Three name spaces:
+- HF: `model.layers.0.self_attn.q_proj.weight`, `...mlp.gate_proj.weight`, ... (unfused, float).
+- MLC: the names mlc-llm uses after its fusion and quantization, which are also our nn.Module's
+  parameter names: `model.layers.0.self_attn.qkv_proj.weight` (q0) or `.q_weight` / `.q_scale` (q4),
+  `model.layers.0.mlp.gate_up_proj.*`, norms as `*.weight`. MLC stores unquantized tensors in the
+  quantization's model dtype (float16 for q0f16/q4f16_1), so `hf_to_mlc` does the same.
+- params: the positional list the compiled functions take (param_mode="packed"), in
+  `param_infos()` order, with our own dtypes (float32 norms/biases on CPU).
+
+Only name -> numpy dicts here; file formats (safetensors, MLC tensor-cache shards) live in formats.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from mlctrio.models.llama import LlamaConfig
+from mlctrio.models.quantization import QuantSpec, get_quantization, quantize_weight_np
+
+Arrays = Mapping[str, npt.NDArray]
+
+
+@attrs.frozen
+class ParamInfo:
+    """One entry of the packed parameter tuple."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def param_infos(
+    config: LlamaConfig, quantization: str, act_dtype: str = "float32"
+) -> list[ParamInfo]:
+    """Names, shapes and dtypes of the packed params, in the order the compiled module expects."""
+    from mlctrio.models.llama import LlamaForCausalLM  # heavy tvm import, only when needed
+
+    model = LlamaForCausalLM(config, get_quantization(quantization), None, act_dtype)
+    return [
+        ParamInfo(name, tuple(int(s) for s in p.shape), str(p.dtype))
+        for name, p in model.named_parameters()
+    ]
+
+
+def _linear_names(spec: QuantSpec) -> list[str]:
+    return ["q_weight", "q_scale"] if spec.is_group else ["weight"]
+
+
+def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, npt.NDArray]:
+    """Fuse (q,k,v) and (gate,up), quantize linear weights and the embedding; MLC names and dtypes."""
+    spec = get_quantization(quantization)
+    out: dict[str, npt.NDArray] = {}
+
+    def put_linear(prefix: str, w: npt.NDArray) -> None:
+        for name, arr in zip(_linear_names(spec), quantize_weight_np(w, spec), strict=True):
+            out[f"{prefix}.{name}"] = arr
+
+    def plain(name: str) -> npt.NDArray:
+        return np.asarray(hf[name]).astype(spec.mlc_dtype)
+
+    put_linear("model.embed_tokens", hf["model.embed_tokens.weight"])
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        a = f"{p}.self_attn"
+        qkv = [np.asarray(hf[f"{a}.{x}_proj.weight"]) for x in "qkv"]
+        put_linear(f"{a}.qkv_proj", np.concatenate(qkv, axis=0))
+        if config.attention_bias:
+            bias = [np.asarray(hf[f"{a}.{x}_proj.bias"]) for x in "qkv"]
+            out[f"{a}.qkv_proj.bias"] = np.concatenate(bias).astype(spec.mlc_dtype)
+        put_linear(f"{a}.o_proj", hf[f"{a}.o_proj.weight"])
+        m = f"{p}.mlp"
+        gate_up = [np.asarray(hf[f"{m}.{x}_proj.weight"]) for x in ("gate", "up")]
+        put_linear(f"{m}.gate_up_proj", np.concatenate(gate_up, axis=0))
+        put_linear(f"{m}.down_proj", hf[f"{m}.down_proj.weight"])
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{p}.{norm}.weight"] = plain(f"{p}.{norm}.weight")
+    out["model.norm.weight"] = plain("model.norm.weight")
+    if not config.tie_word_embeddings:
+        if "lm_head.weight" not in hf:
+            raise KeyError("lm_head.weight missing and tie_word_embeddings is false")
+        put_linear("lm_head", hf["lm_head.weight"])
+    return out
+
+
+def mlc_to_params(mlc: Arrays, infos: list[ParamInfo]) -> list[npt.NDArray]:
+    """Order MLC-named arrays as the packed param list, casting float dtypes to the model's.
+
+    Raises KeyError for a missing name and ValueError for a shape or integer-dtype mismatch (a q4
+    checkpoint loaded into a q0 model, say): silently reinterpreting weights would give garbage.
+    """
+    params = []
+    for info in infos:
+        if info.name not in mlc:
+            raise KeyError(f"parameter {info.name!r} missing from weights")
+        arr = np.asarray(mlc[info.name])
+        if tuple(arr.shape) != info.shape:
+            raise ValueError(f"{info.name}: shape {arr.shape} != expected {info.shape}")
+        if arr.dtype != np.dtype(info.dtype):
+            if arr.dtype.kind != "f" or np.dtype(info.dtype).kind != "f":
+                raise ValueError(f"{info.name}: dtype {arr.dtype} != expected {info.dtype}")
+            arr = arr.astype(info.dtype)
+        params.append(np.ascontiguousarray(arr))
+    return params
+
+
+def hf_to_params(
+    config: LlamaConfig, hf: Arrays, quantization: str, infos: list[ParamInfo] | None = None
+) -> list[npt.NDArray]:
+    """HF tensors straight to the packed param list (fusing and quantizing on the way)."""
+    infos = infos if infos is not None else param_infos(config, quantization)
+    return mlc_to_params(hf_to_mlc(config, hf, quantization), infos)
+
+
+def random_hf_weights(
+    config: LlamaConfig, seed: int = 0, scale: float = 0.08
+) -> dict[str, npt.NDArray]:
+    """Random float32 HF-named weights (for tests and benchmarks). Norm weights near 1."""
+    rng = np.random.default_rng(seed)
+    c = config
+
+    def w(*shape: int) -> npt.NDArray[np.float32]:
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
+    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    hf: dict[str, npt.NDArray] = {"model.embed_tokens.weight": w(c.vocab_size, c.hidden_size)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        hf[f"{p}.self_attn.q_proj.weight"] = w(q_out, c.hidden_size)
+        hf[f"{p}.self_attn.k_proj.weight"] = w(kv_out, c.hidden_size)
+        hf[f"{p}.self_attn.v_proj.weight"] = w(kv_out, c.hidden_size)
+        if c.attention_bias:
+            for x, n in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+                hf[f"{p}.self_attn.{x}_proj.bias"] = w(n)
+        hf[f"{p}.self_attn.o_proj.weight"] = w(c.hidden_size, q_out)
+        hf[f"{p}.mlp.gate_proj.weight"] = w(c.intermediate_size, c.hidden_size)
+        hf[f"{p}.mlp.up_proj.weight"] = w(c.intermediate_size, c.hidden_size)
+        hf[f"{p}.mlp.down_proj.weight"] = w(c.hidden_size, c.intermediate_size)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            hf[f"{p}.{norm}.weight"] = (1.0 + w(c.hidden_size)).astype(np.float32)
+    hf["model.norm.weight"] = (1.0 + w(c.hidden_size)).astype(np.float32)
+    if not c.tie_word_embeddings:
+        hf["lm_head.weight"] = w(c.vocab_size, c.hidden_size)
+    return hf

@@ -1,0 +1,276 @@
+"""`TVMRunner`: the `ModelRunner` (engine/runner.py) over a compiled Llama library and its paged KV cache.
+
+One instance lives on the engine worker thread; it is not thread-safe. Each `step` is:
+kv_state_begin_forward -> embed -> batch_decode (every entry 1 token) or batch_prefill (otherwise,
+logits only at each entry's last position) -> kv_state_end_forward. The KV cache ICHECKs raise on
+most misuse, but an out-of-range logit position segfaults inside `take`, so batches are validated
+here first; validation failures raise `EngineError` (the scheduler should never send them).
+
+Threads: TVM's pool sizes itself once, from TVM_NUM_THREADS, at its first parallel kernel (its
+default is half the cores on x86). `configure_threads` sets it, and OpenBLAS to one thread because
+OpenBLAS workers busy-spin and steal the cores TVM is using; call it before the first step (the
+constructor does, unless told not to).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from mlctrio.errors import EngineError, ModelLoadError
+from mlctrio.models.llama import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Set TVM_NUM_THREADS (default: all cores) and limit OpenBLAS to 1 thread. Returns TVM's count.
+
+    An explicit TVM_NUM_THREADS in the environment wins. Takes effect only before TVM's thread pool
+    starts (the first parallel kernel in the process).
+    """
+    n = num_threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or os.cpu_count() or 1
+    os.environ.setdefault("TVM_NUM_THREADS", str(n))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # for libraries loaded later
+    set_openblas_threads(1)  # numpy's OpenBLAS is already loaded: tell it directly
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
+def set_openblas_threads(n: int) -> None:
+    """Set the thread count of the OpenBLAS bundled with numpy (already loaded, so env is too late)."""
+    libdir = Path(np.__file__).parent.parent / "numpy.libs"
+    for path in glob.glob(str(libdir / "lib*openblas*.so*")):
+        lib = ctypes.CDLL(path)
+        for sym in (
+            "scipy_openblas_set_num_threads64_",
+            "openblas_set_num_threads64_",
+            "openblas_set_num_threads",
+        ):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return
+
+
+class TVMRunner:
+    """Runs a compiled Llama library. See module docstring for the step protocol."""
+
+    def __init__(
+        self,
+        lib: str | Path | tvm.runtime.Module,
+        params: Sequence[npt.NDArray],
+        config: LlamaConfig,
+        *,
+        max_num_sequence: int,
+        max_total_seq_length: int,
+        prefill_chunk_size: int,
+        page_size: int = 16,
+        num_threads: int | None = None,
+    ) -> None:
+        configure_threads(num_threads)
+        self._config = config
+        self._page_size = page_size
+        self._max_num_sequence = max_num_sequence
+        self._prefill_chunk_size = prefill_chunk_size
+        self._max_total_seq_length = max_total_seq_length
+        dev = tvm.cpu()
+        try:
+            mod = lib if isinstance(lib, tvm.runtime.Module) else tvm.runtime.load_module(str(lib))
+            self._vm = relax.VirtualMachine(mod, dev)
+        except Exception as exc:  # a missing/corrupt .so surfaces as a generic TVM error
+            raise ModelLoadError(f"cannot load compiled model {lib}: {exc}") from exc
+        self._params = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
+        self._f_embed = self._vm["embed"]
+        self._f_prefill = self._vm["batch_prefill"]
+        self._f_decode = self._vm["batch_decode"]
+        self._f_verify = self._vm["batch_verify"]
+        shape = tvm_ffi.Shape
+        self._kv = self._vm["create_paged_kv_cache"](
+            shape([max_num_sequence]),
+            shape([max_total_seq_length]),
+            shape([prefill_chunk_size]),
+            shape([page_size]),
+            shape([0]),
+        )
+        g = tvm.get_global_func
+        self._f_add = g("vm.builtin.kv_state_add_sequence")
+        self._f_remove = g("vm.builtin.kv_state_remove_sequence")
+        self._f_fork = g("vm.builtin.kv_state_fork_sequence")
+        self._f_popn = g("vm.builtin.kv_state_popn")
+        self._f_begin = g("vm.builtin.kv_state_begin_forward")
+        self._f_end = g("vm.builtin.kv_state_end_forward")
+        self._f_free_pages = g("vm.builtin.attention_kv_cache_get_num_available_pages")
+        # The cache adds one spare page to ceil(capacity / page_size); report what it really has.
+        self._total_pages = int(self._f_free_pages(self._kv))
+        self._lengths: dict[int, int] = {}
+
+    # -- properties of the ModelRunner protocol -------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._config.vocab_size
+
+    @property
+    def page_size(self) -> int:
+        return self._page_size
+
+    @property
+    def context_window_size(self) -> int:
+        return self._config.context_window_size
+
+    @property
+    def max_num_sequence(self) -> int:
+        return self._max_num_sequence
+
+    def total_pages(self) -> int:
+        return self._total_pages
+
+    def free_pages(self) -> int:
+        return int(self._f_free_pages(self._kv))
+
+    # -- sequence management --------------------------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self._lengths:
+            raise EngineError(f"sequence {seq_id} already exists")
+        if len(self._lengths) >= self._max_num_sequence:
+            raise EngineError(f"more than max_num_sequence={self._max_num_sequence} sequences")
+        self._f_add(self._kv, seq_id)
+        self._lengths[seq_id] = 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._check_seq(seq_id)
+        self._f_remove(self._kv, seq_id)
+        del self._lengths[seq_id]
+
+    def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
+        """Create child from parent's first fork_pos tokens (-1: all of them)."""
+        self._check_seq(parent_id)
+        if child_id in self._lengths:
+            raise EngineError(f"sequence {child_id} already exists")
+        if len(self._lengths) >= self._max_num_sequence:
+            raise EngineError(f"more than max_num_sequence={self._max_num_sequence} sequences")
+        parent_len = self._lengths[parent_id]
+        if not (fork_pos == -1 or 0 <= fork_pos <= parent_len):
+            raise EngineError(f"fork_pos {fork_pos} outside [0, {parent_len}]")
+        self._f_fork(self._kv, parent_id, child_id, fork_pos)
+        self._lengths[child_id] = parent_len if fork_pos == -1 else fork_pos
+
+    def popn(self, seq_id: int, num_tokens: int) -> None:
+        """Drop the last num_tokens tokens of a sequence from the cache."""
+        self._check_seq(seq_id)
+        if not 0 <= num_tokens <= self._lengths[seq_id]:
+            raise EngineError(f"cannot pop {num_tokens} of {self._lengths[seq_id]} tokens")
+        if num_tokens:
+            self._f_popn(self._kv, seq_id, num_tokens)
+            self._lengths[seq_id] -= num_tokens
+
+    def sequence_length(self, seq_id: int) -> int:
+        self._check_seq(seq_id)
+        return self._lengths[seq_id]
+
+    def _check_seq(self, seq_id: int) -> None:
+        if seq_id not in self._lengths:
+            raise EngineError(f"unknown sequence {seq_id}")
+
+    # -- forward --------------------------------------------------------------------------------
+    def step(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
+        """Append each (seq_id, new_token_ids) to the cache and run the model.
+
+        Returns float32 logits (len(batch), vocab_size) at the last new position of each entry.
+        """
+        seq_ids, lengths, tokens = self._validate(batch)
+        logits = self._forward(seq_ids, lengths, tokens, all_positions=False)
+        return logits
+
+    def verify(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
+        """Like `step` but returns logits at EVERY new position: (sum of lengths, vocab_size).
+
+        For speculative decoding: verify draft tokens, then `popn` the rejected ones.
+        """
+        seq_ids, lengths, tokens = self._validate(batch)
+        return self._forward(seq_ids, lengths, tokens, all_positions=True)
+
+    def _validate(
+        self, batch: Sequence[tuple[int, Sequence[int]]]
+    ) -> tuple[list[int], list[int], npt.NDArray[np.int32]]:
+        if not batch:
+            raise EngineError("empty batch")
+        seq_ids = [int(s) for s, _ in batch]
+        lengths = [len(t) for _, t in batch]
+        if len(set(seq_ids)) != len(seq_ids):
+            raise EngineError("a sequence appears twice in one batch")
+        total = sum(lengths)
+        if min(lengths) < 1:
+            raise EngineError("every batch entry needs at least one token")
+        if total > self._prefill_chunk_size:
+            raise EngineError(
+                f"{total} tokens exceed prefill_chunk_size {self._prefill_chunk_size}"
+            )
+        pages_needed = 0
+        for sid, n in zip(seq_ids, lengths, strict=True):
+            self._check_seq(sid)
+            new_len = self._lengths[sid] + n
+            if new_len > self.context_window_size:
+                raise EngineError(f"sequence {sid} would exceed the context window ({new_len})")
+            ps = self._page_size
+            # Conservative: count the partial last page as new (a forked child copies it).
+            pages_needed += -(-new_len // ps) - self._lengths[sid] // ps
+        if pages_needed > self.free_pages():
+            raise EngineError(f"KV cache out of pages ({pages_needed} > {self.free_pages()})")
+        tokens = np.fromiter((t for _, ts in batch for t in ts), dtype=np.int32, count=total)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise EngineError("token id outside the vocabulary")
+        return seq_ids, lengths, tokens
+
+    def _forward(
+        self,
+        seq_ids: list[int],
+        lengths: list[int],
+        tokens: npt.NDArray[np.int32],
+        all_positions: bool,
+    ) -> npt.NDArray[np.float32]:
+        dev = tvm.cpu()
+        hidden = self._config.hidden_size
+        total = int(tokens.size)
+        self._f_begin(self._kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lengths))
+        try:
+            embeds = self._f_embed(tvm.runtime.tensor(tokens, dev), self._params)
+            if all_positions:
+                out = self._f_verify(
+                    embeds._create_view((1, total, hidden)), self._kv, self._params
+                )
+            elif all(n == 1 for n in lengths):
+                out = self._f_decode(
+                    embeds._create_view((total, 1, hidden)), self._kv, self._params
+                )
+            else:
+                # Positions are in range by construction (cumsum of lengths >= 1 each, < total).
+                pos = np.cumsum(lengths, dtype=np.int32) - 1
+                out = self._f_prefill(
+                    embeds._create_view((1, total, hidden)),
+                    tvm.runtime.tensor(pos, dev),
+                    self._kv,
+                    self._params,
+                )
+        finally:
+            self._f_end(self._kv)
+        for sid, n in zip(seq_ids, lengths, strict=True):
+            self._lengths[sid] += n
+        logits = out[0].numpy()
+        return logits.reshape(-1, logits.shape[-1])
+
+    def close(self) -> None:
+        """Drop the KV cache and VM (frees their memory when the last reference goes)."""
+        self._lengths.clear()
+        self._kv = None
+        self._params = []
+        self._vm = None

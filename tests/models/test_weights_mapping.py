@@ -1,0 +1,146 @@
+"""HF -> MLC names -> packed params, and the q4 packing layout (no compilation needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlctrio.models.llama import TINY, LlamaConfig
+from mlctrio.models.quantization import (
+    dequantize_group_np,
+    get_quantization,
+    quantize_group_np,
+)
+from mlctrio.models.weights import (
+    hf_to_mlc,
+    hf_to_params,
+    mlc_to_params,
+    param_infos,
+    random_hf_weights,
+)
+
+
+def test_mlc_names_are_the_model_parameters_in_order() -> None:
+    for quant in ("q0f32", "q4f16_1"):
+        infos = param_infos(TINY, quant)
+        mlc = hf_to_mlc(TINY, random_hf_weights(TINY), quant)
+        assert sorted(mlc) == sorted(i.name for i in infos)
+        suffix = "q_weight" if quant.startswith("q4") else "weight"
+        assert infos[0].name.startswith("model.embed_tokens.")
+        assert f"model.layers.0.self_attn.qkv_proj.{suffix}" in mlc
+        for info in infos:
+            assert mlc[info.name].shape == info.shape, info.name
+
+
+def test_round_trip_fuses_qkv_and_gate_up() -> None:
+    hf = random_hf_weights(TINY, seed=3)
+    infos = param_infos(TINY, "q0f32")
+    params = dict(zip([i.name for i in infos], hf_to_params(TINY, hf, "q0f32", infos), strict=True))
+    a = "model.layers.1.self_attn"
+    qkv = params[f"{a}.qkv_proj.weight"]
+    q_rows = TINY.num_attention_heads * TINY.head_dim
+    kv_rows = TINY.num_key_value_heads * TINY.head_dim
+    np.testing.assert_array_equal(qkv[:q_rows], hf[f"{a}.q_proj.weight"])
+    np.testing.assert_array_equal(qkv[q_rows : q_rows + kv_rows], hf[f"{a}.k_proj.weight"])
+    np.testing.assert_array_equal(qkv[q_rows + kv_rows :], hf[f"{a}.v_proj.weight"])
+    gu = params["model.layers.1.mlp.gate_up_proj.weight"]
+    np.testing.assert_array_equal(
+        gu[: TINY.intermediate_size], hf["model.layers.1.mlp.gate_proj.weight"]
+    )
+    np.testing.assert_array_equal(
+        gu[TINY.intermediate_size :], hf["model.layers.1.mlp.up_proj.weight"]
+    )
+    np.testing.assert_array_equal(params["lm_head.weight"], hf["lm_head.weight"])
+
+
+def test_q0f16_mlc_dtypes_and_cast_back() -> None:
+    mlc = hf_to_mlc(TINY, random_hf_weights(TINY), "q0f16")
+    assert mlc["model.norm.weight"].dtype == np.float16  # as mlc-llm stores q0f16
+    infos = param_infos(TINY, "q0f16")
+    params = dict(zip([i.name for i in infos], mlc_to_params(mlc, infos), strict=True))
+    assert params["model.norm.weight"].dtype == np.float32  # CPU keeps norms f32
+    assert params["model.layers.0.mlp.down_proj.weight"].dtype == np.float16
+
+
+def test_mlc_to_params_rejects_mismatches() -> None:
+    infos = param_infos(TINY, "q0f32")
+    mlc = hf_to_mlc(TINY, random_hf_weights(TINY), "q0f32")
+    with pytest.raises(KeyError, match="model.norm.weight"):
+        mlc_to_params({k: v for k, v in mlc.items() if k != "model.norm.weight"}, infos)
+    with pytest.raises(ValueError, match="shape"):
+        mlc_to_params({**mlc, "model.norm.weight": np.ones(3, np.float32)}, infos)
+    q4 = hf_to_mlc(TINY, random_hf_weights(TINY), "q4f32_1")
+    with pytest.raises(KeyError):  # a q4 checkpoint does not load into a q0 model
+        mlc_to_params(q4, infos)
+
+
+def test_tied_embeddings_ignore_lm_head_and_untied_require_it() -> None:
+    tied = LlamaConfig.from_hf({**_hf_cfg(), "tie_word_embeddings": True})
+    mlc = hf_to_mlc(tied, random_hf_weights(TINY), "q0f32")
+    assert not any(k.startswith("lm_head") for k in mlc)
+    hf = random_hf_weights(TINY)
+    del hf["lm_head.weight"]
+    with pytest.raises(KeyError, match="lm_head"):
+        hf_to_mlc(TINY, hf, "q0f32")
+
+
+def test_group_quant_layout_matches_mlc() -> None:
+    spec = get_quantization("q4f32_1")
+    w = np.zeros((1, 32), np.float32)
+    w[0, :8] = np.arange(-3, 5) * 0.5  # max |w| = 2 in the group -> scale = 2/7
+    w[0, 31] = -2.0
+    q, scale = quantize_group_np(w, spec)
+    assert q.dtype == np.uint32 and q.shape == (1, 4) and scale.shape == (1, 1)
+    np.testing.assert_allclose(scale, [[2.0 / 7]], rtol=1e-6)
+    nibbles = [(int(q[0, 0]) >> (4 * e)) & 0xF for e in range(8)]  # element e at bits 4e
+    assert nibbles == [int(round(v / (2 / 7))) + 7 for v in w[0, :8]]
+    assert (int(q[0, 3]) >> 28) & 0xF == 0  # -2.0 -> -7 + 7
+    np.testing.assert_allclose(dequantize_group_np(q, scale), w, atol=(2 / 7) / 2 + 1e-6)
+
+
+def test_group_quant_error_bound_and_partial_group() -> None:
+    spec = get_quantization("q4f16_1")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 80)).astype(np.float32)  # 80 = 2.5 groups: padded like mlc-llm
+    q, scale = quantize_group_np(w, spec)
+    assert q.shape == (5, 12) and scale.shape == (5, 3) and scale.dtype == np.float16
+    back = dequantize_group_np(q, scale, spec.group_size, cols=80)
+    step = np.repeat(scale.astype(np.float32), 32, axis=1)[:, :80]
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-3 * step + 1e-7)
+
+
+def test_config_from_hf_variants() -> None:
+    c = LlamaConfig.from_hf(
+        {
+            **_hf_cfg(),
+            "model_type": "qwen2",
+            "max_position_embeddings": 32768,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
+    assert c.attention_bias and c.context_window_size == 32768 and c.head_dim == 16
+    assert c.rope_scaling is not None and c.rope_scaling["factor"] == 8.0
+    m = LlamaConfig.from_hf({**_hf_cfg(), "model_type": "mistral", "sliding_window": 4096})
+    assert m.sliding_window == 4096 and not m.attention_bias
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig.from_hf({**_hf_cfg(), "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def _hf_cfg() -> dict:
+    return {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 512,
+    }
