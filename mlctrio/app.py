@@ -31,6 +31,7 @@ from .service import AsyncEngine
 
 _VALUE_FLAGS = (
     "model_lib",
+    "quantization",
     "device",
     "mode",
     "overrides",

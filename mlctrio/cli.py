@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import EngineOverrides, ServerConfig
 from .errors import ConfigError, MlctrioError
 
-DEFAULT_MODEL = "mock://echo"
+DEFAULT_MODEL = "demo://small"
 
 
 def _json_list(flag: str):  # type: ignore[no-untyped-def]
@@ -43,9 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         default=DEFAULT_MODEL,
-        help=f"model directory, HF://org/name, or mock://echo (default: {DEFAULT_MODEL})",
+        help="model directory, HF://org/name, demo://tiny|small or mock://echo "
+        f"(default: {DEFAULT_MODEL}, generated and compiled on first use)",
     )
     serve.add_argument("--model-lib", default=None, help="a compiled model library (.so)")
+    serve.add_argument(
+        "--quantization",
+        default=None,
+        choices=["q0f32", "q0f16", "q4f16_1", "q4f32_1"],
+        help="quantize an HF checkpoint on load (default q0f32; MLC artifacts keep theirs)",
+    )
     serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -71,7 +78,74 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_model_commands(sub)
     return parser
+
+
+QUANT_CHOICES = ["q0f32", "q0f16", "q4f16_1", "q4f32_1"]
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    demo = sub.add_parser("demo-model", help="write the demo Llama checkpoint (HF format)")
+    demo.add_argument("out", type=Path)
+    demo.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    demo.add_argument("--seed", type=int, default=0)
+    convert = sub.add_parser("convert-weight", help="HF checkpoint -> MLC weights")
+    convert.add_argument("model", help="HF checkpoint directory or HF://org/name")
+    convert.add_argument("--quantization", required=True, choices=QUANT_CHOICES)
+    convert.add_argument("-o", "--output", type=Path, required=True)
+    convert.add_argument("--conv-template", default=None)
+    gen = sub.add_parser("gen-config", help="write mlc-chat-config.json for an HF checkpoint")
+    gen.add_argument("model")
+    gen.add_argument("--quantization", required=True, choices=QUANT_CHOICES)
+    gen.add_argument("--conv-template", default=None)
+    gen.add_argument("--context-window-size", type=int, default=None)
+    gen.add_argument("--prefill-chunk-size", type=int, default=None)
+    gen.add_argument("-o", "--output", type=Path, required=True)
+    comp = sub.add_parser("compile", help="compile a model library ahead of time")
+    comp.add_argument("model", help="model directory (HF or MLC), HF://org/name or demo://...")
+    comp.add_argument("--quantization", default=None, choices=QUANT_CHOICES)
+    comp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    comp.add_argument("-o", "--output", type=Path, required=True)
+
+
+def run_model_command(args: argparse.Namespace) -> int:
+    """demo-model, convert-weight, gen-config, compile (imports tvm only when needed)."""
+    if args.command == "demo-model":
+        from .models.demo import write_demo_model
+
+        print(write_demo_model(args.out, preset=args.preset, seed=args.seed))
+        return 0
+    from .models.artifact import convert_weight, gen_config, open_artifact
+    from .models.formats import write_mlc_chat_config
+    from .runtime.model_loader import resolve_model_dir
+
+    path = resolve_model_dir(args.model)
+    if args.command == "convert-weight":
+        print(
+            convert_weight(path, args.quantization, args.output, conv_template=args.conv_template)
+        )
+        return 0
+    if args.command == "gen-config":
+        art = open_artifact(path, args.quantization)
+        config = gen_config(
+            art,
+            conv_template=args.conv_template,
+            context_window_size=args.context_window_size,
+            prefill_chunk_size=args.prefill_chunk_size,
+        )
+        print(write_mlc_chat_config(args.output, config))
+        return 0
+    import shutil
+
+    from .models.compile import compile_model
+
+    art = open_artifact(path, args.quantization)
+    compiled = compile_model(art.config, art.quantization, target=args.device)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(compiled.lib_path, args.output)
+    print(args.output)
+    return 0
 
 
 def read_api_keys(keys: Sequence[str], key_file: Path | None) -> tuple[str, ...]:
@@ -93,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=args.model,
         model_lib=args.model_lib,
+        quantization=args.quantization,
         device=args.device,
         host=args.host,
         port=args.port,
@@ -119,17 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        level = getattr(args, "log_level", "info")
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         if args.command == "serve":
             config = config_from_args(args)
-            logging.basicConfig(
-                level=config.log_level.upper(),
-                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            )
             from .serve import run
 
             return run(config)
+        return run_model_command(args)
     except MlctrioError as exc:
         print(f"mlctrio: error: {exc}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
     return 2

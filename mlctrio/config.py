@@ -90,6 +90,7 @@ class ServerConfig:
 
     model: str
     model_lib: str | None = None
+    quantization: str | None = None  # for HF checkpoints; an MLC artifact says its own
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000

@@ -1,7 +1,7 @@
 """Turn a model string into a factory of (engine core, model info), run on the worker thread.
 
-`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096]` is the fake engine; anything else is
-a model directory / HF:// id served by the TVM runtime.
+`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096]` is the fake engine; anything else
+(`demo://tiny|small`, a model directory, `HF://org/name`) is served by the TVM runtime.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from .config import EngineConfig, ServerConfig
+from .config import ServerConfig
 from .errors import ConfigError
 from .service import Core, ModelInfo
+from .sizing import ModelFootprint, resolve_engine_config
 
 CoreFactory = Callable[[], tuple[Core, ModelInfo]]
 
@@ -34,34 +35,6 @@ def parse_mock_url(model: str) -> dict[str, Any]:
     return options
 
 
-def resolve_engine_config(config: ServerConfig, context_window: int) -> EngineConfig:
-    """The mode's choices, then --overrides on top (as mlc_llm serve does)."""
-    o = config.overrides
-    ctx = o.context_window_size or context_window
-    by_mode = {"interactive": 1, "local": 4, "server": 64}
-    max_num_sequence = o.max_num_sequence or by_mode[config.mode]
-    total = o.max_total_seq_length or (
-        ctx if config.mode == "interactive" else min(ctx * max_num_sequence, 65536)
-    )
-    if total < ctx and o.max_total_seq_length is not None:
-        raise ConfigError(
-            f"max_total_seq_length={total} is smaller than the context window ({ctx}): "
-            "a single full-length request could never run."
-        )
-    return EngineConfig(
-        model=config.model,
-        mode=config.mode,
-        max_num_sequence=max_num_sequence,
-        max_total_seq_length=max(total, ctx),
-        prefill_chunk_size=o.prefill_chunk_size or min(2048, ctx),
-        context_window_size=ctx,
-        kv_page_size=o.kv_page_size or 16,
-        gpu_memory_utilization=o.gpu_memory_utilization or 0.85,
-        prefix_cache_mode=config.prefix_cache_mode,
-        num_threads=o.num_threads,
-    )
-
-
 def core_factory(config: ServerConfig) -> CoreFactory:
     model = config.model
     name = config.model_name
@@ -73,7 +46,8 @@ def core_factory(config: ServerConfig) -> CoreFactory:
 
             from .testing.echo import build_echo_core
 
-            engine_config = resolve_engine_config(config, options.get("context_window", 4096))
+            footprint = ModelFootprint(options.get("context_window", 4096))
+            engine_config, _ = resolve_engine_config(config, footprint)
             if "max_num_sequence" in options:
                 engine_config = attrs.evolve(
                     engine_config, max_num_sequence=options["max_num_sequence"]
@@ -95,7 +69,10 @@ def core_factory(config: ServerConfig) -> CoreFactory:
             return core, info
 
         return build_echo
-    raise ConfigError(
-        f"cannot serve {model!r}: the TVM engine is not wired into the server yet "
-        "(only mock://echo is available)"
-    )
+
+    def build_tvm() -> tuple[Core, ModelInfo]:
+        from .runtime.model_loader import load_model
+
+        return load_model(config)
+
+    return build_tvm

@@ -1,0 +1,181 @@
+"""A model directory: a Hugging Face checkpoint or an MLC artifact, opened the same way.
+
+    HF   config.json + *.safetensors (single or sharded) + tokenizer files
+    MLC  mlc-chat-config.json + tensor-cache.json / ndarray-cache.json + params_shard_*.bin
+
+`open_artifact` reads the config, `load_params` the weights (memory-mapped; quantized on load when
+an HF checkpoint is served with a quantization), and `convert_weight` / `gen_config` write the MLC
+format from an HF checkpoint (`mlctrio convert-weight`, `mlctrio gen-config`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import numpy.typing as npt
+
+from ..errors import ModelLoadError
+from . import formats
+from .llama import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("q0f32", "q0f16", "q4f16_1", "q4f32_1")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# mlc-llm's model_config key names that differ from HF's.
+_MLC_TO_HF_KEYS = {"position_embedding_base": "rope_theta"}
+
+
+@attrs.frozen
+class ModelArtifact:
+    path: Path
+    format: Literal["hf", "mlc"]
+    config: LlamaConfig
+    quantization: str
+    raw_config: Mapping[str, Any]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
+
+
+def _llama_config(cfg: Mapping[str, Any], where: Path) -> LlamaConfig:
+    try:
+        return LlamaConfig.from_hf(dict(cfg))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{where}: unsupported or incomplete model config: {exc}") from exc
+
+
+def open_artifact(path: str | Path, quantization: str | None = None) -> ModelArtifact:
+    """Open a model directory. `quantization` applies to HF checkpoints (default q0f32); an MLC
+    artifact is already quantized and must not be asked for a different one."""
+    root = Path(path)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {quantization!r} (known: {QUANTIZATIONS})")
+    if (root / formats.MLC_CHAT_CONFIG).exists():
+        chat = formats.read_mlc_chat_config(root)
+        stored = str(chat.get("quantization", "q0f32"))
+        if quantization is not None and quantization != stored:
+            raise ModelLoadError(
+                f"{root} holds {stored} weights; re-run convert-weight for {quantization}"
+            )
+        model_cfg = {
+            _MLC_TO_HF_KEYS.get(k, k): v for k, v in dict(chat.get("model_config", {})).items()
+        }
+        model_cfg.setdefault("model_type", chat.get("model_type", "llama"))
+        if "context_window_size" in chat:
+            model_cfg["context_window_size"] = chat["context_window_size"]
+        return ModelArtifact(root, "mlc", _llama_config(model_cfg, root), stored, chat)
+    if (root / "config.json").exists():
+        cfg = _read_json(root / "config.json")
+        return ModelArtifact(root, "hf", _llama_config(cfg, root), quantization or "q0f32", cfg)
+    raise ModelLoadError(
+        f"{root} is neither a Hugging Face checkpoint (config.json) nor an MLC artifact "
+        f"({formats.MLC_CHAT_CONFIG})"
+    )
+
+
+def load_mlc_named(art: ModelArtifact) -> dict[str, npt.NDArray[Any]]:
+    """The weights under MLC names (fused, quantized as the artifact says)."""
+    from .weights import hf_to_mlc
+
+    if art.format == "mlc":
+        params, _ = formats.read_mlc_params(art.path)
+        return params
+    log.info("loading HF weights from %s (%s)", art.path, art.quantization)
+    return hf_to_mlc(art.config, formats.read_safetensors(art.path), art.quantization)
+
+
+def load_params(art: ModelArtifact, infos: list[Any]) -> list[npt.NDArray[Any]]:
+    """The packed parameter list for a compiled model's `infos` (compile.CompiledModel.params)."""
+    from .weights import mlc_to_params
+
+    try:
+        return mlc_to_params(load_mlc_named(art), infos)
+    except (KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{art.path}: weights do not match the model: {exc}") from exc
+
+
+def gen_config(
+    art: ModelArtifact,
+    *,
+    conv_template: str | None = None,
+    context_window_size: int | None = None,
+    prefill_chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """mlc-chat-config.json for an HF checkpoint, in mlc-llm's layout."""
+    raw = dict(art.raw_config)
+    gen = {}
+    gen_path = art.path / "generation_config.json"
+    if gen_path.exists():
+        gen = _read_json(gen_path)
+    ctx = context_window_size or art.config.context_window_size
+    model_config = dict(raw)
+    model_config["context_window_size"] = ctx
+    eos = gen.get("eos_token_id", raw.get("eos_token_id"))
+    return {
+        "version": "0.1.0",
+        "model_type": art.config.model_type,
+        "quantization": art.quantization,
+        "model_config": model_config,
+        "vocab_size": art.config.vocab_size,
+        "context_window_size": ctx,
+        "sliding_window_size": art.config.sliding_window or -1,
+        "prefill_chunk_size": prefill_chunk_size or min(ctx, 2048),
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "temperature": gen.get("temperature", 1.0),
+        "top_p": gen.get("top_p", 1.0),
+        "repetition_penalty": gen.get("repetition_penalty", 1.0),
+        "conv_template": conv_template or "chatml",
+        "pad_token_id": raw.get("pad_token_id", 0) or 0,
+        "bos_token_id": gen.get("bos_token_id", raw.get("bos_token_id")),
+        "eos_token_id": eos if isinstance(eos, list) else ([eos] if eos is not None else []),
+        "tokenizer_files": [f for f in TOKENIZER_FILES if (art.path / f).exists()],
+    }
+
+
+def convert_weight(
+    hf_dir: str | Path,
+    quantization: str,
+    out_dir: str | Path,
+    *,
+    conv_template: str | None = None,
+) -> Path:
+    """Write an MLC artifact (params shards + mlc-chat-config.json + tokenizer files)."""
+    art = open_artifact(hf_dir, quantization)
+    if art.format != "hf":
+        raise ModelLoadError(f"{hf_dir} is already an MLC artifact")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    named = load_mlc_named(art)
+    formats.write_mlc_params(out, named, metadata={"quantization": quantization})
+    formats.write_mlc_chat_config(out, gen_config(art, conv_template=conv_template))
+    for name in TOKENIZER_FILES:
+        if (art.path / name).exists():
+            shutil.copyfile(art.path / name, out / name)
+    log.info("wrote %d tensors (%s) to %s", len(named), quantization, out)
+    return out

@@ -1,0 +1,122 @@
+"""Load a served model: resolve it, compile (or reuse) its library, read weights, build the core.
+
+Runs on the engine worker thread (loading is slow and must not block the event loop). Every step
+is logged, including whether the compiled library came from the cache, the resolved engine config
+and the memory estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from ..config import ServerConfig
+from ..errors import ConfigError, ModelLoadError
+from ..models import formats
+from ..models.artifact import ModelArtifact, load_params, open_artifact
+from ..service import ModelInfo
+from ..sizing import ModelFootprint, resolve_engine_config
+from .chat_template import load_chat_template
+from .core import EngineCore
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEMO_SCHEME = "demo://"
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory for `demo://tiny|small`, `HF://org/name` or a path."""
+    if model.startswith(DEMO_SCHEME):
+        from ..models.demo import PRESETS, ensure_demo_model
+
+        preset = model[len(DEMO_SCHEME) :]
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown demo preset {preset!r} (known: {sorted(PRESETS)})")
+        return ensure_demo_model(preset)
+    return formats.resolve_model_path(model)
+
+
+def footprint(art: ModelArtifact, param_infos: list[Any]) -> ModelFootprint:
+    c = art.config
+    weight_bytes = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in param_infos)
+    return ModelFootprint(
+        context_window_size=c.context_window_size,
+        weight_bytes=weight_bytes,
+        kv_bytes_per_token=2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+    )
+
+
+def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
+    from ..models.compile import compile_model, resolve_target
+    from ..models.weights import param_infos
+    from .tvm_runner import TVMRunner
+
+    path = resolve_model_dir(config.model)
+    art = open_artifact(path, config.quantization)
+    log.info("model %s: %s format, %s, %s", config.model, art.format, art.quantization, art.config)
+    tokenizer = load_tokenizer(path)
+    template = load_chat_template(path, tokenizer)
+    if config.device not in ("auto", "cpu", "llvm", "cuda"):
+        raise ConfigError(f"--device {config.device!r}: expected auto, cpu or cuda")
+    target = "cuda" if config.device == "cuda" else None
+    if config.model_lib is not None:
+        lib: Path = Path(config.model_lib)
+        if not lib.exists():
+            raise ModelLoadError(f"--model-lib {lib} does not exist")
+        infos = param_infos(art.config, art.quantization)
+        compile_info: dict[str, Any] = {"library": str(lib), "source": "--model-lib"}
+        log.info("using model library %s", lib)
+    else:
+        compiled = compile_model(art.config, art.quantization, target=resolve_target(target))
+        lib, infos = compiled.lib_path, compiled.params
+        compile_info = {
+            "library": str(lib),
+            "source": "cache" if compiled.cache_hit else "compiled",
+            "compile_s": round(compiled.compile_s, 2),
+        }
+    engine_config, estimate = resolve_engine_config(config, footprint(art, infos))
+    if engine_config.prefill_chunk_size < engine_config.max_num_sequence:
+        raise ConfigError(
+            f"prefill_chunk_size={engine_config.prefill_chunk_size} must be at least "
+            f"max_num_sequence={engine_config.max_num_sequence}: one step decodes every sequence"
+        )
+    log.info("engine config: %s", engine_config)
+    log.info("memory estimate: %s", estimate.describe())
+    params = load_params(art, infos)
+    runner = TVMRunner(
+        lib,
+        params,
+        art.config,
+        max_num_sequence=engine_config.max_num_sequence,
+        max_total_seq_length=engine_config.max_total_seq_length,
+        prefill_chunk_size=engine_config.prefill_chunk_size,
+        page_size=engine_config.kv_page_size,
+        num_threads=engine_config.num_threads,
+    )
+    core = EngineCore(
+        runner, tokenizer, engine_config, extra_stop_token_ids=template.stop_token_ids
+    )
+    info = ModelInfo(
+        model_id=config.model_name,
+        context_window_size=engine_config.context_window_size,
+        tokenizer=tokenizer,
+        chat_template=template,
+        config={
+            **attrs.asdict(engine_config),
+            "model_path": str(path),
+            "format": art.format,
+            "quantization": art.quantization,
+            "memory": attrs.asdict(estimate),
+            "memory_summary": estimate.describe(),
+            **compile_info,
+        },
+    )
+    return core, info

@@ -1,0 +1,127 @@
+"""Choose the engine configuration from the mode, the model and the memory available (as MLC).
+
+    interactive  max_num_sequence 1, total sequence length = the context window
+    local        max_num_sequence 4, total sequence length = the context window (≤ memory)
+    server       max_num_sequence up to 128, total sequence length = what memory allows
+
+On the CPU `gpu_memory_utilization` is the fraction of *available* RAM that weights + KV cache +
+workspace may take. `--overrides` beat the mode's choice; a setting that cannot fit fails at start
+with a message that says by how much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from .config import EngineConfig, ServerConfig
+from .errors import ConfigError
+
+GIB = 1 << 30
+
+
+@attrs.frozen
+class ModelFootprint:
+    """What the model needs, independent of the engine settings."""
+
+    context_window_size: int
+    weight_bytes: int = 0
+    kv_bytes_per_token: int = 0  # K and V, all layers, float32 on the CPU
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
+
+
+@attrs.frozen
+class MemoryEstimate:
+    weight_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    def describe(self) -> str:
+        return (
+            f"weights {self.weight_bytes / GIB:.2f} GiB + KV cache {self.kv_cache_bytes / GIB:.2f}"
+            f" GiB + workspace {self.workspace_bytes / GIB:.2f} GiB = "
+            f"{self.total_bytes / GIB:.2f} GiB of a {self.budget_bytes / GIB:.2f} GiB budget"
+        )
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * GIB
+
+
+def _workspace_bytes(fp: ModelFootprint, prefill_chunk_size: int, max_num_sequence: int) -> int:
+    # Activations of one prefill chunk (hidden, qkv, gate/up) plus the logits of a batch.
+    per_token = 4 * fp.hidden_size + 2 * fp.intermediate_size
+    return 4 * (prefill_chunk_size * per_token + 2 * max_num_sequence * fp.vocab_size)
+
+
+def resolve_engine_config(
+    config: ServerConfig,
+    footprint: ModelFootprint,
+    *,
+    available_bytes: Callable[[], int] = available_memory_bytes,
+) -> tuple[EngineConfig, MemoryEstimate]:
+    o = config.overrides
+    ctx = o.context_window_size or footprint.context_window_size
+    if ctx > footprint.context_window_size:
+        raise ConfigError(
+            f"context_window_size={ctx} exceeds the model's {footprint.context_window_size}"
+        )
+    utilization = o.gpu_memory_utilization or 0.85
+    budget = int(available_bytes() * utilization)
+    max_num_sequence = (
+        o.max_num_sequence or {"interactive": 1, "local": 4, "server": 128}[config.mode]
+    )
+    if config.mode == "interactive" and o.max_num_sequence is None:
+        max_num_sequence = 1
+    prefill = o.prefill_chunk_size or min(ctx, 2048)
+    workspace = _workspace_bytes(footprint, prefill, max_num_sequence)
+    free_for_kv = budget - footprint.weight_bytes - workspace
+    per_token = footprint.kv_bytes_per_token
+    fits = free_for_kv // per_token if per_token else 1 << 30
+    if o.max_total_seq_length is not None:
+        total = o.max_total_seq_length
+    elif config.mode == "server":
+        total = int(min(fits, max(ctx, 1 << 20)))
+    else:
+        total = min(ctx, int(fits))
+    if total < ctx and o.max_total_seq_length is not None:
+        raise ConfigError(
+            f"max_total_seq_length={total} is smaller than the context window ({ctx}): "
+            "a single full-length request could never run."
+        )
+    estimate = MemoryEstimate(footprint.weight_bytes, total * per_token, workspace, budget)
+    if estimate.total_bytes > budget or total < min(ctx, 16):
+        raise ConfigError(
+            f"the model does not fit: {estimate.describe()} (mode {config.mode}; lower "
+            "max_total_seq_length / max_num_sequence / prefill_chunk_size, raise "
+            "gpu_memory_utilization, or use a smaller quantization)"
+        )
+    engine = EngineConfig(
+        model=config.model,
+        mode=config.mode,
+        max_num_sequence=max_num_sequence,
+        max_total_seq_length=total,
+        prefill_chunk_size=prefill,
+        context_window_size=ctx,
+        kv_page_size=o.kv_page_size or 16,
+        gpu_memory_utilization=utilization,
+        prefix_cache_mode=config.prefix_cache_mode,
+        num_threads=o.num_threads,
+    )
+    return engine, estimate
