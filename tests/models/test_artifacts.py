@@ -13,11 +13,11 @@ import pytest
 
 from mlctrio.config import EngineOverrides, ServerConfig
 from mlctrio.errors import ConfigError, ModelLoadError
+from mlctrio.models import formats
 from mlctrio.models.artifact import convert_weight, load_mlc_named, load_params, open_artifact
 from mlctrio.models.compile import compile_model
 from mlctrio.models.demo import write_demo_model
 from mlctrio.models.weights import hf_to_mlc
-from mlctrio.models import formats
 from mlctrio.runtime.tvm_runner import TVMRunner
 from mlctrio.sizing import ModelFootprint, resolve_engine_config
 
