@@ -42,7 +42,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     context_window_size: int = 4096
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
-    sliding_window: int | None = None  # Mistral; recorded, not yet enforced (see README of runner)
+    sliding_window: int | None = None  # Mistral; the context is capped to it (see from_hf)
     model_type: str = "llama"
 
     @classmethod
@@ -64,6 +64,11 @@ class LlamaConfig:
                 rope_scaling = {**rope_scaling, "rope_type": "llama3"}
         ctx = cfg.get("context_window_size") or cfg.get("max_position_embeddings") or 4096
         window = cfg.get("sliding_window") if model_type == "mistral" else None
+        if window and int(window) < int(ctx):
+            # The paged KV cache is created without sliding-window attention, so attending past
+            # the window would differ from the model's definition: serve a context no longer
+            # than the window instead (exact, like Mistral v0.2+ whose window >= context).
+            ctx = int(window)
         return cls(
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),

@@ -126,8 +126,18 @@ def test_config_from_hf_variants() -> None:
     )
     assert c.attention_bias and c.context_window_size == 32768 and c.head_dim == 16
     assert c.rope_scaling is not None and c.rope_scaling["factor"] == 8.0
-    m = LlamaConfig.from_hf({**_hf_cfg(), "model_type": "mistral", "sliding_window": 4096})
+    m = LlamaConfig.from_hf(
+        {**_hf_cfg(), "model_type": "mistral", "sliding_window": 4096,
+         "max_position_embeddings": 32768}
+    )
     assert m.sliding_window == 4096 and not m.attention_bias
+    # No sliding-window attention in the KV cache: the served context stops at the window.
+    assert m.context_window_size == 4096
+    wide = LlamaConfig.from_hf(
+        {**_hf_cfg(), "model_type": "mistral", "sliding_window": 65536,
+         "max_position_embeddings": 32768}
+    )
+    assert wide.context_window_size == 32768
     with pytest.raises(ValueError, match="rope_scaling"):
         LlamaConfig.from_hf({**_hf_cfg(), "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 
