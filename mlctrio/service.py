@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import math
 import queue
 import time
@@ -32,6 +33,8 @@ import trio
 from .engine.tokens import ChatTemplate, Tokenizer
 from .engine.types import GenerationRequest, RequestOutput
 from .errors import EngineError, QueueFullError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
 
 
 class EngineState(enum.Enum):
@@ -163,7 +166,6 @@ class AsyncEngine:
     _stats: Any = None
     _trio_token: trio.lowlevel.TrioToken | None = None
     _idle: trio.Event = attrs.field(factory=trio.Event)
-    _error: BaseException | None = None
 
     # ---- trio side -------------------------------------------------------------------------
 
@@ -260,8 +262,8 @@ class AsyncEngine:
                     del self._pending[output.request_id]
             if not self._pending:
                 self._idle.set()
-        except BaseException as exc:  # an exception here would crash trio.run
-            self._error = exc
+        except Exception:  # an exception here would crash trio.run: log it and go on
+            log.exception("dropping engine outputs after an internal error")
 
     async def wait_idle(self) -> None:
         """Wait until no request is in flight."""
