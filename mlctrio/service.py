@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from .engine.tokens import ChatTemplate, Tokenizer
-from .engine.types import GenerationRequest, RequestOutput
+from .engine.types import GenerationRequest, OutputConstraint, RequestOutput
 from .errors import EngineError, QueueFullError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class ModelInfo:
     chat_template: ChatTemplate
     created: int = attrs.field(factory=lambda: int(time.time()))
     config: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Compiles an OutputConstraint (raising a 400-style error if it cannot); None: the model
+    #: has no grammar support (e.g. mock://echo) and constraints are refused.
+    check_constraint: Callable[[OutputConstraint], None] | None = None
+    tool_call_format: str = "hermes"
 
 
 @attrs.frozen

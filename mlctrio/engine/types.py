@@ -15,6 +15,26 @@ import attrs
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
+ConstraintKind = Literal["json_object", "json_schema", "json_schema_string", "tools"]
+
+
+@attrs.frozen
+class OutputConstraint:
+    """A grammar the output must follow (response_format or tool calling), as plain data.
+
+    The runtime compiles it (cached by value) into a token mask applied before sampling. JSON
+    payloads are kept as canonical JSON text so the value is hashable and cheap to compare.
+    """
+
+    kind: ConstraintKind
+    schema: str = ""  # JSON text: the schema (json_schema), or MLC's schema string
+    strict: bool = False
+    tools: str = ""  # JSON text: the OpenAI tools list (kind "tools")
+    tool_choice: str = "required"  # "auto", "required" or the name of the one function to call
+    parallel: bool = True
+    call_format: str = "hermes"  # the model's tool-call text format (see protocol/tool_calls.py)
+
+
 @attrs.frozen
 class SamplingParams:
     """How to sample one request's tokens. Validated by protocol/ before it gets here.
@@ -40,6 +60,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    constraint: OutputConstraint | None = None
 
 
 @attrs.frozen

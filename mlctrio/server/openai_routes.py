@@ -10,11 +10,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import attrs
 import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from ..engine.types import GenerationRequest, RequestOutput, Usage
+from ..engine.types import ChoiceDelta, GenerationRequest, RequestOutput, Usage
 from ..errors import InvalidRequestError, RequestError, RequestTimeoutError
 from ..protocol.openai import (
     parse_chat_request,
@@ -24,7 +25,7 @@ from ..protocol.openai import (
 )
 from ..service import RequestStream
 from . import generation as g
-from . import prompts
+from . import prompts, tools
 from .app import ServerState, json_response, read_json
 from .sse import DONE, PING, event
 
@@ -98,22 +99,20 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         req = parse_chat_request(await read_json())
         state.check_model(req.model)
         info = state.model_info()
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequestError(
-                f"response_format type {req.response_format.type!r} is not supported yet.",
-                param="response_format",
-            )
-        tool_choice = req.tool_choice if req.tool_choice is not None else "auto"
-        if req.tools and tool_choice != "none":
-            raise InvalidRequestError(
-                "Tool calling is not supported yet; send tool_choice='none' to pass tools "
-                "to the chat template only.",
-                param="tool_choice" if req.tool_choice is not None else "tools",
-            )
+        constraint = tools.output_constraint(req, info.tool_call_format)
+        if constraint is not None:
+            if info.check_constraint is None:
+                raise InvalidRequestError(
+                    f"The model {state.model_name} does not support constrained output "
+                    "(response_format / tools).",
+                    param="tools" if constraint.kind == "tools" else "response_format",
+                )
+            await _in_thread(info.check_constraint, constraint)
+        call_format = info.tool_call_format if tools.tool_mode(req) else None
         template = info.chat_template
-        tools = prompts.tools_for_template(req)
+        template_tools = prompts.tools_for_template(req)
         prompt = await _in_thread(
-            lambda: prompts.render_chat(req.messages, tools, template, info.tokenizer)
+            lambda: prompts.render_chat(req.messages, template_tools, template, info.tokenizer)
         )
         max_tokens = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
@@ -127,6 +126,8 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
             logprobs=bool(req.logprobs),
             top_logprobs=req.top_logprobs or 0,
         )
+        if constraint is not None:
+            params = attrs.evolve(params, constraint=constraint)
         head = g.ResponseHead.new("chatcmpl", "chat.completion", state.model_name)
         gen = g.generation_request(head.id, prompt, params, arrival)
         deadline = _deadline(state, arrival)
@@ -136,12 +137,18 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
             for output in outputs:
                 for delta in output.deltas:
                     choices[delta.index].add(delta)
-            return json_response(
-                g.chat_completion_json(head, choices, outputs[-1].usage, bool(req.logprobs))
-            )
+            body = g.chat_completion_json(head, choices, outputs[-1].usage, bool(req.logprobs))
+            if call_format is not None:
+                for choice, acc in zip(body["choices"], choices, strict=True):
+                    choice.update(
+                        tools.ToolOutput.whole(
+                            "".join(acc.text), call_format, acc.finish_reason or "stop"
+                        )
+                    )
+            return json_response(body)
         state.engine.check_admission()
         include_usage = req.include_usage
-        return _sse(_chat_stream(state, head, gen, include_usage, deadline))
+        return _sse(_chat_stream(state, head, gen, include_usage, deadline, call_format))
 
     async def _chat_stream(
         state: ServerState,
@@ -149,9 +156,11 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         gen: GenerationRequest,
         include_usage: bool,
         deadline: float,
+        call_format: Any,
     ) -> AsyncIterator[bytes]:
         chunk = g.chat_chunk
         n = gen.params.n
+        parsers = [tools.ToolOutput(call_format) for _ in range(n)] if call_format else None
         head = g.ResponseHead(head.id, "chat.completion.chunk", head.created, head.model)
         usage = Usage(len(gen.prompt_token_ids), 0)
         async with state.engine.generate([gen]) as stream:
@@ -179,7 +188,10 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                     return
                 usage = output.usage
                 for d in output.deltas:
-                    if d.text or d.finish_reason or d.logprobs:
+                    if parsers is not None:
+                        for body in _tool_chunks(head, d, parsers[d.index], include_usage):
+                            yield event(body)
+                    elif d.text or d.finish_reason or d.logprobs:
                         yield event(
                             chunk(
                                 head,
@@ -193,6 +205,39 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         if include_usage:
             yield event(g.usage_chunk(head, usage))
         yield DONE
+
+    def _tool_chunks(
+        head: g.ResponseHead, d: ChoiceDelta, parser: tools.ToolOutput, include_usage: bool
+    ) -> list[dict[str, Any]]:
+        """Chunks for one delta of a choice whose text may hold tool calls: content and tool-call
+        deltas are never mixed in one chunk; the finish chunk says tool_calls if any came."""
+        content, calls = parser.push(d.text, d.finish_reason is not None)
+        out = []
+        if content or d.logprobs:
+            out.append(
+                g.chat_chunk(
+                    head,
+                    d.index,
+                    {"content": content} if content else {},
+                    logprobs=d.logprobs,
+                    include_usage=include_usage,
+                )
+            )
+        if calls:
+            out.append(
+                g.chat_chunk(head, d.index, {"tool_calls": calls}, include_usage=include_usage)
+            )
+        if d.finish_reason is not None:
+            out.append(
+                g.chat_chunk(
+                    head,
+                    d.index,
+                    {},
+                    finish_reason=parser.finish_reason(d.finish_reason),
+                    include_usage=include_usage,
+                )
+            )
+        return out
 
     @app.post("/v1/completions")
     async def completions() -> Response:

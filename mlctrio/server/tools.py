@@ -1,0 +1,102 @@
+"""Structured output and tool calling at the HTTP layer.
+
+`output_constraint` turns `response_format` / `tools` + `tool_choice` into the engine's
+`OutputConstraint` (compiled and checked by the runtime before the request is accepted), and
+`ToolOutput` turns a choice's generated text into OpenAI `tool_calls`, whole or streamed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from ..engine.types import OutputConstraint
+from ..errors import InvalidRequestError
+from ..protocol.chat import (
+    ChatCompletionRequest,
+    NamedToolChoice,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+)
+from ..protocol.openai import to_json
+from ..protocol.tool_calls import ToolCallFormat, ToolCallStreamParser, parse_tool_calls
+
+
+def tool_mode(req: ChatCompletionRequest) -> bool:
+    """Whether the reply may contain tool calls (tools given and tool_choice not "none")."""
+    return bool(req.tools) and req.tool_choice != "none"
+
+
+def output_constraint(req: ChatCompletionRequest, call_format: str) -> OutputConstraint | None:
+    fmt = req.response_format
+    constrained_format = isinstance(fmt, ResponseFormatJsonObject | ResponseFormatJsonSchema)
+    if tool_mode(req):
+        if constrained_format:
+            raise InvalidRequestError(
+                "response_format json_object/json_schema together with tools is not supported; "
+                "use tool_choice='none' or drop response_format.",
+                param="response_format",
+            )
+        assert req.tools is not None
+        raw = req.tool_choice if req.tool_choice is not None else "auto"
+        choice = raw.function.name if isinstance(raw, NamedToolChoice) else raw
+        return OutputConstraint(
+            kind="tools",
+            tools=json.dumps([to_json(t) for t in req.tools]),
+            tool_choice=choice,
+            parallel=req.parallel_tool_calls is not False,
+            call_format=call_format,
+        )
+    if isinstance(fmt, ResponseFormatJsonSchema):
+        spec = fmt.json_schema
+        schema = spec.schema if spec.schema is not None else {"type": "object"}
+        return OutputConstraint(
+            kind="json_schema", schema=json.dumps(schema), strict=bool(spec.strict)
+        )
+    if isinstance(fmt, ResponseFormatJsonObject):
+        if fmt.schema is not None:
+            return OutputConstraint(kind="json_schema_string", schema=fmt.schema)
+        return OutputConstraint(kind="json_object")
+    return None
+
+
+def as_call_format(name: str) -> ToolCallFormat:
+    if name not in ("hermes", "llama3_json", "mistral"):
+        raise ValueError(f"unknown tool-call format {name!r}")
+    return name  # type: ignore[return-value]
+
+
+@attrs.define
+class ToolOutput:
+    """Parses one choice's text into content + tool calls (stream or whole)."""
+
+    call_format: str
+    _parser: ToolCallStreamParser = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._parser = ToolCallStreamParser(as_call_format(self.call_format))
+
+    def push(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """Streamed: the content and tool-call deltas that became final with `text`."""
+        delta = self._parser.push(text) if text else None
+        content = delta.content if delta else ""
+        calls = [to_json(c) for c in delta.tool_calls] if delta else []
+        if final:
+            end = self._parser.finish()
+            content += end.content
+            calls += [to_json(c) for c in end.tool_calls]
+        return content, calls
+
+    def finish_reason(self, reason: str) -> str:
+        return self._parser.finish_reason(reason)
+
+    @staticmethod
+    def whole(text: str, call_format: str, reason: str) -> dict[str, Any]:
+        """Non-streamed: the message fields and finish_reason for the whole reply."""
+        parsed = parse_tool_calls(text, as_call_format(call_format))
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content, "refusal": None}
+        if parsed.tool_calls:
+            message["tool_calls"] = [to_json(c) for c in parsed.tool_calls]
+        return {"message": message, "finish_reason": parsed.finish_reason(reason)}
