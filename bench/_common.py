@@ -1,0 +1,75 @@
+"""Start and stop a `mlctrio serve` subprocess on a free loopback port (bench scripts and tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+import httpx
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the server binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlctrio serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.05)
+    raise RuntimeError(f"mlctrio serve did not become healthy in {timeout_s} s")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it lingers; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def open_mlctrio_server(
+    model: str = "mock://echo", args: Sequence[str] = (), startup_timeout_s: float = 60.0
+) -> Iterator[str]:
+    """Run `python -m mlctrio serve MODEL --port P *args`; yields its base URL.
+
+    The server's output goes to a temporary file rather than a pipe, so a chatty server can never
+    block on a full pipe while nobody reads it; the file's tail is shown if the server dies.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlctrio", "serve", model, "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            try:
+                _wait_healthy(url, proc, startup_timeout_s)
+            except RuntimeError as exc:
+                log.seek(0)
+                raise RuntimeError(
+                    f"{exc}:\n{log.read()[-4000:].decode(errors='replace')}"
+                ) from None
+            yield url
+        finally:
+            _stop(proc)
