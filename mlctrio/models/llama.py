@@ -19,9 +19,10 @@ import attrs
 from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
+from mlctrio.models.attention_cpu import CPUPagedKVCache
 from mlctrio.models.quantization import QuantSpec, embedding_te, matmul_te, rms_norm_te
 
 
@@ -269,7 +270,9 @@ class LlamaForCausalLM(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         c = self.config
-        return TIRPagedKVCache(
+        # On llvm, CPUPagedKVCache swaps in our parallel/vectorised attention kernels
+        # (attention_cpu.py); for other targets it is exactly TIRPagedKVCache.
+        return CPUPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,

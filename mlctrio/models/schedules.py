@@ -29,7 +29,7 @@ from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-5"
+SCHEDULE_VERSION = "cpu-6"  # cpu-6: own attention kernels (attention_cpu.py)
 FOREIGN_ATTR = "mlctrio.foreign"
 MATMUL_TILE = 16  # output features per tile: 16 rows x K of weights stays in L1/L2
 VECTOR_LANES = 16
