@@ -16,6 +16,8 @@ Page ids here are our own bookkeeping: only the counts must agree with the runne
 
 from __future__ import annotations
 
+import heapq
+
 import attrs
 
 from ..errors import EngineError
@@ -166,3 +168,24 @@ class PagePool:
         self._refcount[page] -= 1
         if self._refcount[page] == 0:
             self._free.append(page)
+
+
+@attrs.define
+class SeqIds:
+    """Runner sequence ids: each held by one sequence at a time; freed ids are reused smallest
+    first, so ids stay below the number of sequences ever alive at once."""
+
+    _free: list[int] = attrs.field(factory=list)  # a heap
+    _next: int = 0
+
+    def take(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self._next += 1
+        return self._next - 1
+
+    def give_back(self, seq_ids: list[int]) -> list[int]:
+        """Make seq_ids (out of the pool) reusable; returns them."""
+        for seq_id in seq_ids:
+            heapq.heappush(self._free, seq_id)
+        return seq_ids

@@ -18,6 +18,8 @@ Rules (the scheduler relies on every one of them):
   runner's KV cache. Generated tokens are never dropped: preemption only resets `num_cached`
   to 0 (recompute).
 * A branch is finished at most once; a finished branch holds no sequence.
+* Prefix cache: a request gives at most one sequence to the cache (`gave_to_prefix_cache`), and
+  `num_cached_prompt_tokens` is fixed by its first prefix lookup (None until then).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import enum
 
 import attrs
 
-from ..errors import EngineError
+from ..errors import ContextLengthExceededError, EngineError
+from .pages import pages_for
 from .types import GenerationRequest
 
 
@@ -47,6 +50,41 @@ class RequestEvent(enum.Enum):
 
 class IllegalTransition(EngineError):
     """An engine bug: a request was driven along an edge the state table does not have."""
+
+
+class PromptTooLongError(ContextLengthExceededError, ValueError):
+    """add() of a prompt the engine can never hold (the server is expected to check first)."""
+
+
+def max_new_tokens_for(
+    spec: GenerationRequest,
+    *,
+    context_window_size: int,
+    max_num_sequence: int,
+    total_pages: int,
+    page_size: int,
+) -> int:
+    """Validate a request against the engine's limits; returns its max_tokens clipped to the
+    window (<= 0: no room for a single token). Raises PromptTooLongError."""
+    num_prompt = len(spec.prompt_token_ids)
+    n = spec.params.n
+    if num_prompt == 0:
+        raise PromptTooLongError("the prompt is empty", param="messages")
+    if num_prompt > context_window_size:
+        raise PromptTooLongError(
+            f"prompt has {num_prompt} tokens, the context window is {context_window_size}",
+            param="messages",
+        )
+    fork_pages = (n - 1) * (1 if num_prompt % page_size else 0)  # n - 1 copies of a partial page
+    if pages_for(num_prompt, page_size) + fork_pages > total_pages:
+        raise PromptTooLongError(
+            f"prompt of {num_prompt} tokens (n={n}) does not fit the KV cache", param="n"
+        )
+    if not 1 <= n <= max_num_sequence:
+        raise PromptTooLongError(f"n={n} exceeds max_num_sequence", param="n")
+    room = context_window_size - num_prompt
+    max_tokens = spec.params.max_tokens
+    return room if max_tokens is None else min(max_tokens, room)
 
 
 _S = RequestState
@@ -112,6 +150,8 @@ class Request:
     branches: list[Branch]
     state: RequestState = RequestState.WAITING
     num_preemptions: int = 0
+    num_cached_prompt_tokens: int | None = None  # prompt tokens reused from the prefix cache
+    gave_to_prefix_cache: bool = False
 
     @classmethod
     def create(cls, spec: GenerationRequest, max_new_tokens: int) -> Request:

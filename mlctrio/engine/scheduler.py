@@ -3,8 +3,9 @@
 Rules (each is checked by tests/engine):
 
 * One `schedule()` call plans one step and updates the page mirror (`PagePool`) and the branch
-  cursors as if the plan had run; the caller executes `removed_seq_ids`, `added_seq_ids`, the batch
-  and the forks on the runner, in that order, after which `pool` equals the runner's cache.
+  cursors as if the plan had run; the caller executes `removed_seq_ids`, `added_seq_ids`,
+  `cache_forks`, the batch and its forks on the runner, in that order, after which `pool` equals
+  the runner's cache.
 * Aborts take effect at the next step boundary (the start of `schedule()`) and free their pages.
 * Decodes first: every decoding sequence gets one token per step, so a long prompt never stalls
   running streams. When a decode needs a page and none is free, the most recently started request
@@ -17,24 +18,29 @@ Rules (each is checked by tests/engine):
   prefills can never wait on each other forever. Nothing is admitted in a step that preempted.
 * n > 1: the primary branch computes the prompt once; its siblings are forked from it right after
   the step that completes the prompt, and all n sample their first token from that same row.
-* Ids: a runner sequence id is held by exactly one live branch; freed ids are reused smallest first.
+* Ids: a runner sequence id is held by exactly one live branch or cached sequence; freed ids are
+  reused smallest first.
+* Prefix cache (engine/prefix_cache.py; None when disabled): a primary branch that starts its
+  prefill without a sequence forks one from the longest cached prefix of its tokens
+  (`cache_forks`, run after the adds and before the step) and prefills only the rest. Cached
+  sequences hold pages and runner slots: both are reclaimed from the cache (LRU) before anything
+  is preempted or a request is kept waiting, so `reserved seats + cached sequences <=
+  max_num_sequence` at every step boundary. A finished or aborted request leaves one of its
+  sequences in the cache instead of removing it.
 """
 
 from __future__ import annotations
 
 import collections
-import heapq
 
 import attrs
 
-from ..errors import ContextLengthExceededError, EngineError
-from .pages import PagePool
-from .request import Branch, Request, RequestEvent, RequestState
+from ..errors import EngineError
+from .pages import PagePool, SeqIds
+from .prefix_cache import PrefixCache
+from .request import Branch, Request, RequestEvent, RequestState, max_new_tokens_for
+from .request import PromptTooLongError as PromptTooLongError  # re-exported: add() raises it
 from .types import GenerationRequest
-
-
-class PromptTooLongError(ContextLengthExceededError, ValueError):
-    """add() of a prompt the engine can never hold (the server is expected to check first)."""
 
 
 @attrs.frozen
@@ -53,6 +59,7 @@ class StepPlan:
     entries: tuple[BatchEntry, ...]
     removed_seq_ids: tuple[int, ...]  # remove from the runner before the step
     added_seq_ids: tuple[int, ...]  # then add these (empty) sequences
+    cache_forks: tuple[tuple[int, int, int], ...]  # then fork (parent, child, fork_pos) from cache
     aborted: tuple[Request, ...]  # requests aborted at this boundary
     length_capped: tuple[tuple[Request, int], ...]  # (request, branch) ended "length": no pages
     num_preempted: int = 0
@@ -72,6 +79,7 @@ class _Draft:
     aborted: list[Request] = attrs.field(factory=list)
     capped: list[tuple[Request, int]] = attrs.field(factory=list)
     touched: set[int] = attrs.field(factory=set)  # seqs stepped or forked in this plan
+    cache_forks: list[tuple[int, int, int]] = attrs.field(factory=list)
     num_preempted: int = 0
 
 
@@ -86,10 +94,10 @@ class Scheduler:
     waiting: collections.deque[Request]
     running: list[Request]  # in the order they (re)started: most recent last
     num_preemptions_total: int
+    prefix_cache: PrefixCache | None
     _requests: dict[str, Request]
     _pending_aborts: dict[str, str]
-    _free_ids: list[int]
-    _next_id: int
+    _ids: SeqIds
 
     def __init__(
         self,
@@ -99,8 +107,12 @@ class Scheduler:
         max_num_sequence: int,
         prefill_chunk_size: int,
         context_window_size: int,
+        prefix_cache_max_num_seqs: int = 0,
     ) -> None:
         self.pool = PagePool(total_pages, page_size)
+        self.prefix_cache = (
+            PrefixCache(self.pool, prefix_cache_max_num_seqs) if prefix_cache_max_num_seqs else None
+        )
         self.max_num_sequence = max_num_sequence
         self.prefill_chunk_size = prefill_chunk_size
         self.context_window_size = context_window_size
@@ -109,8 +121,7 @@ class Scheduler:
         self.num_preemptions_total = 0
         self._requests = {}
         self._pending_aborts = {}
-        self._free_ids = []
-        self._next_id = 0
+        self._ids = SeqIds()
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -118,25 +129,14 @@ class Scheduler:
         """Queue a request. Returns it already FINISHED when it has no room to generate at all."""
         if spec.request_id in self._requests:
             raise EngineError(f"duplicate request id {spec.request_id!r}")
-        num_prompt = len(spec.prompt_token_ids)
-        n = spec.params.n
-        if num_prompt == 0:
-            raise PromptTooLongError("the prompt is empty", param="messages")
-        if num_prompt > self.context_window_size:
-            raise PromptTooLongError(
-                f"prompt has {num_prompt} tokens, the context window is {self.context_window_size}",
-                param="messages",
-            )
-        fork_pages = (n - 1) * self.pool.pages_to_fork_at(num_prompt)
-        if -(-num_prompt // self.pool.page_size) + fork_pages > self.pool.total_pages:
-            raise PromptTooLongError(
-                f"prompt of {num_prompt} tokens (n={n}) does not fit the KV cache", param="n"
-            )
-        if not 1 <= n <= self.max_num_sequence:
-            raise PromptTooLongError(f"n={n} exceeds max_num_sequence", param="n")
-        room = self.context_window_size - num_prompt
-        max_tokens = spec.params.max_tokens
-        req = Request.create(spec, room if max_tokens is None else min(max_tokens, room))
+        max_new_tokens = max_new_tokens_for(
+            spec,
+            context_window_size=self.context_window_size,
+            max_num_sequence=self.max_num_sequence,
+            total_pages=self.pool.total_pages,
+            page_size=self.pool.page_size,
+        )
+        req = Request.create(spec, max_new_tokens)
         if req.max_new_tokens <= 0:
             for b in req.branches:
                 b.finished = True
@@ -161,32 +161,40 @@ class Scheduler:
         """Record a sampled token: it is the pending input of the branch's next decode."""
         req.branches[branch_index].output.append(token_id)
 
-    def finish_branch(self, req: Request, branch_index: int) -> int | None:
-        """End one choice; returns the runner sequence to remove (or None). Ends the request when
-        it was its last choice."""
+    def finish_branch(self, req: Request, branch_index: int, *, cache: bool = True) -> list[int]:
+        """End one choice; returns the runner sequences to remove (its own, unless the prefix
+        cache keeps it, and any the cache dropped). Ends the request when it was its last choice."""
         branch = req.branches[branch_index]
         if branch.finished:
             raise EngineError(f"{req.request_id}: choice {branch_index} finished twice")
         branch.finished = True
-        seq_id = self._release(branch)
+        seq_ids = self._release(req, branch, cache=cache)
         if req.all_finished:
             req.transition(RequestEvent.FINISH)
             self._forget(req)
-        return seq_id
+        return seq_ids
 
     def fail(self, req: Request) -> list[int]:
         """End a request now (engine error); returns the runner sequences to remove."""
         if req.is_terminal:
             return []
-        seq_ids = self._release_all(req)
+        seq_ids = self._release_all(req, cache=False)  # after an error, trust no KV content
         req.transition(RequestEvent.ABORT)
         self._forget(req)
         return seq_ids
 
     # -- planning -----------------------------------------------------------------------------
 
+    def clear_prefix_cache(self) -> list[int]:
+        """Drop every cached sequence; returns the runner sequences to remove."""
+        if self.prefix_cache is None:
+            return []
+        return self._ids.give_back(self.prefix_cache.clear())
+
     def schedule(self) -> StepPlan:
         draft = _Draft()
+        if self.prefix_cache is not None:
+            self.prefix_cache.unpin_all()
         self._apply_aborts(draft)
         decoding = [r for r in self.running if self._is_decoding(r)]
         self._plan_decodes(draft, decoding)
@@ -208,8 +216,8 @@ class Scheduler:
         # straight back to the victim's recompute (thrashing).
         while self.waiting and budget > 0 and not draft.num_preempted:
             req = self.waiting[0]
-            seats = sum(len(r.unfinished()) for r in self.running)
-            if seats + len(req.unfinished()) > self.max_num_sequence:
+            seats = sum(len(r.unfinished()) for r in self.running) + len(req.unfinished())
+            if seats > self.max_num_sequence or not self._free_slots(draft, req, seats):
                 break
             planned = self._plan_prefill(draft, req, budget)
             if planned == 0:
@@ -222,6 +230,7 @@ class Scheduler:
             entries=tuple(draft.entries),
             removed_seq_ids=tuple(draft.removed),
             added_seq_ids=tuple(draft.added),
+            cache_forks=tuple(draft.cache_forks),
             aborted=tuple(draft.aborted),
             length_capped=tuple(draft.capped),
             num_preempted=draft.num_preempted,
@@ -233,7 +242,7 @@ class Scheduler:
             req = self._requests.get(request_id)
             if req is None or req.is_terminal:
                 continue
-            draft.removed.extend(self._release_all(req))
+            draft.removed.extend(self._release_all(req, cache=True))
             req.transition(RequestEvent.ABORT)
             self._forget(req)
             draft.aborted.append(req)
@@ -260,6 +269,7 @@ class Scheduler:
             if req.state is not RequestState.RUNNING:
                 continue  # preempted earlier in this loop
             live = req.live_branches()
+            self._reclaim(draft, self._decode_pages(live))  # the cache goes before any request
             while self._decode_pages(live) > self.pool.num_free:
                 victim = self.running[-1]
                 if victim is not req:
@@ -285,14 +295,15 @@ class Scheduler:
     def _plan_prefill(self, draft: _Draft, req: Request, budget: int) -> int:
         """Plan chunks for req within budget tokens; returns the tokens planned."""
         planned = 0
-        primary = req.primary()
-        assert primary is not None, "a queued request has an unfinished choice"
-        siblings = [b for b in req.unforked() if b is not primary]
-        target = primary.num_prompt_tokens if siblings else primary.num_tokens
+        primary, siblings, target = self._prefill_target(req)
+        hit = -1  # -1: no prefix lookup (the primary holds its sequence, or no cache)
+        if primary.seq_id is None and self.prefix_cache is not None:
+            hit = self._fork_cached_prefix(draft, primary, target)
         want = min(target - primary.num_cached, budget)
         if want > 0:
-            k = min(want, self.pool.appendable_tokens(primary.seq_id))
             fork_pages = len(siblings) * self.pool.pages_to_fork_at(target)
+            self._reclaim(draft, self._grow_pages(primary, want) + fork_pages)
+            k = min(want, self.pool.appendable_tokens(primary.seq_id))
             if siblings and primary.num_cached + k == target:
                 grow = self._grow_pages(primary, k)
                 if grow + fork_pages > self.pool.num_free:
@@ -300,10 +311,14 @@ class Scheduler:
             if k > 0:
                 if primary.seq_id is None:
                     primary.seq_id = self._new_seq(draft)
+                if hit >= 0:
+                    self._record_lookup(req, target, hit)
                 completes = primary.num_cached + k == target
                 forked = siblings if completes else []
                 self._append(draft, req, primary, k, forks=forked)
                 planned += k
+            elif hit > 0:  # the request does not start after all: give the fork back
+                self._undo_cache_fork(draft, primary)
         for b in req.live_branches():
             if b.seq_id in draft.touched or b.num_pending == 0:
                 continue  # already in the batch, or forked after it (must wait a step)
@@ -312,6 +327,59 @@ class Scheduler:
                 self._append(draft, req, b, k)
                 planned += k
         return planned
+
+    def _prefill_target(self, req: Request) -> tuple[Branch, list[Branch], int]:
+        """(primary, its unforked siblings, the tokens the primary computes before they fork)."""
+        primary = req.primary()
+        assert primary is not None, "a queued request has an unfinished choice"
+        siblings = [b for b in req.unforked() if b is not primary]
+        return primary, siblings, primary.num_prompt_tokens if siblings else primary.num_tokens
+
+    # -- prefix cache -------------------------------------------------------------------------
+
+    def _fork_cached_prefix(self, draft: _Draft, primary: Branch, target: int) -> int:
+        """Give the seq-less primary a fork of the longest cached prefix of its first target
+        tokens (room permitting); returns the tokens reused."""
+        assert self.prefix_cache is not None
+        tokens = primary.token_slice(0, target)
+        fork, gone = self.prefix_cache.fork_prefix(tokens, self._ids.take)
+        draft.removed.extend(self._ids.give_back(gone))
+        if fork is None:
+            return 0
+        draft.cache_forks.append(fork)
+        _, primary.seq_id, primary.num_cached = fork
+        return primary.num_cached
+
+    def _undo_cache_fork(self, draft: _Draft, primary: Branch) -> None:
+        _, child, _ = draft.cache_forks.pop()
+        assert child == primary.seq_id, "the undone fork is the last one planned"
+        self.pool.remove(child)
+        self._ids.give_back([child])
+        primary.seq_id, primary.num_cached = None, 0
+
+    def _record_lookup(self, req: Request, num_query: int, num_hit: int) -> None:
+        assert self.prefix_cache is not None
+        self.prefix_cache.record_lookup(num_query, num_hit)
+        if req.num_cached_prompt_tokens is None:  # usage reports the first admission's reuse
+            req.num_cached_prompt_tokens = min(num_hit, req.num_prompt_tokens)
+
+    def _reclaim(self, draft: _Draft, num_free_pages: int) -> None:
+        """Evict cached sequences (LRU, never pinned ones) until num_free_pages are free."""
+        if self.prefix_cache is not None and self.pool.num_free < num_free_pages:
+            draft.removed.extend(self._ids.give_back(self.prefix_cache.reclaim(num_free_pages)))
+
+    def _free_slots(self, draft: _Draft, req: Request, seats: int) -> bool:
+        """Evict cached sequences until they and `seats` fit the runner's sequence slots, the one
+        req would fork from last. False when they cannot (pinned ones) fit."""
+        cache = self.prefix_cache
+        if cache is None or seats + len(cache) <= self.max_num_sequence:
+            return True
+        primary, _, target = self._prefill_target(req)
+        tokens = primary.token_slice(0, target) if primary.seq_id is None else None
+        draft.removed.extend(
+            self._ids.give_back(cache.shrink(self.max_num_sequence - seats, tokens))
+        )
+        return seats + len(cache) <= self.max_num_sequence
 
     def _grow_pages(self, b: Branch, k: int) -> int:
         if b.seq_id is None:
@@ -334,7 +402,7 @@ class Scheduler:
         b.num_cached += k
         fork_ids = []
         for child in forks or ():
-            child.seq_id = self._next_seq_id()
+            child.seq_id = self._ids.take()
             self.pool.fork(seq_id, child.seq_id)
             child.num_cached = b.num_cached
             fork_ids.append(child.seq_id)
@@ -348,7 +416,8 @@ class Scheduler:
     # -- pages and ids ------------------------------------------------------------------------
 
     def _preempt(self, draft: _Draft, req: Request) -> None:
-        draft.removed.extend(self._release_all(req))
+        # Not cached: preemption is for pages, which the cache would give right back.
+        draft.removed.extend(self._release_all(req, cache=False))
         req.transition(RequestEvent.PREEMPT)
         req.num_preemptions += 1
         self.running.remove(req)
@@ -358,9 +427,7 @@ class Scheduler:
 
     def _cap(self, draft: _Draft, req: Request, b: Branch) -> bool:
         """End branch b with "length" for lack of pages; True when that ended the request."""
-        seq_id = self.finish_branch(req, b.index)
-        if seq_id is not None:
-            draft.removed.append(seq_id)
+        draft.removed.extend(self.finish_branch(req, b.index, cache=False))  # its pages are needed
         draft.capped.append((req, b.index))
         return req.is_terminal
 
@@ -372,28 +439,28 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
 
-    def _release_all(self, req: Request) -> list[int]:
-        seq_ids = [self._release(b) for b in req.branches]
-        return [s for s in seq_ids if s is not None]
+    def _release_all(self, req: Request, *, cache: bool) -> list[int]:
+        return [s for b in req.branches for s in self._release(req, b, cache=cache)]
 
-    def _release(self, b: Branch) -> int | None:
-        seq_id, b.seq_id, b.num_cached = b.seq_id, None, 0
-        if seq_id is not None:
-            self.pool.remove(seq_id)
-            heapq.heappush(self._free_ids, seq_id)
-        return seq_id
+    def _release(self, req: Request, b: Branch, *, cache: bool) -> list[int]:
+        """Take b's sequence away; returns the runner sequences to remove (see finish_branch)."""
+        seq_id, num_cached = b.seq_id, b.num_cached
+        b.seq_id, b.num_cached = None, 0
+        if seq_id is None:
+            return []
+        if cache and self.prefix_cache is not None and not req.gave_to_prefix_cache and num_cached:
+            req.gave_to_prefix_cache = True
+            return self._ids.give_back(
+                self.prefix_cache.insert(seq_id, b.token_slice(0, num_cached))
+            )
+        self.pool.remove(seq_id)
+        return self._ids.give_back([seq_id])
 
     def _new_seq(self, draft: _Draft) -> int:
-        seq_id = self._next_seq_id()
+        seq_id = self._ids.take()
         self.pool.add(seq_id)
         draft.added.append(seq_id)
         return seq_id
-
-    def _next_seq_id(self) -> int:
-        if self._free_ids:
-            return heapq.heappop(self._free_ids)
-        self._next_id += 1
-        return self._next_id - 1
 
     @staticmethod
     def _seq(b: Branch) -> int:

@@ -222,8 +222,9 @@ class TVMRunner:
             if new_len > self.context_window_size:
                 raise EngineError(f"sequence {sid} would exceed the context window ({new_len})")
             ps = self._page_size
-            # Conservative: count the partial last page as new (a forked child copies it).
-            pages_needed += -(-new_len // ps) - self._lengths[sid] // ps
+            # A partial last page is already owned (TVM copies it at fork time), so only pages
+            # beyond the current ceil(len / page_size) are new.
+            pages_needed += -(-new_len // ps) - -(-self._lengths[sid] // ps)
         if pages_needed > self.free_pages():
             raise EngineError(f"KV cache out of pages ({pages_needed} > {self.free_pages()})")
         tokens = np.fromiter((t for _, ts in batch for t in ts), dtype=np.int32, count=total)

@@ -34,7 +34,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..config import EngineConfig
+from ..config import EngineConfig, PrefixCacheMode
 from ..errors import EngineError
 from ..runtime.core import EngineCore
 
@@ -208,6 +208,10 @@ class EchoRunner:
     def pages_of(self, seq_id: int) -> tuple[int, ...]:
         return tuple(self._seqs[seq_id].pages)
 
+    def tokens_of(self, seq_id: int) -> tuple[int, ...]:
+        """The tokens in the cache for seq_id (tests compare them with the prefix cache's)."""
+        return tuple(self._seqs[seq_id].tokens)
+
     def fail_next_step(self, exc: BaseException) -> None:
         """Fault injection: the next step() raises exc (and changes nothing)."""
         self._failure = exc
@@ -317,8 +321,13 @@ def build_echo_core(
     context_window_size: int = 2048,
     *,
     prefill_chunk_size: int = 512,
+    prefix_cache_mode: PrefixCacheMode = "disable",
+    prefix_cache_max_num_recycling_seqs: int = 16,
 ) -> tuple[EngineCore, ByteTokenizer, RawChatTemplate]:
-    """An `EngineCore` over `EchoRunner` + `ByteTokenizer` (the `mock://echo` model)."""
+    """An `EngineCore` over `EchoRunner` + `ByteTokenizer` (the `mock://echo` model).
+
+    The prefix cache is off by default, so that an idle echo engine has every page free (the
+    server tests rely on it); engine tests turn it on."""
     tokenizer = ByteTokenizer()
     template = RawChatTemplate()
     runner = EchoRunner(
@@ -335,7 +344,8 @@ def build_echo_core(
         prefill_chunk_size=prefill_chunk_size,
         context_window_size=context_window_size,
         kv_page_size=runner.page_size,
-        prefix_cache_mode="disable",
+        prefix_cache_mode=prefix_cache_mode,
+        prefix_cache_max_num_recycling_seqs=prefix_cache_max_num_recycling_seqs,
     )
     core = EngineCore(runner, tokenizer, config, extra_stop_token_ids=template.stop_token_ids)
     return core, tokenizer, template

@@ -132,14 +132,43 @@ def check_mirror(core: EngineCore) -> None:
     shared_runner = sorted(c for c in owners.values() if c > 1)
     owners_pool = Counter(p for s in pool.seq_ids() for p in set(pool.pages_of(s)))
     assert shared_runner == sorted(c for c in owners_pool.values() if c > 1)
-    # live branches hold exactly the pool's sequences
+    # live branches and cached sequences hold exactly the pool's sequences
     live = [
         b.seq_id
         for r in [*core.scheduler.running, *core.scheduler.waiting]
         for b in r.branches
         if b.seq_id is not None
     ]
-    assert sorted(live) == sorted(pool.seq_ids())
+    cache = core.scheduler.prefix_cache
+    cached = cache.seq_ids() if cache is not None else []
+    assert sorted(live + cached) == sorted(pool.seq_ids())
+    if cache is not None:
+        check_prefix_cache(core)
+
+
+def check_prefix_cache(core: EngineCore) -> None:
+    """The cache's tree is sound and says what is really in the runner; it is within budget, in
+    sequences, in runner slots with the seats running requests reserve, and in pages."""
+    scheduler = core.scheduler
+    cache = scheduler.prefix_cache
+    runner = core.runner
+    assert cache is not None and isinstance(runner, EchoRunner)
+    cache.tree.check()
+    assert len(cache) <= cache.max_num_seqs
+    seats = sum(len(r.unfinished()) for r in scheduler.running)
+    assert seats + len(cache) <= scheduler.max_num_sequence
+    for seq_id in cache.seq_ids():
+        tokens = cache.tree.tokens(seq_id)
+        assert runner.tokens_of(seq_id) == tokens
+        assert scheduler.pool.length(seq_id) == len(tokens)
+        others = [s for s in cache.seq_ids() if s != seq_id]
+        assert not any(cache.tree.tokens(s)[: len(tokens)] == tokens for s in others), (
+            "a cached sequence is a prefix of another"
+        )
+    stats = core.stats()
+    assert stats.free_pages + stats.num_cached_pages <= stats.total_pages
+    if not scheduler.has_work():
+        assert stats.free_pages + stats.num_cached_pages == stats.total_pages
 
 
 def check_pool_ownership(pool: PagePool, *, shared_pages_full: bool) -> None:

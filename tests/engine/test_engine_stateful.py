@@ -1,12 +1,14 @@
 """Hypothesis state machine over EngineCore + EchoRunner: any interleaving of submits, steps and
 aborts keeps the page mirror exact, ends every request exactly once, frees an aborted request's
 pages within one step, and — under any page pressure and preemption — produces exactly the output
-the echo reference predicts."""
+the echo reference predicts. With the prefix cache on (prompts then often share prefixes with
+earlier ones) the same holds, the cache always mirrors the runner's sequences, evictions keep it
+within its budgets, and close() frees every page."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -19,7 +21,7 @@ from hypothesis.stateful import (
 
 from mlctrio.engine.scheduler import PromptTooLongError
 from mlctrio.engine.types import GenerationRequest, SamplingParams
-from mlctrio.testing.echo import build_echo_core
+from mlctrio.testing.echo import EchoRunner, build_echo_core
 
 from .echo_harness import Collector, check_mirror, expected_echo
 
@@ -39,8 +41,12 @@ class EngineMachine(RuleBasedStateMachine):
         spare_pages=st.integers(0, 10),
         chunk=st.integers(4, 80),
         max_seqs=st.integers(N_MAX, 7),
+        cache_mode=st.sampled_from(["radix", "radix", "disable"]),
+        max_cached=st.integers(1, 4),
     )
-    def start(self, spare_pages: int, chunk: int, max_seqs: int) -> None:
+    def start(
+        self, spare_pages: int, chunk: int, max_seqs: int, cache_mode: str, max_cached: int
+    ) -> None:
         # Every request fits alone (n branches of a full window), so nothing is ever cut short
         # for lack of pages: pressure may only cause preemption, never change the output.
         total = N_MAX * (WINDOW // 16) + spare_pages
@@ -49,8 +55,12 @@ class EngineMachine(RuleBasedStateMachine):
             max_num_sequence=max_seqs,
             context_window_size=WINDOW,
             prefill_chunk_size=chunk,
+            prefix_cache_mode="radix" if cache_mode == "radix" else "disable",
+            prefix_cache_max_num_recycling_seqs=max_cached,
         )
+        self.cache_on = cache_mode == "radix"
         self.collector = Collector()
+        self.texts: list[str] = []  # prompts submitted so far, for prompts sharing a prefix
         self.params: dict[str, tuple[tuple[int, ...], SamplingParams]] = {}
         self.aborted: set[str] = set()
         self.abort_pending: set[str] = set()
@@ -67,9 +77,38 @@ class EngineMachine(RuleBasedStateMachine):
     def submit(
         self, text: str, n: int, max_tokens: int | None, stop: tuple[str, ...], ignore_eos: bool
     ) -> str:
+        self.texts.append(text)
+        return self._submit(tuple(self.tokenizer.encode(text)), n, max_tokens, stop, ignore_eos)
+
+    @precondition(lambda self: bool(self.texts))
+    @rule(
+        target=requests,
+        pick=st.integers(0, 10**6),
+        keep=st.integers(0, WINDOW),
+        text=prompts,
+        n=st.integers(1, N_MAX),
+        max_tokens=st.none() | st.integers(1, 50),
+        ignore_eos=st.booleans(),
+    )
+    def submit_sharing_a_prefix(
+        self, pick: int, keep: int, text: str, n: int, max_tokens: int | None, ignore_eos: bool
+    ) -> str:
+        """A prompt that starts like an earlier one (possibly all of it, possibly more)."""
+        base = self.texts[pick % len(self.texts)]
+        shared = base[:keep] + text[: keep % 5 * 4] or base  # (cut at characters, not bytes)
+        self.texts.append(shared)
+        return self._submit(tuple(self.tokenizer.encode(shared)), n, max_tokens, (), ignore_eos)
+
+    def _submit(
+        self,
+        prompt: tuple[int, ...],
+        n: int,
+        max_tokens: int | None,
+        stop: tuple[str, ...],
+        ignore_eos: bool,
+    ) -> str:
         self.counter += 1
         request_id = f"r{self.counter}"
-        prompt = tuple(self.tokenizer.encode(text))
         params = SamplingParams(
             n=n, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos, temperature=0.8
         )
@@ -86,6 +125,14 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(steps=st.integers(1, 8))
     def step(self, steps: int) -> None:
         for _ in range(steps):
+            self._step()
+
+    @rule()
+    def run_until_idle(self) -> None:
+        """Let everything finish, so the next prompts meet a full prefix cache."""
+        for _ in range(500):
+            if not self.core.has_work():
+                break
             self._step()
 
     @rule(request_id=requests, coin=st.integers(0, 2))
@@ -132,10 +179,28 @@ class EngineMachine(RuleBasedStateMachine):
             self._step()
         assert not self.core.has_work(), "the engine did not drain"
         assert self.collector.unfinished() == []
-        assert self.core.runner.free_pages() == self.core.runner.total_pages()
+        runner = self.core.runner
+        stats = self.core.stats()
+        if self.cache_on:
+            cache = self.core.scheduler.prefix_cache
+            assert cache is not None
+            event(f"prefix cache hits: {bool(stats.num_prefix_cache_hit_tokens_total)}")
+            event(f"prefix cache evictions: {bool(cache.num_evictions_total)}")
+            event(f"prefix cache with preemptions: {bool(stats.num_preemptions_total)}")
+            assert runner.free_pages() + stats.num_cached_pages == runner.total_pages()
+            assert (
+                stats.num_prefix_cache_hit_tokens_total <= stats.num_prefix_cache_query_tokens_total
+            )
+            self.core.close()  # cached sequences go too
+            assert isinstance(runner, EchoRunner) and runner.sequence_ids() == []
+        else:
+            assert stats.num_cached_pages == stats.num_prefix_cache_query_tokens_total == 0
+        assert runner.free_pages() == runner.total_pages()
         for request_id, (prompt, params) in self.params.items():
             log = self.collector.logs[request_id]
             assert log.final is not None and log.final.usage.prompt_tokens == len(prompt)
+            cached = log.final.usage.cached_tokens
+            assert cached < len(prompt) if self.cache_on else cached == 0
             if request_id in self.aborted:
                 continue
             want = expected_echo(self.tokenizer, prompt, params, WINDOW)
@@ -149,7 +214,7 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineMachine = EngineMachine.TestCase
 TestEngineMachine.settings = settings(
-    max_examples=80,
+    max_examples=100,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
