@@ -92,6 +92,15 @@ class ParsedToolCalls:
         return "tool_calls" if self.tool_calls and reason == "stop" else reason
 
 
+def _json_string(body: str) -> str | None:
+    """The value of a JSON string literal's body, or None when its escapes are invalid."""
+    try:
+        value = json.loads(f'"{body}"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
 def _partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `marker`."""
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -311,9 +320,12 @@ class ToolCallStreamParser:
             self._obj += part
             self._raw += part
             head = _CALL_HEAD.match(self._obj)
-            if head is not None:
+            name = _json_string(head.group(1)) if head is not None else None
+            if head is not None and name is None:  # a broken escape in the name: not a call
+                return self._break_format()
+            if head is not None and name is not None:
                 self._announced, self._raw = True, ""
-                self._emit_call(json.loads(f'"{head.group(1)}"'), "")
+                self._emit_call(name, "")
                 self._args_scan = _JsonScanner()
                 part = self._obj[head.end() - 1 :]
             elif end is not None:

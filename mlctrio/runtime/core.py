@@ -9,12 +9,16 @@ Rules:
   delta. An abort (or `close()`) puts "abort" on every choice not yet finished.
 * Text goes token → per-choice incremental detokenizer → stop matcher (hold-back) → delta, so a
   delta never splits a UTF-8 character nor leaks part of a stop string. Stop tokens appear in
-  `token_ids` (and usage) but neither their text nor a logprob entry is emitted. Tokens generated before a preemption
-  are kept and never emitted twice.
+  `token_ids` (and usage) but neither their text nor a logprob entry is emitted. Tokens generated
+  before a preemption are kept and never emitted twice.
 * `Usage`: the prompt counted once (also for n > 1), completion tokens summed over choices.
 * A runner or sampler exception fails the requests of that batch (final record with `error`,
   finish_reason "error") and the engine lives on.
 * After each step the scheduler's page mirror equals the runner's cache (checked by the tests).
+* Prefix cache (`prefix_cache_mode="radix"`): a finished request's KV stays in the runner as a
+  cached sequence, so an idle engine has `free_pages + num_cached_pages == total_pages`; `close()`
+  removes cached sequences too. Output is the same with and without it; `Usage.cached_tokens`
+  counts the prompt tokens it saved.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import numpy as np
@@ -43,6 +47,7 @@ from ..engine.types import (
     Usage,
 )
 from ..errors import EngineError
+from .grammar import apply_bitmasks
 from .sampler import SampleOutput, Sampler, make_generator
 
 log = logging.getLogger(__name__)
@@ -71,9 +76,10 @@ class EngineStats:
     kv_cache_usage_ratio: float  # used / total
     num_prompt_tokens_total: int  # prompt tokens of admitted requests, each request once
     num_generation_tokens_total: int  # tokens sampled
-    num_prefix_cache_query_tokens_total: int = 0  # no prefix cache yet: always 0
-    num_prefix_cache_hit_tokens_total: int = 0
+    num_prefix_cache_query_tokens_total: int = 0  # tokens looked up when prefills started
+    num_prefix_cache_hit_tokens_total: int = 0  # of which reused (not computed)
     num_steps_total: int = 0
+    num_cached_pages: int = 0  # held only by the prefix cache: reclaimable, not free
 
 
 @attrs.define
@@ -82,6 +88,7 @@ class _Choice:
     stop: StopMatcher
     generator: np.random.Generator
     done: bool = False
+    matcher: Any = None  # grammar.GrammarMatcher for a constrained choice
 
 
 @attrs.define
@@ -103,7 +110,10 @@ class EngineCore:
         *,
         extra_stop_token_ids: Sequence[int] = (),
         clock: Callable[[], float] = time.monotonic,
+        constraints: Any = None,
     ) -> None:
+        """`constraints` (runtime.constraints.ConstraintCompiler) enables OutputConstraints;
+        without it a constrained request is refused at add_request."""
         if runner.free_pages() != runner.total_pages():
             raise EngineError("the runner's KV cache must start empty")
         self.runner = runner
@@ -111,6 +121,7 @@ class EngineCore:
         self.config = config
         self._clock = clock
         self._extra_stop_ids = tuple(extra_stop_token_ids)
+        self._constraints = constraints
         self._hint = runner if isinstance(runner, PromptAwareRunner) else None
         self.scheduler = Scheduler(
             total_pages=runner.total_pages(),
@@ -118,6 +129,11 @@ class EngineCore:
             max_num_sequence=min(config.max_num_sequence, runner.max_num_sequence),
             prefill_chunk_size=config.prefill_chunk_size,
             context_window_size=min(config.context_window_size, runner.context_window_size),
+            prefix_cache_max_num_seqs=(
+                config.prefix_cache_max_num_recycling_seqs
+                if config.prefix_cache_mode == "radix"
+                else 0
+            ),
         )
         self._sampler = Sampler(runner.vocab_size)
         self._seed_rng = np.random.default_rng()  # seeds requests that bring none
@@ -137,14 +153,21 @@ class EngineCore:
         prompt can never fit, EngineError after close()."""
         if self._closed:
             raise EngineError("the engine is closed")
-        req = self.scheduler.add(request)
         params = request.params
+        matchers: list[Any] = [None] * params.n
+        if params.constraint is not None:
+            if self._constraints is None:
+                raise EngineError("this model does not support constrained output")
+            # Compiled (or taken from the cache) before admission: a bad schema fails here.
+            matchers = [self._constraints.matcher(params.constraint) for _ in range(params.n)]
+        req = self.scheduler.add(request)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**63))
         choices = [
             _Choice(
                 detok=self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens),
                 stop=StopMatcher(params.stop),
                 generator=make_generator(seed, i),
+                matcher=matchers[i],
             )
             for i in range(params.n)
         ]
@@ -209,6 +232,7 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.pool
+        cache = self.scheduler.prefix_cache
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -219,6 +243,9 @@ class EngineCore:
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generation_tokens_total=self._num_generation_tokens_total,
             num_steps_total=self._num_steps_total,
+            num_prefix_cache_query_tokens_total=cache.num_query_tokens_total if cache else 0,
+            num_prefix_cache_hit_tokens_total=cache.num_hit_tokens_total if cache else 0,
+            num_cached_pages=cache.num_cached_pages() if cache else 0,
         )
 
     def close(self) -> list[RequestOutput]:
@@ -232,6 +259,7 @@ class EngineCore:
                 if not choice.done:
                     self._finish(tracked, i, "abort")
             outputs.append(self._output(tracked))
+        self._remove_seqs(self.scheduler.clear_prefix_cache())
         self._closed = True
         self.runner.close()
         return outputs
@@ -244,11 +272,15 @@ class EngineCore:
         for seq_id in plan.added_seq_ids:
             self.runner.add_sequence(seq_id)
             self._live_seqs.add(seq_id)
+        for parent, child, fork_pos in plan.cache_forks:
+            self.runner.fork_sequence(parent, child, fork_pos)
+            self._live_seqs.add(child)
         if not plan.entries:
             return []
         if self._hint is not None:
+            new = {*plan.added_seq_ids, *(child for _, child, _ in plan.cache_forks)}
             for entry in plan.entries:
-                if entry.seq_id in plan.added_seq_ids:
+                if entry.seq_id in new:  # (a cache fork would inherit another request's)
                     self._hint.set_prompt_length(entry.seq_id, entry.request.num_prompt_tokens)
         logits = self.runner.step([(e.seq_id, e.token_ids) for e in plan.entries])
         for entry in plan.entries:
@@ -259,10 +291,16 @@ class EngineCore:
         if not rows:
             return []
         branches = [e.request.branches[i] for e, i, _ in rows]
+        choices = [self._tracked[e.request.request_id].choices[i] for e, i, _ in rows]
+        selected = logits[np.fromiter((r for _, _, r in rows), np.int64, len(rows))]
+        matchers = [c.matcher for c in choices]
+        if any(m is not None for m in matchers):
+            # Grammar masks on the constrained rows only; unconstrained rows pay nothing.
+            apply_bitmasks(selected, matchers)
         out = self._sampler.sample(
-            logits[np.fromiter((r for _, _, r in rows), np.int64, len(rows))],
+            selected,
             [e.request.spec.params for e, _, _ in rows],
-            [self._tracked[e.request.request_id].choices[i].generator for e, i, _ in rows],
+            [c.generator for c in choices],
             [b.output for b in branches],
             [e.request.spec.prompt_token_ids for e, _, _ in rows],
         )
@@ -280,6 +318,10 @@ class EngineCore:
             tracked.stop_tokens, token_id, branch.num_generated, req.max_new_tokens
         )
         stopped_by_token = reason == "stop"
+        if choice.matcher is not None and not stopped_by_token:
+            choice.matcher.accept_token(token_id)
+            if reason is None and choice.matcher.is_stopped():
+                reason = "stop"  # the grammar is complete: this token's text still counts
         if stopped_by_token:  # a stop token: its text is not emitted
             text = self._final_text(choice)
         else:
@@ -314,9 +356,7 @@ class EngineCore:
         choice.done = True
         req = tracked.req
         if not req.is_terminal and not req.branches[index].finished:
-            seq_id = self.scheduler.finish_branch(req, index)
-            if seq_id is not None:
-                self._remove_seqs([seq_id])
+            self._remove_seqs(self.scheduler.finish_branch(req, index))
         tracked.deltas.append(ChoiceDelta(index, text, token_ids, logprobs, reason, stop_reason))
 
     def _final_text(self, choice: _Choice) -> str:
@@ -352,7 +392,11 @@ class EngineCore:
         deltas, tracked.deltas = tuple(sorted(tracked.deltas, key=lambda d: d.index)), []
         if req.is_terminal:
             self._tracked.pop(req.request_id, None)
-        usage = Usage(req.num_prompt_tokens, sum(b.num_generated for b in req.branches))
+        usage = Usage(
+            req.num_prompt_tokens,
+            sum(b.num_generated for b in req.branches),
+            req.num_cached_prompt_tokens or 0,
+        )
         return RequestOutput(
             req.request_id, deltas, usage, req.is_terminal, error, req.num_preemptions
         )

@@ -21,6 +21,7 @@ from ..models.artifact import ModelArtifact, load_params, open_artifact
 from ..service import ModelInfo
 from ..sizing import ModelFootprint, resolve_engine_config
 from .chat_template import load_chat_template
+from .constraints import ConstraintCompiler
 from .core import EngineCore
 from .tokenizer import load_tokenizer
 
@@ -52,6 +53,19 @@ def footprint(art: ModelArtifact, param_infos: list[Any]) -> ModelFootprint:
         intermediate_size=c.intermediate_size,
         vocab_size=c.vocab_size,
     )
+
+
+def detect_tool_call_format(template: Any) -> str:
+    """The model's tool-call text format, from its chat template (hermes when unknown)."""
+    sources = " ".join(getattr(template, "templates", {}).values())
+    name = str(getattr(template, "name", ""))
+    if "[TOOL_CALLS]" in sources or name.startswith("mistral"):
+        return "mistral"
+    if "<tool_call>" in sources:
+        return "hermes"
+    if "<|python_tag|>" in sources or "ipython" in sources or name.startswith("llama-3"):
+        return "llama3_json"
+    return "hermes"
 
 
 def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
@@ -101,14 +115,23 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         page_size=engine_config.kv_page_size,
         num_threads=engine_config.num_threads,
     )
+    constraints = ConstraintCompiler(
+        tokenizer, art.config.vocab_size, stop_token_ids=template.stop_token_ids
+    )
     core = EngineCore(
-        runner, tokenizer, engine_config, extra_stop_token_ids=template.stop_token_ids
+        runner,
+        tokenizer,
+        engine_config,
+        extra_stop_token_ids=template.stop_token_ids,
+        constraints=constraints,
     )
     info = ModelInfo(
         model_id=config.model_name,
         context_window_size=engine_config.context_window_size,
         tokenizer=tokenizer,
         chat_template=template,
+        check_constraint=constraints.check,
+        tool_call_format=detect_tool_call_format(template),
         config={
             **attrs.asdict(engine_config),
             "model_path": str(path),

@@ -135,3 +135,22 @@ def server_factory() -> Iterator[Callable[..., ServerHandle]]:
     yield factory
     for handle in handles:
         handle.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[ServerHandle]:
+    """The real TVM engine on the tiny demo model (compiled once per machine, cached)."""
+    from mlctrio.config import EngineOverrides
+
+    handle = start_server(
+        make_config(
+            model="demo://tiny",
+            mode="server",
+            overrides=EngineOverrides(
+                max_num_sequence=16, max_total_seq_length=16384, prefill_chunk_size=256
+            ),
+            enable_debug=True,
+        )
+    )
+    yield handle
+    handle.stop()

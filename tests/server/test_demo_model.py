@@ -10,33 +10,19 @@ import json
 import random
 import socket
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from mlctrio.config import EngineOverrides
-
-from .conftest import ServerHandle, make_config, start_server
+from .conftest import ServerHandle
 
 MODEL = "demo://tiny"
 
 
-@pytest.fixture(scope="module")
-def demo() -> Iterator[ServerHandle]:
-    handle = start_server(
-        make_config(
-            model=MODEL,
-            mode="server",
-            overrides=EngineOverrides(
-                max_num_sequence=16, max_total_seq_length=16384, prefill_chunk_size=256
-            ),
-            enable_debug=True,
-        )
-    )
-    yield handle
-    handle.stop()
+@pytest.fixture
+def demo(demo_server: ServerHandle) -> ServerHandle:
+    return demo_server
 
 
 @pytest.fixture
