@@ -154,3 +154,17 @@ def demo_server() -> Iterator[ServerHandle]:
     )
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="session")
+def closing_bias(demo_server: ServerHandle) -> dict[str, int]:
+    """+2 for tokens that end a string/array/object, -2 for openers and pure whitespace."""
+    bias: dict[str, int] = {}
+    with httpx.Client(base_url=demo_server.url) as http:
+        for token in range(demo_server.engine.info.tokenizer.vocab_size):
+            text = http.post("/detokenize", json={"tokens": [token]}).json()["prompt"]
+            if text.rstrip().endswith(('"', "}", "]")):
+                bias[str(token)] = 2
+            elif ("{" in text or "[" in text) or (text and not text.strip()):
+                bias[str(token)] = -2
+    return bias

@@ -70,20 +70,6 @@ TOOLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def closing_bias(demo_server: ServerHandle) -> dict[str, int]:
-    """+2 for tokens that end a string/array/object, -2 for openers and pure whitespace."""
-    bias: dict[str, int] = {}
-    with httpx.Client(base_url=demo_server.url) as http:
-        for token in range(demo_server.engine.info.tokenizer.vocab_size):
-            text = http.post("/detokenize", json={"tokens": [token]}).json()["prompt"]
-            if text.rstrip().endswith(('"', "}", "]")):
-                bias[str(token)] = 2
-            elif ("{" in text or "[" in text) or (text and not text.strip()):
-                bias[str(token)] = -2
-    return bias
-
-
 @pytest.fixture
 def client(demo_server: ServerHandle) -> openai.OpenAI:
     return openai.OpenAI(base_url=demo_server.url + "/v1", api_key="x", max_retries=0)
