@@ -75,6 +75,8 @@ class Core(Protocol):
 
     def close(self) -> list[RequestOutput]: ...
 
+    def drain_events(self) -> list[tuple[str, str, float]]: ...
+
 
 @attrs.frozen
 class ModelInfo:
@@ -122,6 +124,8 @@ class Observer(Protocol):
     def on_output(self, output: RequestOutput, abort_reason: str | None) -> None: ...
 
     def on_stats(self, stats: Any) -> None: ...
+
+    def on_events(self, events: Sequence[tuple[str, str, float]]) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -244,10 +248,17 @@ class AsyncEngine:
                 self.abort(request_id, stream.abort_reason or reason)
             receive.close()
 
-    def _deliver(self, outputs: Sequence[RequestOutput], stats: Any) -> None:
+    def _deliver(
+        self,
+        outputs: Sequence[RequestOutput],
+        stats: Any,
+        events: Sequence[tuple[str, str, float]] = (),
+    ) -> None:
         """Runs in trio (via run_sync_soon). Must never raise."""
         try:
             observer = self._observer
+            if events and observer is not None:
+                observer.on_events(events)
             if stats is not None:
                 self._stats = stats
                 if observer is not None:
@@ -276,10 +287,15 @@ class AsyncEngine:
 
     # ---- worker thread ---------------------------------------------------------------------
 
-    def _post(self, outputs: list[RequestOutput], stats: Any) -> None:
+    def _post(
+        self,
+        outputs: list[RequestOutput],
+        stats: Any,
+        events: Sequence[tuple[str, str, float]] = (),
+    ) -> None:
         assert self._trio_token is not None
         with contextlib.suppress(trio.RunFinishedError):
-            self._trio_token.run_sync_soon(self._deliver, outputs, stats)
+            self._trio_token.run_sync_soon(self._deliver, outputs, stats, events)
 
     def _run_worker(self, core: Core) -> None:
         commands = self._commands
@@ -307,7 +323,7 @@ class AsyncEngine:
                     break
                 if core.has_work():
                     outputs = core.step()
-                    self._post(outputs, core.stats())
+                    self._post(outputs, core.stats(), core.drain_events())
         finally:
             final = core.close()
             self._post(final, core.stats())

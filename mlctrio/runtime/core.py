@@ -97,6 +97,8 @@ class _Tracked:
     choices: list[_Choice]
     stop_tokens: StopTokens
     deltas: list[ChoiceDelta] = attrs.field(factory=list)  # this step's, flushed by _emit
+    prefill_started: bool = False
+    prefill_done: bool = False
 
 
 class EngineCore:
@@ -145,6 +147,7 @@ class EngineCore:
         self._num_prompt_tokens_total = 0
         self._num_generation_tokens_total = 0
         self._num_steps_total = 0
+        self._events: list[tuple[str, str, float]] = []  # (request_id, name, time), drained
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -216,19 +219,35 @@ class EngineCore:
             tracked = self._tracked[req.request_id]
             self._finish(tracked, index, "length", text=self._final_text(tracked.choices[index]))
             touched[req.request_id] = tracked
+        now = self._clock()
+        for entry in plan.entries:
+            started = self._tracked.get(entry.request.request_id)
+            if started is not None and not started.prefill_started:
+                started.prefill_started = True
+                self._events.append((entry.request.request_id, "prefill_start", now))
         try:
             sampled = self._run(plan)
         except Exception as exc:
             log.exception("engine step failed; failing %d request(s)", len(plan.entries))
             outputs.extend(self._fail_batch(plan, f"engine error: {exc!r}", touched))
         else:
+            now = self._clock()
             for entry, index, row, out in sampled:
                 tracked = self._tracked[entry.request.request_id]
+                if not tracked.prefill_done:
+                    tracked.prefill_done = True
+                    self._events.append((entry.request.request_id, "prefill_end", now))
                 self._on_token(tracked, index, row, out)
                 touched[entry.request.request_id] = tracked
         for tracked in touched.values():
             outputs.append(self._output(tracked))
         return outputs
+
+    def drain_events(self) -> list[tuple[str, str, float]]:
+        """Engine-side request events since the last call: (request_id, name, clock time) for
+        "prefill_start" (first scheduled) and "prefill_end" (prompt computed, first sample)."""
+        events, self._events = self._events, []
+        return events
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.pool

@@ -20,7 +20,6 @@ class _Track:
     arrival: float
     tid: int
     prompt_tokens: int
-    first_output: float | None = None
     first_token: float | None = None
     last_token: float | None = None
     num_tokens: int = 0
@@ -79,6 +78,8 @@ class EngineObserver:
         )
         if self.trace is not None:
             self.trace.add("received", self._next_tid, arrival, request.request_id)
+            # Tokenization and template rendering end right before submission.
+            self.trace.add("tokenized", self._next_tid, now, request.request_id)
             self.trace.add(
                 "queued",
                 self._next_tid,
@@ -94,9 +95,6 @@ class EngineObserver:
             return
         now = self.clock()
         m = self.metrics
-        if track.first_output is None:
-            track.first_output = now
-            m.request_queue_time.observe(now - track.arrival)
         num_new = 0
         for d in output.deltas:
             num_new += len(d.token_ids)
@@ -134,6 +132,17 @@ class EngineObserver:
             m.request_finished(reason)
         if self.trace is not None:
             self.trace.add("finished", track.tid, now, output.request_id, reason=reason)
+
+    def on_events(self, events: Any) -> None:
+        """Engine-side events: prefill_start ends the queue time; both go to the trace."""
+        for request_id, name, ts in events:
+            track = self._tracks.get(request_id)
+            if track is None:
+                continue
+            if name == "prefill_start":
+                self.metrics.request_queue_time.observe(max(0.0, ts - track.arrival))
+            if self.trace is not None:
+                self.trace.add(name, track.tid, ts, request_id)
 
     def on_stats(self, stats: Any) -> None:
         self.metrics.observe_engine(stats)

@@ -106,7 +106,17 @@ def test_debug_routes(server: ServerHandle, server_factory) -> None:  # type: ig
         trace = http.post("/debug/dump_event_trace").json()
         config = http.get("/debug/config").json()
     names = {e["name"] for e in trace["traceEvents"]}
-    assert {"received", "queued", "first_token", "finished", "thread_name"} <= names
+    assert {
+        "received",
+        "tokenized",
+        "queued",
+        "prefill_start",
+        "prefill_end",
+        "first_token",
+        "step",
+        "finished",
+        "thread_name",
+    } <= names
     assert all("ts" in e for e in trace["traceEvents"] if e["ph"] != "M")
     assert config["engine"]["context_window_size"] > 0
     assert config["server"]["model"] == MODEL
