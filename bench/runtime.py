@@ -1,4 +1,4 @@
-"""Benchmark the TVM runtime on a random-weight preset: compile, load, prefill and decode throughput.
+"""Benchmark the TVM runtime on a random-weight preset: compile, load, prefill, decode tok/s.
 
     python bench/runtime.py [--preset small] [--quant q0f32,q4f32_1] [--no-cache] [--steps 8]
 
@@ -58,7 +58,7 @@ def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: 
     for n in PREFILL_LENS:
         toks = rng.integers(0, config.vocab_size, n).tolist()
 
-        def _prefill() -> None:
+        def _prefill(toks: list[int] = toks) -> None:
             runner.add_sequence(0)
             runner.step([(0, toks)])
             runner.remove_sequence(0)
@@ -89,7 +89,7 @@ def bench_numpy(config: LlamaConfig, hf: dict, steps: int) -> dict:
     for n in PREFILL_LENS:
         toks = rng.integers(0, config.vocab_size, n).tolist()
 
-        def _prefill() -> None:
+        def _prefill(toks: list[int] = toks) -> None:
             cache = ref.new_cache()
             cache.add_sequence(0)
             ref.forward(cache, 0, toks)

@@ -1,4 +1,4 @@
-"""Llama-family model (Llama 2/3, Mistral, Qwen2) in `tvm.relax.frontend.nn` over the paged KV cache.
+"""Llama-family model (Llama 2/3, Mistral, Qwen2) in `tvm.relax.frontend.nn` over a paged KV cache.
 
 The structure follows mlc-llm's llama: fused qkv projection reshaped to (b, s, h_q + 2 h_kv, d) and
 handed to `PagedKVCache.attention_with_fused_qkv` (RoPE is applied by the KV cache), RMSNorm, SwiGLU

@@ -1,4 +1,4 @@
-"""Weight quantization: the specs (q0f32, q0f16, q4f16_1, q4f32_1), their TE kernels and numpy packers.
+"""Weight quantization: specs (q0f32, q0f16, q4f16_1, q4f32_1), their TE kernels, numpy packers.
 
 Layout follows mlc-llm's group quantization with the "NK" linear layout (`q4*_1`), so MLC-format
 weights load unchanged:
@@ -31,10 +31,10 @@ MAX_INT = 2 ** (NUM_BITS - 1) - 1  # 7: the zero point of the stored nibble
 
 @attrs.frozen
 class QuantSpec:
-    """How weights are stored. `kind` "none": plain weights in `weight_dtype`; "group": 4-bit groups.
+    """How weights are stored. `kind` "none": plain weights in `weight_dtype`; "group": 4-bit.
 
-    `mlc_dtype` is the dtype mlc-llm stores the *unquantized* params in (norms, biases, scales) for this
-    quantization name; our own packed params keep those in float32 on the CPU.
+    `mlc_dtype` is the dtype mlc-llm stores the *unquantized* params in (norms, biases, scales) for
+    this quantization name; our own packed params keep those in float32 on the CPU.
     """
 
     name: str
@@ -213,7 +213,7 @@ def dequantize_group_np(
     group_size: int = 32,
     cols: int | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Inverse of `quantize_group_np` (up to rounding): float32 (rows, cols); `cols` drops padding."""
+    """Inverse of `quantize_group_np` (up to rounding): float32 (rows, cols), padding cut."""
     rows, words = q_weight.shape
     shifts = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * NUM_BITS)[None, None, :]
     nib = (q_weight[:, :, None] >> shifts) & np.uint32(0xF)
@@ -224,7 +224,7 @@ def dequantize_group_np(
 
 
 def quantize_weight_np(w: npt.NDArray[np.floating], spec: QuantSpec) -> list[npt.NDArray]:
-    """Stored arrays for one linear/embedding weight under `spec`: [weight] or [q_weight, q_scale]."""
+    """Stored arrays of a linear/embedding weight under `spec`: [weight] or [q_weight, q_scale]."""
     if spec.is_group:
         return list(quantize_group_np(w, spec))
     return [np.ascontiguousarray(w, dtype=spec.weight_dtype)]

@@ -1,4 +1,4 @@
-"""Pure-numpy reference forward of the same Llama definition, with an explicit per-sequence KV cache.
+"""Pure-numpy reference forward of the same Llama definition, with an explicit per-sequence KV.
 
 Used by tests (TVM logits vs this) and by the benchmark as the numpy/OpenBLAS yardstick. It takes
 MLC-named stored params (see weights.py) and multiplies by the *effective* float32 weights (the
@@ -106,7 +106,7 @@ class ReferenceLlama:
         return RefKVCache(self.c.num_hidden_layers)
 
     def forward(self, cache: RefKVCache, seq_id: int, tokens: list[int]) -> F32:
-        """Append tokens to seq_id in cache; return logits (len(tokens), vocab) at every new position."""
+        """Append tokens to seq_id; return logits (len(tokens), vocab) at each new position."""
         c = self.c
         h_q, h_kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         start = cache.length(seq_id)

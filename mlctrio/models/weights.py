@@ -9,7 +9,7 @@ Three name spaces:
 - params: the positional list the compiled functions take (param_mode="packed"), in
   `param_infos()` order, with our own dtypes (float32 norms/biases on CPU).
 
-Only name -> numpy dicts here; file formats (safetensors, MLC tensor-cache shards) live in formats.py.
+Only name -> numpy dicts here; file formats (safetensors, MLC tensor-cache shards): formats.py.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _linear_names(spec: QuantSpec) -> list[str]:
 
 
 def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, npt.NDArray]:
-    """Fuse (q,k,v) and (gate,up), quantize linear weights and the embedding; MLC names and dtypes."""
+    """Fuse (q,k,v) and (gate,up), quantize linear weights and the embedding; MLC names, dtypes."""
     spec = get_quantization(quantization)
     out: dict[str, npt.NDArray] = {}
 

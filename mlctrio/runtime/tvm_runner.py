@@ -1,4 +1,4 @@
-"""`TVMRunner`: the `ModelRunner` (engine/runner.py) over a compiled Llama library and its paged KV cache.
+"""`TVMRunner`: the `ModelRunner` (engine/runner.py) over a compiled Llama library and its KV cache.
 
 One instance lives on the engine worker thread; it is not thread-safe. Each `step` is:
 kv_state_begin_forward -> embed -> batch_decode (every entry 1 token) or batch_prefill (otherwise,
@@ -47,7 +47,7 @@ def configure_threads(num_threads: int | None = None) -> int:
 
 
 def set_openblas_threads(n: int) -> None:
-    """Set the thread count of the OpenBLAS bundled with numpy (already loaded, so env is too late)."""
+    """Set the thread count of the OpenBLAS bundled with numpy (loaded already: env is too late)."""
     libdir = Path(np.__file__).parent.parent / "numpy.libs"
     for path in glob.glob(str(libdir / "lib*openblas*.so*")):
         lib = ctypes.CDLL(path)

@@ -15,12 +15,32 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mlctrio"
 
 # layer -> modules it must never import (prefixes of absolute module names)
 FORBIDDEN = {
-    "engine": ("trio", "tvm", "quart", "quart_trio", "hypercorn", "prometheus_client",
-               "mlctrio.protocol", "mlctrio.server", "mlctrio.runtime", "mlctrio.models",
-               "mlctrio.service"),
+    "engine": (
+        "trio",
+        "tvm",
+        "quart",
+        "quart_trio",
+        "hypercorn",
+        "prometheus_client",
+        "mlctrio.protocol",
+        "mlctrio.server",
+        "mlctrio.runtime",
+        "mlctrio.models",
+        "mlctrio.service",
+    ),
     "server": ("tvm", "mlctrio.runtime", "mlctrio.models", "mlctrio.testing"),
-    "protocol": ("quart", "quart_trio", "hypercorn", "trio", "tvm", "mlctrio.engine",
-                 "mlctrio.server", "mlctrio.runtime", "mlctrio.models", "mlctrio.service"),
+    "protocol": (
+        "quart",
+        "quart_trio",
+        "hypercorn",
+        "trio",
+        "tvm",
+        "mlctrio.engine",
+        "mlctrio.server",
+        "mlctrio.runtime",
+        "mlctrio.models",
+        "mlctrio.service",
+    ),
 }
 
 

@@ -65,7 +65,7 @@ def test_q0f16_mlc_dtypes_and_cast_back() -> None:
 def test_mlc_to_params_rejects_mismatches() -> None:
     infos = param_infos(TINY, "q0f32")
     mlc = hf_to_mlc(TINY, random_hf_weights(TINY), "q0f32")
-    with pytest.raises(KeyError, match="model.norm.weight"):
+    with pytest.raises(KeyError, match=r"model\.norm\.weight"):
         mlc_to_params({k: v for k, v in mlc.items() if k != "model.norm.weight"}, infos)
     with pytest.raises(ValueError, match="shape"):
         mlc_to_params({**mlc, "model.norm.weight": np.ones(3, np.float32)}, infos)
@@ -93,7 +93,7 @@ def test_group_quant_layout_matches_mlc() -> None:
     assert q.dtype == np.uint32 and q.shape == (1, 4) and scale.shape == (1, 1)
     np.testing.assert_allclose(scale, [[2.0 / 7]], rtol=1e-6)
     nibbles = [(int(q[0, 0]) >> (4 * e)) & 0xF for e in range(8)]  # element e at bits 4e
-    assert nibbles == [int(round(v / (2 / 7))) + 7 for v in w[0, :8]]
+    assert nibbles == [round(v / (2 / 7)) + 7 for v in w[0, :8]]
     assert (int(q[0, 3]) >> 28) & 0xF == 0  # -2.0 -> -7 + 7
     np.testing.assert_allclose(dequantize_group_np(q, scale), w, atol=(2 / 7) / 2 + 1e-6)
 
@@ -127,15 +127,23 @@ def test_config_from_hf_variants() -> None:
     assert c.attention_bias and c.context_window_size == 32768 and c.head_dim == 16
     assert c.rope_scaling is not None and c.rope_scaling["factor"] == 8.0
     m = LlamaConfig.from_hf(
-        {**_hf_cfg(), "model_type": "mistral", "sliding_window": 4096,
-         "max_position_embeddings": 32768}
+        {
+            **_hf_cfg(),
+            "model_type": "mistral",
+            "sliding_window": 4096,
+            "max_position_embeddings": 32768,
+        }
     )
     assert m.sliding_window == 4096 and not m.attention_bias
     # No sliding-window attention in the KV cache: the served context stops at the window.
     assert m.context_window_size == 4096
     wide = LlamaConfig.from_hf(
-        {**_hf_cfg(), "model_type": "mistral", "sliding_window": 65536,
-         "max_position_embeddings": 32768}
+        {
+            **_hf_cfg(),
+            "model_type": "mistral",
+            "sliding_window": 65536,
+            "max_position_embeddings": 32768,
+        }
     )
     assert wide.context_window_size == 32768
     with pytest.raises(ValueError, match="rope_scaling"):

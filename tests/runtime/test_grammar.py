@@ -20,6 +20,7 @@ import pytest
 from mlctrio.engine.types import SamplingParams
 from mlctrio.errors import InvalidRequestError
 from mlctrio.models.demo import ensure_demo_model
+from mlctrio.protocol.tool_calls import parse_tool_calls
 from mlctrio.runtime.grammar import (
     CompiledGrammar,
     GrammarCompiler,
@@ -29,7 +30,6 @@ from mlctrio.runtime.grammar import (
 )
 from mlctrio.runtime.sampler import Sampler, make_generator
 from mlctrio.runtime.tokenizer import HFTokenizer, load_tokenizer
-from mlctrio.protocol.tool_calls import parse_tool_calls
 
 MODEL_VOCAB = 1024  # the tiny tokenizer has 1000 tokens: 24 ids of padding, like real models
 MAX_TOKENS = 400
