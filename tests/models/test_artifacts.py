@@ -170,3 +170,21 @@ def test_impossible_settings_fail_clearly() -> None:
         _resolve("local", "max_total_seq_length=100")
     with pytest.raises(ConfigError, match="exceeds the model"):
         _resolve("local", "context_window_size=100000")
+
+
+def test_cuda_library_compiles_from_the_same_definition(tmp_path: Path) -> None:
+    """No GPU here: compile (nvcc/NVRTC through TVM) and check the library's entry points.
+    Running it is tested only where a GPU exists."""
+    from mlctrio.models.llama import TINY
+
+    compiled = compile_model(TINY, "q4f16_1", target="cuda", cache_dir=tmp_path)
+    data = compiled.lib_path.read_bytes()
+    for name in (
+        b"embed",
+        b"batch_prefill",
+        b"batch_decode",
+        b"batch_verify",
+        b"create_paged_kv_cache",
+    ):
+        assert name in data, name
+    assert compiled.lib_path != compile_model(TINY, "q4f16_1", cache_dir=tmp_path).lib_path
