@@ -10,7 +10,6 @@ format from an HF checkpoint (`mlctrio convert-weight`, `mlctrio gen-config`).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -52,16 +51,6 @@ class ModelArtifact:
     raw_config: Mapping[str, Any]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return data
-
-
 def _llama_config(cfg: Mapping[str, Any], where: Path) -> LlamaConfig:
     try:
         return LlamaConfig.from_hf(dict(cfg))
@@ -90,7 +79,7 @@ def open_artifact(path: str | Path, quantization: str | None = None) -> ModelArt
             model_cfg["context_window_size"] = chat["context_window_size"]
         return ModelArtifact(root, "mlc", _llama_config(model_cfg, root), stored, chat)
     if (root / "config.json").exists():
-        cfg = _read_json(root / "config.json")
+        cfg = formats.read_json_object(root / "config.json")
         return ModelArtifact(root, "hf", _llama_config(cfg, root), quantization or "q0f32", cfg)
     raise ModelLoadError(
         f"{root} is neither a Hugging Face checkpoint (config.json) nor an MLC artifact "
@@ -131,7 +120,7 @@ def gen_config(
     gen = {}
     gen_path = art.path / "generation_config.json"
     if gen_path.exists():
-        gen = _read_json(gen_path)
+        gen = formats.read_json_object(gen_path)
     ctx = context_window_size or art.config.context_window_size
     model_config = dict(raw)
     model_config["context_window_size"] = ctx

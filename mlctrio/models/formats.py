@@ -349,7 +349,11 @@ def write_mlc_params(
 
 def read_mlc_chat_config(model_dir: str | Path) -> dict[str, Any]:
     """mlc-chat-config.json as a dict (ModelLoadError if missing or not JSON)."""
-    path = Path(model_dir) / MLC_CHAT_CONFIG
+    return read_json_object(Path(model_dir) / MLC_CHAT_CONFIG)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (ModelLoadError if missing, not JSON, or not an object)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
