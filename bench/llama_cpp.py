@@ -1,0 +1,441 @@
+"""llama.cpp for the comparison benchmarks: build `llama-server` once, run it, ask it for tokens.
+
+    python bench/llama_cpp.py                 # build (or find) llama-server, print its path
+    python bench/llama_cpp.py --version 0.3.36
+
+`ensure_llama_server()` returns a `llama-server` binary, from (in this order):
+
+1. `$MLCTRIO_LLAMA_SERVER` (a binary you built yourself);
+2. the cache, `~/.cache/mlctrio/llama.cpp/<version>/build/bin/llama-server` ($MLCTRIO_CACHE_DIR
+   moves `~/.cache/mlctrio`);
+3. a fresh build into that cache: `pip download llama-cpp-python==<version> --no-binary :all:`
+   fetches the sdist, whose `vendor/llama.cpp` is a pinned llama.cpp source tree, and cmake builds
+   it (Release, -DGGML_NATIVE=ON, no curl / OpenSSL / web UI; `-j2`). That takes ~15-30 minutes on
+   2 shared cores, once; a file lock keeps two processes from building at the same time.
+
+`find_llama_server()` does 1-2 only (tests use it to skip rather than build). The sources and
+the build live only in the cache, never in the repository.
+
+`LlamaServer` / `open_server` run a server on a loopback port and stop it by PID; `greedy_tokens`
+asks llama-server's native `/completion` endpoint for greedy continuations of a token-id prompt,
+with the top log-probabilities of every step (to tell a real mismatch from a near-tie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+# The llama-cpp-python release whose vendored llama.cpp we build. Pinned so that every machine
+# benchmarks the same llama.cpp (0.3.36 vendors llama.cpp commit 0c1e570, ggml 0.25.3).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",  # -march=native: what llama.cpp users get when building themselves
+    "-DLLAMA_CURL=OFF",  # deprecated in newer trees (a warning), still honoured by older ones
+    "-DLLAMA_OPENSSL=OFF",  # no model downloads: we serve local files
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # would download the web UI at configure time
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary, movable and independent of the tree
+)
+BUILD_TARGETS = ("llama-server",)
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("MLCTRIO_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path("~/.cache/mlctrio").expanduser()) / "llama.cpp"
+
+
+def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """`<cache>/llama.cpp/<version>`: src/ (llama.cpp's sources), build/, build.log."""
+    return _cache_root() / version
+
+
+def _built_binary(version: str, name: str = "llama-server") -> Path:
+    return cache_dir(version) / "build" / "bin" / name
+
+
+def find_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path | None:
+    """$MLCTRIO_LLAMA_SERVER or the cached build; None when neither exists (nothing is built)."""
+    env = os.environ.get("MLCTRIO_LLAMA_SERVER")
+    if env:
+        path = Path(env).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise FileNotFoundError(f"$MLCTRIO_LLAMA_SERVER={env} is not an executable file")
+        return path
+    built = _built_binary(version)
+    # The marker is written after a successful build: a binary without it may be half-linked.
+    if built.is_file() and (cache_dir(version) / "build.ok").is_file():
+        return built
+    return None
+
+
+def _say(message: str) -> None:
+    print(f"[llama.cpp] {message}", file=sys.stderr, flush=True)
+
+
+def _run_logged(cmd: Sequence[str], log: IO[str], *, cwd: Path | None = None) -> None:
+    """Run `cmd`, appending its output to `log`; show cmake's `[ NN%]` progress lines."""
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    assert proc.stdout is not None
+    last_pct = ""
+    tail: list[str] = []
+    for line in proc.stdout:
+        log.write(line)
+        tail = [*tail[-30:], line]
+        if line.startswith("[") and "%]" in line[:8]:
+            pct = line[1:5].strip()
+            if pct != last_pct:  # one line per percent step, not per object file
+                last_pct = pct
+                _say(f"build {pct} {line[7:].strip()[:90]}")
+    if proc.wait() != 0:
+        raise RuntimeError(
+            f"{cmd[0]} failed (exit {proc.returncode}); last lines:\n{''.join(tail)}"
+            f"\nfull log: {log.name}"
+        )
+
+
+def _fetch_sources(version: str, dest: Path, log: IO[str]) -> None:
+    """Put llama-cpp-python's vendored llama.cpp tree at `dest` (via pip's sdist download)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _say(f"downloading the llama-cpp-python {version} sdist (llama.cpp's sources)")
+        _run_logged(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"llama-cpp-python=={version}",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                tmp,
+            ],
+            log,
+        )
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if len(sdists) != 1:
+            raise RuntimeError(f"expected one sdist in {tmp}, found {sdists}")
+        _say(f"extracting vendor/llama.cpp from {sdists[0].name}")
+        with tarfile.open(sdists[0]) as tar:
+            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix) :]
+            tar.extractall(Path(tmp) / "src", members=[m for m in members if m.name], filter="data")
+        shutil.move(str(Path(tmp) / "src"), dest)
+
+
+def build_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
+    """Download llama.cpp's sources (if needed) and build llama-server into the cache."""
+    root = cache_dir(version)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "build.log", "a") as log:
+        src = root / "src"
+        if not (src / "CMakeLists.txt").is_file():
+            shutil.rmtree(src, ignore_errors=True)
+            _fetch_sources(version, src, log)
+        _say(f"configuring {src} (log: {log.name})")
+        _run_logged(["cmake", "-S", str(src), "-B", str(root / "build"), *CMAKE_FLAGS], log)
+        _say(f"building {', '.join(BUILD_TARGETS)} with -j{jobs}: ~15-30 min on 2 cores, once")
+        start = time.monotonic()
+        _run_logged(
+            [
+                "cmake",
+                "--build",
+                str(root / "build"),
+                "--config",
+                "Release",
+                f"-j{jobs}",
+                "--target",
+                *BUILD_TARGETS,
+            ],
+            log,
+        )
+        (root / "build.ok").write_text(
+            json.dumps({"version": version, "flags": CMAKE_FLAGS, "targets": BUILD_TARGETS}) + "\n"
+        )
+        _say(f"built in {time.monotonic() - start:.0f} s")
+    return _built_binary(version)
+
+
+def ensure_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
+    """A llama-server binary: found (see the module docstring), else built once into the cache."""
+    found = find_llama_server(version)
+    if found is not None:
+        return found
+    cache_dir(version).mkdir(parents=True, exist_ok=True)
+    with open(cache_dir(version) / ".lock", "w") as lock:
+        _say("waiting for the build lock" if _locked(lock) else "took the build lock")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building: wait for it
+        found = find_llama_server(version)
+        return found if found is not None else build_llama_server(version, jobs)
+
+
+def _locked(lock: IO[str]) -> bool:
+    """True when another process holds `lock` (probing without taking it for long)."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
+
+
+def llama_server_version(binary: Path) -> str:
+    """`llama-server --version`'s first line (build number and commit)."""
+    out = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version")]
+    return lines[0] if lines else "unknown"
+
+
+# -- running servers ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the server binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess on a loopback port; `stop()` ends it by PID (its process group)."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+    log_path: Path
+
+    def log_tail(self, max_chars: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_bytes()[-max_chars:].decode(errors="replace")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it lingers; always reaped. Idempotent."""
+        if self.proc.poll() is None:
+            # The server leads its own process group (start_new_session): signal the group, so
+            # helpers it may have spawned go too — but only that group, which we created.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def start_server(
+    name: str,
+    cmd: Sequence[str],
+    port: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    startup_timeout_s: float = 600.0,
+    log_dir: Path | None = None,
+    health_path: str = "/health",
+) -> ServerProcess:
+    """Start `cmd` (which must listen on 127.0.0.1:`port`) and wait until GET `health_path` is 200.
+
+    Output goes to a log file rather than a pipe, so a chatty server never blocks on a full pipe;
+    its tail is shown when the server dies or does not become healthy. llama-server answers 503 on
+    /health while it loads the model, mlctrio while it compiles: both count as "not yet".
+    """
+    url = f"http://127.0.0.1:{port}"
+    log_dir = log_dir or Path(tempfile.gettempdir())
+    log_path = log_dir / f"{name}-{port}.log"
+    log = open(log_path, "w+b")
+    proc = subprocess.Popen(
+        list(cmd),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # our own process group: Ctrl-C in the terminal is ours to handle
+    )
+    server = ServerProcess(name, url, proc, log, log_path)
+    deadline = time.monotonic() + startup_timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                if httpx.get(url + health_path, timeout=2).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{name} not healthy after {startup_timeout_s:.0f} s:\n{server.log_tail()}"
+                )
+            time.sleep(0.1)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def llama_server_cmd(
+    binary: Path,
+    gguf: Path,
+    port: int | str,
+    *,
+    threads: int = 2,
+    parallel: int = 1,
+    ctx_per_slot: int = 2048,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """llama-server's command line: `parallel` slots of `ctx_per_slot` tokens each, continuous
+    batching, `threads` threads for generation and for prompt processing alike."""
+    return [
+        str(binary),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),  # batch (prompt) threads: default is all cores, pin it like -t
+        "-np",
+        str(parallel),
+        "-c",
+        str(ctx_per_slot * parallel),  # -c is the total KV size, split over the slots
+        "-cb",  # continuous batching (the default in current trees; explicit for older ones)
+        "--no-warmup",  # the benchmark warms up itself; saves start-up time in tests
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def open_llama_server(
+    gguf: Path,
+    *,
+    threads: int = 2,
+    parallel: int = 1,
+    ctx_per_slot: int = 2048,
+    extra: Sequence[str] = (),
+    binary: Path | None = None,
+) -> Iterator[ServerProcess]:
+    """Run llama-server on `gguf` (found or built, see ensure_llama_server) for a `with` block."""
+    binary = binary or ensure_llama_server()
+    port = free_port()
+    cmd = llama_server_cmd(
+        binary,
+        gguf,
+        port,
+        threads=threads,
+        parallel=parallel,
+        ctx_per_slot=ctx_per_slot,
+        extra=extra,
+    )
+    server = start_server("llama-server", cmd, port, startup_timeout_s=300)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- greedy generation over /completion ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GreedyResult:
+    """Token ids generated greedily, with each step's top alternatives as (id, logprob)."""
+
+    tokens: list[int]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+def greedy_tokens(
+    url: str,
+    prompt_ids: Sequence[int],
+    n_predict: int,
+    *,
+    n_probs: int = 0,
+    timeout_s: float = 120.0,
+) -> GreedyResult:
+    """Greedy continuation of a token-id prompt from llama-server's native /completion.
+
+    `ignore_eos` makes it generate exactly `n_predict` tokens, like mlctrio's `ignore_eos`;
+    `cache_prompt: false` keeps one request from reusing another's KV cache, so every call
+    computes the same thing. With `n_probs`, the top log-probabilities of each step are those
+    before sampling (the model's softmax), as mlctrio's logprobs are.
+    """
+    body: dict[str, Any] = {
+        "prompt": list(prompt_ids),
+        "n_predict": n_predict,
+        "temperature": 0.0,
+        "top_k": 1,  # greedy even if a future default of temperature 0 changes meaning
+        "ignore_eos": True,
+        "cache_prompt": False,
+        "return_tokens": True,
+        "n_probs": n_probs,
+        "post_sampling_probs": False,
+        "stream": False,
+    }
+    response = httpx.post(url + "/completion", json=body, timeout=timeout_s)
+    response.raise_for_status()
+    data = response.json()
+    tokens = [int(t) for t in data.get("tokens") or []]
+    tops = [
+        [(int(alt["id"]), float(alt["logprob"])) for alt in step.get("top_logprobs", [])]
+        for step in data.get("completion_probabilities") or []
+    ]
+    if not tokens:  # older servers without return_tokens: the ids are in the probabilities
+        tokens = [int(step["id"]) for step in data.get("completion_probabilities") or []]
+    return GreedyResult(tokens, tops)
+
+
+def tokenize(url: str, text: str) -> list[int]:
+    """llama-server's own tokenization of `text` (no special tokens added)."""
+    response = httpx.post(
+        url + "/tokenize", json={"content": text, "add_special": False}, timeout=30
+    )
+    response.raise_for_status()
+    return [int(t["id"]) if isinstance(t, dict) else int(t) for t in response.json()["tokens"]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Build (once) or find llama.cpp's llama-server.")
+    p.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION, help="llama-cpp-python sdist")
+    p.add_argument("-j", "--jobs", type=int, default=2)
+    args = p.parse_args(argv)
+    binary = ensure_llama_server(args.version, args.jobs)
+    print(binary)
+    print(llama_server_version(binary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
