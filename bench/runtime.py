@@ -54,6 +54,8 @@ def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: 
         prefill_chunk_size=max(PREFILL_LENS),
     )
     row["load_s"] = f"{time.perf_counter() - t0:.2f}"
+    # Every decode step reads every weight once (the embedding only for the batch's rows).
+    row["weight_bytes"] = sum(p.nbytes for p in params)
     rng = np.random.default_rng(0)
     for n in PREFILL_LENS:
         toks = rng.integers(0, config.vocab_size, n).tolist()
@@ -100,8 +102,44 @@ def bench_numpy(config: LlamaConfig, hf: dict, steps: int) -> dict:
     ref.forward(cache, 0, rng.integers(0, config.vocab_size, 16).tolist())
     tok = [int(rng.integers(0, config.vocab_size))]
     row["decode_b1"] = steps / _best(lambda: [ref.forward(cache, 0, tok) for _ in range(steps)], 2)
+    row["weight_bytes"] = sum(a.nbytes for a in hf.values())
     set_openblas_threads(1)
     return row
+
+
+def memory_bandwidth_bytes_s(size_bytes: int = 512 << 20, repeat: int = 5) -> float:
+    """A STREAM-like copy: bytes read + written per second by numpy (best of `repeat`).
+
+    numpy's copy is single-threaded; decode reads weights with TVM_NUM_THREADS threads, so this is
+    a conservative (low) bound on what the cores can stream, not the DRAM peak.
+    """
+    src = np.ones(size_bytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeat))
+    return 2 * src.nbytes / best
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def print_roofline(rows: list[dict], bandwidth: float) -> None:  # type: ignore[type-arg]
+    """Decode at batch 1 against the memory-bandwidth bound: weight bytes read per step."""
+    print(f"\nroofline: measured copy bandwidth {bandwidth / 1e9:.1f} GB/s (numpy, 1 thread)")
+    print("pipeline | weight MB read per decode step | bound tok/s (B=1) | decode B1 | of bound")
+    print("---|---|---|---|---")
+    for row in rows:
+        nbytes = row.get("weight_bytes")
+        measured = row.get("decode_b1")
+        if not isinstance(nbytes, int) or not isinstance(measured, float):
+            continue
+        bound = bandwidth / nbytes
+        print(
+            f"{row['pipeline']} | {nbytes / 1e6:.0f} | {bound:.0f} | {measured:.0f} | "
+            f"{measured / bound:.0%} (bound/measured {bound / measured:.2f}x)"
+        )
 
 
 def main() -> None:
@@ -135,6 +173,7 @@ def main() -> None:
     for row in rows:
         cells = [row.get(c, "-") for c in cols]
         print(" | " + " | ".join(f"{c:.0f}" if isinstance(c, float) else str(c) for c in cells))
+    print_roofline(rows, memory_bandwidth_bytes_s())
 
 
 if __name__ == "__main__":
