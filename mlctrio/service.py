@@ -148,6 +148,20 @@ class RequestStream:
             self.unfinished.discard(output.request_id)
         return output
 
+    def receive_ready(self) -> list[RequestOutput]:
+        """Every output already delivered, without waiting (lets a slow writer catch up in
+        one write instead of one per engine step)."""
+        ready: list[RequestOutput] = []
+        while self.unfinished:
+            try:
+                output = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if output.finished:
+                self.unfinished.discard(output.request_id)
+            ready.append(output)
+        return ready
+
 
 def _is_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, trio.Cancelled):

@@ -182,26 +182,32 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                     yield event(_timeout_error(state).to_dict())
                     yield DONE
                     return
-                if output.error is not None:
-                    yield event(_engine_error(output.error))
-                    yield DONE
-                    return
-                usage = output.usage
-                for d in output.deltas:
-                    if parsers is not None:
-                        for body in _tool_chunks(head, d, parsers[d.index], include_usage):
-                            yield event(body)
-                    elif d.text or d.finish_reason or d.logprobs:
-                        yield event(
-                            chunk(
-                                head,
-                                d.index,
-                                {"content": d.text} if d.text else {},
-                                finish_reason=d.finish_reason,
-                                logprobs=d.logprobs,
-                                include_usage=include_usage,
+                events: list[bytes] = []
+                for ready in [output, *stream.receive_ready()]:
+                    if ready.error is not None:
+                        events += (event(_engine_error(ready.error)), DONE)
+                        yield b"".join(events)
+                        return
+                    usage = ready.usage
+                    for d in ready.deltas:
+                        if parsers is not None:
+                            for body in _tool_chunks(head, d, parsers[d.index], include_usage):
+                                events.append(event(body))
+                        elif d.text or d.finish_reason or d.logprobs:
+                            events.append(
+                                event(
+                                    chunk(
+                                        head,
+                                        d.index,
+                                        {"content": d.text} if d.text else {},
+                                        finish_reason=d.finish_reason,
+                                        logprobs=d.logprobs,
+                                        include_usage=include_usage,
+                                    )
+                                )
                             )
-                        )
+                if events:  # one write for everything that was ready
+                    yield b"".join(events)
         if include_usage:
             yield event(g.usage_chunk(head, usage))
         yield DONE
@@ -365,17 +371,23 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                     yield event(_timeout_error(state).to_dict())
                     yield DONE
                     return
-                if output.error is not None:
-                    yield event(_engine_error(output.error))
-                    yield DONE
-                    return
-                usage[output.request_id] = output.usage
-                base = index_of[output.request_id]
-                for d in output.deltas:
-                    if d.text or d.finish_reason or d.logprobs:
-                        yield choice_chunk(
-                            base + d.index, d.text, d.finish_reason, d.logprobs or []
-                        )
+                events: list[bytes] = []
+                for ready in [output, *stream.receive_ready()]:
+                    if ready.error is not None:
+                        events += (event(_engine_error(ready.error)), DONE)
+                        yield b"".join(events)
+                        return
+                    usage[ready.request_id] = ready.usage
+                    base = index_of[ready.request_id]
+                    for d in ready.deltas:
+                        if d.text or d.finish_reason or d.logprobs:
+                            events.append(
+                                choice_chunk(
+                                    base + d.index, d.text, d.finish_reason, d.logprobs or []
+                                )
+                            )
+                if events:  # one write for everything that was ready
+                    yield b"".join(events)
         if include_usage:
             total = Usage(
                 sum(u.prompt_tokens for u in usage.values()),
