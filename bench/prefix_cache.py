@@ -68,35 +68,12 @@ def run_one(
 
 
 def build_core(config: ServerConfig) -> EngineCore:
-    """What runtime/model_loader.load_model builds, less what the server needs besides the core."""
-    from mlctrio.models.artifact import load_params, open_artifact
-    from mlctrio.models.compile import compile_model, resolve_target
-    from mlctrio.runtime.chat_template import load_chat_template
-    from mlctrio.runtime.model_loader import footprint, resolve_model_dir
-    from mlctrio.runtime.tokenizer import load_tokenizer
-    from mlctrio.runtime.tvm_runner import TVMRunner
-    from mlctrio.sizing import resolve_engine_config
+    """The engine core `mlctrio serve` would build for this config (no server)."""
+    from mlctrio.runtime.model_loader import load_model
 
-    path = resolve_model_dir(config.model)
-    art = open_artifact(path, config.quantization)
-    tokenizer = load_tokenizer(path)
-    template = load_chat_template(path, tokenizer)
-    compiled = compile_model(art.config, art.quantization, target=resolve_target(None))
-    engine_config, _ = resolve_engine_config(config, footprint(art, compiled.params))
-    runner = TVMRunner(
-        compiled.lib_path,
-        load_params(art, compiled.params),
-        art.config,
-        max_num_sequence=engine_config.max_num_sequence,
-        max_total_seq_length=engine_config.max_total_seq_length,
-        prefill_chunk_size=engine_config.prefill_chunk_size,
-        page_size=engine_config.kv_page_size,
-        num_threads=engine_config.num_threads,
-    )
-    print(f"[{config.prefix_cache_mode}] {attrs.asdict(engine_config)}")
-    return EngineCore(
-        runner, tokenizer, engine_config, extra_stop_token_ids=template.stop_token_ids
-    )
+    core, _ = load_model(config)
+    print(f"[{config.prefix_cache_mode}] {attrs.asdict(core.config)}")
+    return core
 
 
 def bench_mode(args: argparse.Namespace, mode: PrefixCacheMode) -> list[dict[str, object]]:

@@ -30,6 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlctrio.engine.tokens import ChatTemplate, Tokenizer
 from mlctrio.errors import InvalidRequestError, ModelLoadError
+from mlctrio.runtime.tokenizer import read_optional_json
 
 __all__ = [
     "CONV_PRESETS",
@@ -385,22 +386,12 @@ def conv_template_from_config(conv: str | Mapping[str, Any], tokenizer: Tokenize
         raise ModelLoadError(f"invalid conv_template: {exc!r}") from exc
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
 def _hf_templates(model_dir: Path, tok_config: Mapping[str, Any]) -> dict[str, str] | None:
     raw: Any = tok_config.get("chat_template")
     if raw is None and (model_dir / "chat_template.jinja").is_file():
         raw = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if raw is None:
-        raw = _read_json(model_dir / "chat_template.json").get("chat_template")
+        raw = read_optional_json(model_dir / "chat_template.json").get("chat_template")
     if isinstance(raw, str):
         return {"default": raw}
     if isinstance(raw, list):
@@ -428,7 +419,7 @@ def _special_token_strings(tok_config: Mapping[str, Any]) -> dict[str, str]:
 def load_chat_template(model_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
     """The model's chat template: HF jinja first, then MLC conv_template, else chatml."""
     model_dir = Path(model_dir)
-    tok_config = _read_json(model_dir / "tokenizer_config.json")
+    tok_config = read_optional_json(model_dir / "tokenizer_config.json")
     templates = _hf_templates(model_dir, tok_config)
     if templates:
         return HFChatTemplate(
@@ -436,5 +427,5 @@ def load_chat_template(model_dir: str | Path, tokenizer: Tokenizer) -> ChatTempl
             special_tokens=_special_token_strings(tok_config),
             stop_token_ids=tuple(tokenizer.eos_token_ids),
         )
-    conv = _read_json(model_dir / "mlc-chat-config.json").get("conv_template")
+    conv = read_optional_json(model_dir / "mlc-chat-config.json").get("conv_template")
     return conv_template_from_config(conv if conv is not None else "chatml", tokenizer)

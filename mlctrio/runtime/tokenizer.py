@@ -340,7 +340,8 @@ class WindowDetokenizer:
         return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_optional_json(path: Path) -> dict[str, Any]:
+    """A JSON object file's contents; {} when the file is absent or not an object."""
     if not path.is_file():
         return {}
     try:
@@ -414,7 +415,7 @@ def _byte_level_bpe(model_dir: Path, tok_config: dict[str, Any]) -> tokenizers.T
         content = token_content(spec)
         if content is not None:
             added[int(id_str)] = (content, bool(spec.get("special", True)))
-    for content, token_id in _read_json(model_dir / "added_tokens.json").items():
+    for content, token_id in read_optional_json(model_dir / "added_tokens.json").items():
         added.setdefault(int(token_id), (content, True))
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         content = token_content(tok_config.get(key))
@@ -435,10 +436,10 @@ def load_tokenizer(model_dir: str | Path) -> HFTokenizer:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
-    tok_config = _read_json(model_dir / "tokenizer_config.json")
-    gen_config = _read_json(model_dir / "generation_config.json")
-    config = _read_json(model_dir / "config.json")
-    mlc_config = _read_json(model_dir / "mlc-chat-config.json")
+    tok_config = read_optional_json(model_dir / "tokenizer_config.json")
+    gen_config = read_optional_json(model_dir / "generation_config.json")
+    config = read_optional_json(model_dir / "config.json")
+    mlc_config = read_optional_json(model_dir / "mlc-chat-config.json")
     backend = _load_backend(model_dir, tok_config)
 
     def lookup(key: str) -> int | None:
