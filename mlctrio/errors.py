@@ -13,7 +13,8 @@
         ├── PayloadTooLargeError         413
         ├── RateLimitError               429
         ├── ServiceUnavailableError      503 (QueueFullError: with Retry-After)
-        └── RequestTimeoutError          504
+        ├── RequestTimeoutError          504
+        └── EngineFailedError            500 server_error: the engine failed this request
 
 server/errors.py maps RequestError (and only it) to the envelope
 `{"error": {"message", "type", "param", "code"}}`; anything else is logged and becomes a 500 with
@@ -127,3 +128,11 @@ class RequestTimeoutError(RequestError):
     status = 504
     type = "timeout_error"
     code = "request_timeout"
+
+
+class EngineFailedError(RequestError):
+    """The engine failed a request (reported to that client; the server lives on)."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"

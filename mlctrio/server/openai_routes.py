@@ -7,89 +7,26 @@ through the same path; leaving the block early (client gone, deadline) aborts in
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
-import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from ..engine.types import ChoiceDelta, GenerationRequest, RequestOutput, Usage
-from ..errors import InvalidRequestError, RequestError, RequestTimeoutError
+from ..engine.types import ChoiceDelta, GenerationRequest, Usage
+from ..errors import InvalidRequestError
 from ..protocol.openai import (
     parse_chat_request,
     parse_completion_request,
     parse_detokenize_request,
     parse_tokenize_request,
 )
-from ..service import RequestStream
 from . import generation as g
 from . import prompts, tools
 from .app import ServerState, json_response, read_json
-from .sse import DONE, PING, event
-
-_TIMEOUT = object()
-
-
-def _deadline(state: ServerState, arrival: float) -> float:
-    timeout = state.config.request_timeout_s
-    return trio.current_time() + timeout if timeout else float("inf")
-
-
-async def _next(stream: RequestStream, deadline: float, ping_s: float) -> Any:
-    """The next output, PING when nothing came for ping_s, _TIMEOUT past the deadline."""
-    wake = min(deadline, trio.current_time() + ping_s)
-    with trio.move_on_at(wake):
-        return await stream.receive()
-    return _TIMEOUT if trio.current_time() >= deadline else PING
-
-
-def _timeout_error(state: ServerState) -> RequestTimeoutError:
-    return RequestTimeoutError(
-        f"The request took longer than the server's timeout of "
-        f"{state.config.request_timeout_s} s and was aborted."
-    )
-
-
-def _engine_error(message: str) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": f"The engine failed while generating: {message}",
-            "type": "server_error",
-            "param": None,
-            "code": "engine_error",
-        }
-    }
-
-
-def _sse(body: AsyncIterator[bytes]) -> Response:
-    response = Response(body, content_type="text/event-stream; charset=utf-8")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    response.timeout = None
-    return response
-
-
-async def _collect(
-    state: ServerState, requests: Sequence[GenerationRequest], deadline: float
-) -> list[RequestOutput]:
-    """Run requests to completion (non-streaming)."""
-    outputs: list[RequestOutput] = []
-    async with state.engine.generate(requests) as stream:
-        with trio.move_on_at(deadline):
-            while (output := await stream.receive()) is not None:
-                if output.error is not None:
-                    raise RequestError(f"The engine failed: {output.error}")
-                outputs.append(output)
-            return outputs
-        stream.abort_reason = "timeout"
-        raise _timeout_error(state)
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    """Tokenization and template rendering run off the event loop."""
-    return await trio.to_thread.run_sync(fn, *args)
+from .sse import DONE, event
+from .streaming import collect, deadline_for, in_thread, next_batch, sse_response
 
 
 def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
@@ -107,11 +44,11 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                     "(response_format / tools).",
                     param="tools" if constraint.kind == "tools" else "response_format",
                 )
-            await _in_thread(info.check_constraint, constraint)
+            await in_thread(info.check_constraint, constraint)
         call_format = info.tool_call_format if tools.tool_mode(req) else None
         template = info.chat_template
         template_tools = prompts.tools_for_template(req)
-        prompt = await _in_thread(
+        prompt = await in_thread(
             lambda: prompts.render_chat(req.messages, template_tools, template, info.tokenizer)
         )
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -130,9 +67,9 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
             params = attrs.evolve(params, constraint=constraint)
         head = g.ResponseHead.new("chatcmpl", "chat.completion", state.model_name)
         gen = g.generation_request(head.id, prompt, params, arrival)
-        deadline = _deadline(state, arrival)
+        deadline = deadline_for(state)
         if not req.stream:
-            outputs = await _collect(state, [gen], deadline)
+            outputs = await collect(state, [gen], deadline)
             choices = [g.ChoiceAccumulator(i) for i in range(params.n)]
             for output in outputs:
                 for delta in output.deltas:
@@ -148,7 +85,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
             return json_response(body)
         state.engine.check_admission()
         include_usage = req.include_usage
-        return _sse(_chat_stream(state, head, gen, include_usage, deadline, call_format))
+        return sse_response(_chat_stream(state, head, gen, include_usage, deadline, call_format))
 
     async def _chat_stream(
         state: ServerState,
@@ -170,24 +107,9 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                         head, i, {"role": "assistant", "content": ""}, include_usage=include_usage
                     )
                 )
-            while True:
-                output = await _next(stream, deadline, state.sse_ping_interval_s)
-                if output is None:
-                    break
-                if output is PING:
-                    yield PING
-                    continue
-                if output is _TIMEOUT:
-                    stream.abort_reason = "timeout"
-                    yield event(_timeout_error(state).to_dict())
-                    yield DONE
-                    return
+            while not (batch := await next_batch(stream, state, deadline)).done:
                 events: list[bytes] = []
-                for ready in [output, *stream.receive_ready()]:
-                    if ready.error is not None:
-                        events += (event(_engine_error(ready.error)), DONE)
-                        yield b"".join(events)
-                        return
+                for ready in batch.outputs:
                     usage = ready.usage
                     for d in ready.deltas:
                         if parsers is not None:
@@ -206,8 +128,12 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                                     )
                                 )
                             )
-                if events:  # one write for everything that was ready
-                    yield b"".join(events)
+                events.append(batch.control)
+                data = b"".join(events)
+                if data:  # one write for everything that was ready
+                    yield data
+                if batch.end:
+                    return
         if include_usage:
             yield event(g.usage_chunk(head, usage))
         yield DONE
@@ -257,7 +183,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                 "not compute.",
                 param="echo",
             )
-        prompt_ids: list[list[int]] = await _in_thread(
+        prompt_ids: list[list[int]] = await in_thread(
             lambda: prompts.prompt_token_lists(req, info.tokenizer)
         )
         head = g.ResponseHead.new("cmpl", "text_completion", state.model_name)
@@ -282,9 +208,9 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
             if req.echo
             else None
         )
-        deadline = _deadline(state, arrival)
+        deadline = deadline_for(state)
         if not req.stream:
-            outputs = await _collect(state, gens, deadline)
+            outputs = await collect(state, gens, deadline)
             acc: dict[int, g.ChoiceAccumulator] = {}
             usage: dict[str, Usage] = {}
             for output in outputs:
@@ -315,7 +241,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
             return json_response(body)
         state.engine.check_admission(len(gens))
         include_usage = req.include_usage
-        return _sse(
+        return sse_response(
             _completion_stream(
                 state,
                 head,
@@ -359,24 +285,9 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                 for k, text in enumerate(echo):
                     for i in range(n):
                         yield choice_chunk(k * n + i, text, None, [] if want_logprobs else None)
-            while True:
-                output = await _next(stream, deadline, state.sse_ping_interval_s)
-                if output is None:
-                    break
-                if output is PING:
-                    yield PING
-                    continue
-                if output is _TIMEOUT:
-                    stream.abort_reason = "timeout"
-                    yield event(_timeout_error(state).to_dict())
-                    yield DONE
-                    return
+            while not (batch := await next_batch(stream, state, deadline)).done:
                 events: list[bytes] = []
-                for ready in [output, *stream.receive_ready()]:
-                    if ready.error is not None:
-                        events += (event(_engine_error(ready.error)), DONE)
-                        yield b"".join(events)
-                        return
+                for ready in batch.outputs:
                     usage[ready.request_id] = ready.usage
                     base = index_of[ready.request_id]
                     for d in ready.deltas:
@@ -386,8 +297,12 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                                     base + d.index, d.text, d.finish_reason, d.logprobs or []
                                 )
                             )
-                if events:  # one write for everything that was ready
-                    yield b"".join(events)
+                events.append(batch.control)
+                data = b"".join(events)
+                if data:  # one write for everything that was ready
+                    yield data
+                if batch.end:
+                    return
         if include_usage:
             total = Usage(
                 sum(u.prompt_tokens for u in usage.values()),
@@ -401,7 +316,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         req = parse_tokenize_request(await read_json())
         state.check_model(req.model)
         info = state.model_info()
-        tokens = await _in_thread(lambda: prompts.tokenize(req, info.tokenizer, info.chat_template))
+        tokens = await in_thread(lambda: prompts.tokenize(req, info.tokenizer, info.chat_template))
         return json_response(
             {"tokens": tokens, "count": len(tokens), "max_model_len": info.context_window_size}
         )
@@ -418,5 +333,5 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                     f"Token id {token} is outside the vocabulary (0..{vocab - 1}).",
                     param=f"tokens.{i}",
                 )
-        text = await _in_thread(lambda: info.tokenizer.decode(req.tokens))
+        text = await in_thread(lambda: info.tokenizer.decode(req.tokens))
         return json_response({"prompt": text})
