@@ -37,50 +37,13 @@ import attrs
 
 from ..errors import EngineError
 from .pages import PagePool, SeqIds
+from .plan import BatchEntry as BatchEntry  # re-exported: the plan types live in engine/plan.py
+from .plan import StepPlan as StepPlan
+from .plan import _Draft
 from .prefix_cache import PrefixCache
 from .request import Branch, Request, RequestEvent, RequestState, max_new_tokens_for
 from .request import PromptTooLongError as PromptTooLongError  # re-exported: add() raises it
 from .types import GenerationRequest
-
-
-@attrs.frozen
-class BatchEntry:
-    """One row of the step: append token_ids to seq_id; then fork; then sample."""
-
-    request: Request
-    seq_id: int
-    token_ids: tuple[int, ...]
-    fork_seq_ids: tuple[int, ...] = ()  # children forked from seq_id after the step
-    sample_branches: tuple[int, ...] = ()  # branch indices sampling from this row's logits
-
-
-@attrs.frozen
-class StepPlan:
-    entries: tuple[BatchEntry, ...]
-    removed_seq_ids: tuple[int, ...]  # remove from the runner before the step
-    added_seq_ids: tuple[int, ...]  # then add these (empty) sequences
-    cache_forks: tuple[tuple[int, int, int], ...]  # then fork (parent, child, fork_pos) from cache
-    aborted: tuple[Request, ...]  # requests aborted at this boundary
-    length_capped: tuple[tuple[Request, int], ...]  # (request, branch) ended "length": no pages
-    num_preempted: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(e.token_ids) for e in self.entries)
-
-
-@attrs.define
-class _Draft:
-    """The plan under construction."""
-
-    entries: list[BatchEntry] = attrs.field(factory=list)
-    removed: list[int] = attrs.field(factory=list)
-    added: list[int] = attrs.field(factory=list)
-    aborted: list[Request] = attrs.field(factory=list)
-    capped: list[tuple[Request, int]] = attrs.field(factory=list)
-    touched: set[int] = attrs.field(factory=set)  # seqs stepped or forked in this plan
-    cache_forks: list[tuple[int, int, int]] = attrs.field(factory=list)
-    num_preempted: int = 0
 
 
 @attrs.define(init=False)
