@@ -65,6 +65,7 @@ def core_factory(config: ServerConfig) -> CoreFactory:
                 tokenizer=tokenizer,
                 chat_template=template,
                 config=attrs.asdict(engine_config),
+                limits=core.scheduler.limits,
             )
             return core, info
 

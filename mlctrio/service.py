@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from .engine.request import EngineLimits
 from .engine.tokens import ChatTemplate, Tokenizer
 from .engine.types import GenerationRequest, OutputConstraint, RequestOutput
 from .errors import EngineError, QueueFullError, ServiceUnavailableError
@@ -92,6 +93,9 @@ class ModelInfo:
     #: has no grammar support (e.g. mock://echo) and constraints are refused.
     check_constraint: Callable[[OutputConstraint], None] | None = None
     tool_call_format: str = "hermes"
+    #: The engine's admission limits (n vs max_num_sequence, prompt vs window and KV cache),
+    #: checked before a request is submitted so a refusal is a 400 before any stream starts.
+    limits: EngineLimits | None = None
 
 
 @attrs.frozen
@@ -213,8 +217,10 @@ class AsyncEngine:
         for request_id in list(self._pending):
             self.abort(request_id, reason)
 
-    def check_admission(self, num_requests: int = 1) -> None:
-        """Raise the 503 a new request would get now (not ready, draining, queue full)."""
+    def check_admission(self, requests: Sequence[GenerationRequest]) -> None:
+        """Raise what submitting these requests now would get: a 503 (not ready, draining,
+        queue full) or the engine's 400 (n or prompt beyond its limits)."""
+        num_requests = len(requests)
         if self.state is not EngineState.READY:
             raise ServiceUnavailableError(
                 f"The server is {self.state.value}; try again later.",
@@ -225,6 +231,10 @@ class AsyncEngine:
                 f"Too many queued requests (limit {self.max_queued_requests}); try again later.",
                 headers={"Retry-After": "1"},
             )
+        limits = self.info.limits if self.info is not None else None
+        if limits is not None:
+            for request in requests:
+                limits.check(request)
 
     @contextlib.asynccontextmanager
     async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[RequestStream]:
@@ -234,7 +244,7 @@ class AsyncEngine:
         aborts the unfinished requests in the engine. The abort is synchronous, so it also works
         under cancellation; the engine frees their pages at its next step boundary.
         """
-        self.check_admission(len(requests))
+        self.check_admission(requests)
         send, receive = trio.open_memory_channel[RequestOutput](math.inf)
         stream = RequestStream(receive, {r.request_id for r in requests})
         for request in requests:

@@ -56,6 +56,26 @@ class PromptTooLongError(ContextLengthExceededError, ValueError):
     """add() of a prompt the engine can never hold (the server is expected to check first)."""
 
 
+@attrs.frozen
+class EngineLimits:
+    """The limits `max_new_tokens_for` checks, as a value the server can check requests against
+    before submitting them (so a request the engine would refuse gets a 400, not a late error)."""
+
+    context_window_size: int
+    max_num_sequence: int
+    total_pages: int
+    page_size: int
+
+    def check(self, spec: GenerationRequest) -> int:
+        return max_new_tokens_for(
+            spec,
+            context_window_size=self.context_window_size,
+            max_num_sequence=self.max_num_sequence,
+            total_pages=self.total_pages,
+            page_size=self.page_size,
+        )
+
+
 def max_new_tokens_for(
     spec: GenerationRequest,
     *,
@@ -81,7 +101,11 @@ def max_new_tokens_for(
             f"prompt of {num_prompt} tokens (n={n}) does not fit the KV cache", param="n"
         )
     if not 1 <= n <= max_num_sequence:
-        raise PromptTooLongError(f"n={n} exceeds max_num_sequence", param="n")
+        raise PromptTooLongError(
+            f"n={n} is more than this server runs at once (max_num_sequence={max_num_sequence})",
+            param="n",
+            code="too_many_choices",
+        )
     room = context_window_size - num_prompt
     max_tokens = spec.params.max_tokens
     return room if max_tokens is None else min(max_tokens, room)

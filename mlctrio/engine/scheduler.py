@@ -41,7 +41,7 @@ from .plan import BatchEntry as BatchEntry  # re-exported: the plan types live i
 from .plan import StepPlan as StepPlan
 from .plan import _Draft
 from .prefix_cache import PrefixCache
-from .request import Branch, Request, RequestEvent, RequestState, max_new_tokens_for
+from .request import Branch, EngineLimits, Request, RequestEvent, RequestState
 from .request import PromptTooLongError as PromptTooLongError  # re-exported: add() raises it
 from .types import GenerationRequest
 
@@ -88,17 +88,21 @@ class Scheduler:
 
     # -- requests in and out ------------------------------------------------------------------
 
-    def add(self, spec: GenerationRequest) -> Request:
-        """Queue a request. Returns it already FINISHED when it has no room to generate at all."""
-        if spec.request_id in self._requests:
-            raise EngineError(f"duplicate request id {spec.request_id!r}")
-        max_new_tokens = max_new_tokens_for(
-            spec,
+    @property
+    def limits(self) -> EngineLimits:
+        """What add() checks, for checking requests before they are submitted."""
+        return EngineLimits(
             context_window_size=self.context_window_size,
             max_num_sequence=self.max_num_sequence,
             total_pages=self.pool.total_pages,
             page_size=self.pool.page_size,
         )
+
+    def add(self, spec: GenerationRequest) -> Request:
+        """Queue a request. Returns it already FINISHED when it has no room to generate at all."""
+        if spec.request_id in self._requests:
+            raise EngineError(f"duplicate request id {spec.request_id!r}")
+        max_new_tokens = self.limits.check(spec)
         req = Request.create(spec, max_new_tokens)
         if req.max_new_tokens <= 0:
             for b in req.branches:

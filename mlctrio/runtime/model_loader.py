@@ -131,6 +131,7 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         tokenizer=tokenizer,
         chat_template=template,
         check_constraint=constraints.check,
+        limits=core.scheduler.limits,
         tool_call_format=detect_tool_call_format(template),
         config={
             **attrs.asdict(engine_config),

@@ -83,7 +83,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                         )
                     )
             return json_response(body)
-        state.engine.check_admission()
+        state.engine.check_admission([gen])
         include_usage = req.include_usage
         return sse_response(_chat_stream(state, head, gen, include_usage, deadline, call_format))
 
@@ -239,7 +239,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
             body["choices"] = choices
             body["usage"] = g.usage_json(total)
             return json_response(body)
-        state.engine.check_admission(len(gens))
+        state.engine.check_admission(gens)
         include_usage = req.include_usage
         return sse_response(
             _completion_stream(

@@ -246,3 +246,17 @@ def test_error_after_stream_started_is_an_error_event(server_factory) -> None:  
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "request_timeout"
     handle.wait_quiescent()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_limits_are_400_before_any_stream(server_factory, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    handle = server_factory(model="mock://echo?max_num_sequence=4&num_pages=8")
+    too_many = _post(handle, CHAT, {"model": MODEL, "messages": _msg(), "n": 6, "stream": stream})
+    assert too_many.status_code == 400
+    assert too_many.json()["error"]["param"] == "n"
+    assert too_many.json()["error"]["code"] == "too_many_choices"
+    # 8 pages of 16 tokens: a 200-token prompt fits the window (4096) but never the KV cache.
+    too_big = _post(handle, CHAT, {"model": MODEL, "messages": _msg("k" * 200), "stream": stream})
+    assert too_big.status_code == 400
+    assert too_big.json()["error"]["code"] == "context_length_exceeded"
+    handle.wait_quiescent()
