@@ -207,4 +207,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MlctrioError as exc:
         print(f"mlctrio: error: {exc}", file=sys.stderr)
         return 2
-    return 2

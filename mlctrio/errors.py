@@ -8,10 +8,8 @@
         ├── InvalidRequestError          400 invalid_request_error
         │   └── ContextLengthExceededError   400, code context_length_exceeded
         ├── AuthenticationError          401 invalid_api_key
-        ├── PermissionDeniedError        403
         ├── NotFoundError                404 (ModelNotFoundError: code model_not_found)
         ├── PayloadTooLargeError         413
-        ├── RateLimitError               429
         ├── ServiceUnavailableError      503 (QueueFullError: with Retry-After)
         ├── RequestTimeoutError          504
         └── EngineFailedError            500 server_error: the engine failed this request
@@ -86,11 +84,6 @@ class AuthenticationError(RequestError):
     code = "invalid_api_key"
 
 
-class PermissionDeniedError(RequestError):
-    status = 403
-    type = "permission_error"
-
-
 class NotFoundError(RequestError):
     status = 404
     type = "not_found_error"
@@ -106,12 +99,6 @@ class PayloadTooLargeError(RequestError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
-
-
-class RateLimitError(RequestError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
 
 
 class ServiceUnavailableError(RequestError):

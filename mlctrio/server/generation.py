@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from ..engine.tokens import Tokenizer
-from ..engine.types import ChoiceDelta, GenerationRequest, SamplingParams, TokenLogprob, Usage
+from ..engine.types import ChoiceDelta, SamplingParams, TokenLogprob, Usage
 from ..errors import ContextLengthExceededError, InvalidRequestError
 
 SYSTEM_FINGERPRINT = "fp_mlctrio"
@@ -49,14 +49,19 @@ class ResponseHead:
 
 
 def check_context(
-    num_prompt_tokens: int, max_tokens: int | None, context_window: int, param: str
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    context_window: int,
+    *,
+    prompt_param: str,
+    max_tokens_param: str,
 ) -> int:
     """Return the max_tokens to use; raise 400 context_length_exceeded like OpenAI/vLLM do."""
     if num_prompt_tokens >= context_window:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {context_window} tokens. However, your "
             f"prompt has {num_prompt_tokens} tokens, leaving no room for a completion.",
-            param="messages" if param == "max_tokens" else "prompt",
+            param=prompt_param,
         )
     if max_tokens is None:
         return context_window - num_prompt_tokens
@@ -65,7 +70,7 @@ def check_context(
             f"This model's maximum context length is {context_window} tokens. However, you "
             f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
             f"prompt, {max_tokens} in the completion). Please reduce the prompt or max_tokens.",
-            param=param,
+            param=max_tokens_param,
         )
     return max_tokens
 
@@ -122,12 +127,6 @@ def sampling_params(
     )
 
 
-def generation_request(
-    request_id: str, prompt: Sequence[int], params: SamplingParams, arrival: float
-) -> GenerationRequest:
-    return GenerationRequest(request_id, tuple(prompt), params, arrival)
-
-
 # ---- chat ------------------------------------------------------------------------------------
 
 
@@ -169,12 +168,10 @@ class ChoiceAccumulator:
     text: list[str] = attrs.field(factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
-    token_ids: list[int] = attrs.field(factory=list)
 
     def add(self, delta: ChoiceDelta) -> None:
         if delta.text:
             self.text.append(delta.text)
-        self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = []

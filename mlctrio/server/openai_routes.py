@@ -51,9 +51,17 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         prompt = await in_thread(
             lambda: prompts.render_chat(req.messages, template_tools, template, info.tokenizer)
         )
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        max_tokens = g.check_context(len(prompt), max_tokens, info.context_window_size, param)
+        max_tokens = g.check_context(
+            len(prompt),
+            req.max_output_tokens,
+            info.context_window_size,
+            prompt_param="messages",
+            max_tokens_param=(
+                "max_completion_tokens"
+                if req.max_output_tokens == req.max_completion_tokens
+                else "max_tokens"
+            ),
+        )
         params = g.sampling_params(
             req,
             max_tokens=max_tokens,
@@ -66,7 +74,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         if constraint is not None:
             params = attrs.evolve(params, constraint=constraint)
         head = g.ResponseHead.new("chatcmpl", "chat.completion", state.model_name)
-        gen = g.generation_request(head.id, prompt, params, arrival)
+        gen = GenerationRequest(head.id, tuple(prompt), params, arrival)
         deadline = deadline_for(state)
         if not req.stream:
             outputs = await collect(state, [gen], deadline)
@@ -190,7 +198,11 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         gens: list[GenerationRequest] = []
         for k, prompt in enumerate(prompt_ids):
             max_tokens = g.check_context(
-                len(prompt), req.max_output_tokens, info.context_window_size, "max_tokens"
+                len(prompt),
+                req.max_output_tokens,
+                info.context_window_size,
+                prompt_param="prompt",
+                max_tokens_param="max_tokens",
             )
             params = g.sampling_params(
                 req,
@@ -200,7 +212,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
                 top_logprobs=req.logprobs or 0,
             )
             request_id = head.id if len(prompt_ids) == 1 else f"{head.id}-{k}"
-            gens.append(g.generation_request(request_id, prompt, params, arrival))
+            gens.append(GenerationRequest(request_id, tuple(prompt), params, arrival))
         n = gens[0].params.n
         index_of = {gen.request_id: k * n for k, gen in enumerate(gens)}
         echo = (

@@ -134,6 +134,22 @@ CASES = [
     ),
     (
         "/v1/completions",
+        {"model": MODEL, "prompt": "x" * 5000},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "prompt",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": _msg(), "max_tokens": 5000, "max_completion_tokens": 6000},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    (
+        "/v1/completions",
         {"model": MODEL, "prompt": [999999]},
         400,
         "invalid_request_error",
