@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .config import EngineConfig, ServerConfig
+from .config import EngineConfig, EngineOverrides, ServerConfig
 from .errors import ConfigError
 
 GIB = 1 << 30
@@ -77,7 +77,10 @@ def resolve_engine_config(
     available_bytes: Callable[[], int] = available_memory_bytes,
 ) -> tuple[EngineConfig, MemoryEstimate]:
     o = config.overrides
+    _refuse_unsupported(o)
     ctx = o.context_window_size or footprint.context_window_size
+    if o.max_single_sequence_length is not None:
+        ctx = min(ctx, o.max_single_sequence_length)
     if ctx > footprint.context_window_size:
         raise ConfigError(
             f"context_window_size={ctx} exceeds the model's {footprint.context_window_size}"
@@ -124,4 +127,27 @@ def resolve_engine_config(
         prefix_cache_mode=config.prefix_cache_mode,
         num_threads=o.num_threads,
     )
+    if o.prefix_cache_max_num_recycling_seqs is not None:
+        engine = attrs.evolve(
+            engine, prefix_cache_max_num_recycling_seqs=o.prefix_cache_max_num_recycling_seqs
+        )
     return engine, estimate
+
+
+def _refuse_unsupported(o: EngineOverrides) -> None:
+    """mlc_llm's override keys this engine cannot honour: an error, never a silent no-op."""
+    unsupported = {
+        "tensor_parallel_shards": (o.tensor_parallel_shards, 1, "one CPU process, no sharding"),
+        "pipeline_parallel_stages": (o.pipeline_parallel_stages, 1, "no pipeline parallelism"),
+        "sliding_window_size": (
+            o.sliding_window_size,
+            -1,
+            "the KV cache has no sliding-window attention",
+        ),
+        "attention_sink_size": (o.attention_sink_size, -1, "no attention sinks"),
+        "max_history_size": (o.max_history_size, None, "no speculative decoding history"),
+    }
+    for key, (value, neutral, why) in unsupported.items():
+        if value is None or value == neutral or (neutral == -1 and value <= 0):
+            continue
+        raise ConfigError(f"--overrides {key}={value} is not supported: {why}")

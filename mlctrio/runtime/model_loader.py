@@ -69,7 +69,7 @@ def detect_tool_call_format(template: Any) -> str:
 
 
 def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
-    from ..models.compile import compile_model, resolve_target
+    from ..models.compile import compile_model
     from ..models.weights import param_infos
     from .tvm_runner import TVMRunner
 
@@ -78,9 +78,12 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
     log.info("model %s: %s format, %s, %s", config.model, art.format, art.quantization, art.config)
     tokenizer = load_tokenizer(path)
     template = load_chat_template(path, tokenizer)
-    if config.device not in ("auto", "cpu", "llvm", "cuda"):
-        raise ConfigError(f"--device {config.device!r}: expected auto, cpu or cuda")
-    target = "cuda" if config.device == "cuda" else None
+    if config.device == "cuda":
+        # The CUDA library compiles from the same definition (`mlctrio compile --device cuda`),
+        # but the runner drives the KV cache and weights on the CPU: refuse rather than ignore.
+        raise ConfigError("--device cuda: serving on a GPU is not implemented yet; use cpu")
+    if config.device not in ("auto", "cpu", "llvm"):
+        raise ConfigError(f"--device {config.device!r}: expected auto or cpu")
     if config.model_lib is not None:
         lib: Path = Path(config.model_lib)
         if not lib.exists():
@@ -89,7 +92,7 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         compile_info: dict[str, Any] = {"library": str(lib), "source": "--model-lib"}
         log.info("using model library %s", lib)
     else:
-        compiled = compile_model(art.config, art.quantization, target=resolve_target(target))
+        compiled = compile_model(art.config, art.quantization)
         lib, infos = compiled.lib_path, compiled.params
         compile_info = {
             "library": str(lib),

@@ -188,3 +188,22 @@ def test_cuda_library_compiles_from_the_same_definition(tmp_path: Path) -> None:
     ):
         assert name in data, name
     assert compiled.lib_path != compile_model(TINY, "q4f16_1", cache_dir=tmp_path).lib_path
+
+
+def test_overrides_are_honoured_or_refused() -> None:
+    capped, _ = _resolve(
+        "local", "max_single_sequence_length=1000;prefix_cache_max_num_recycling_seqs=3"
+    )
+    assert capped.context_window_size == 1000
+    assert capped.prefix_cache_max_num_recycling_seqs == 3
+    neutral, _ = _resolve("local", "tensor_parallel_shards=1;sliding_window_size=-1")
+    assert neutral.context_window_size == 4096
+    for text in (
+        "tensor_parallel_shards=2",
+        "pipeline_parallel_stages=2",
+        "sliding_window_size=1024",
+        "attention_sink_size=4",
+        "max_history_size=2",
+    ):
+        with pytest.raises(ConfigError, match="not supported"):
+            _resolve("local", text)
