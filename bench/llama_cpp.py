@@ -43,6 +43,8 @@ from typing import IO, Any
 
 import httpx
 
+from mlctrio.config import cache_root
+
 # The llama-cpp-python release whose vendored llama.cpp we build. Pinned so that every machine
 # benchmarks the same llama.cpp (0.3.36 vendors llama.cpp commit 0c1e570, ggml 0.25.3).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -61,8 +63,7 @@ BUILD_TARGETS = ("llama-server",)
 
 
 def _cache_root() -> Path:
-    env = os.environ.get("MLCTRIO_CACHE_DIR")
-    return (Path(env).expanduser() if env else Path("~/.cache/mlctrio").expanduser()) / "llama.cpp"
+    return cache_root() / "llama.cpp"
 
 
 def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:

@@ -6,6 +6,8 @@ in the same frozen values, so the two ways of starting the server behave the sam
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 import attrs
@@ -115,6 +117,13 @@ class ServerConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or default_served_name(self.model)
+
+
+def cache_root() -> Path:
+    """Where mlctrio keeps what it builds (demo models, compiled libraries, bench builds):
+    $MLCTRIO_CACHE_DIR, else ~/.cache/mlctrio. Read when called, so tests can redirect it."""
+    env = os.environ.get("MLCTRIO_CACHE_DIR")
+    return Path(env).expanduser() if env else Path("~/.cache/mlctrio").expanduser()
 
 
 def default_served_name(model: str) -> str:

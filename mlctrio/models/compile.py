@@ -3,7 +3,7 @@
 `compile_model(config, "q4f32_1")` returns a `CompiledModel` (library path + packed-param layout).
 The cache key is sha256 over (config, quantization, target, tvm version, SCHEDULE_VERSION), so any
 change in the schedules must bump SCHEDULE_VERSION. The cache directory is an argument; its default
-is $MLCTRIO_CACHE_DIR or ~/.cache/mlctrio/lib (resolved here, at the API edge, not deep inside).
+is <$MLCTRIO_CACHE_DIR or ~/.cache/mlctrio>/lib (resolved here, at the API edge, not deep inside).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import attrs
 import tvm
 from tvm.target import Target
 
+from mlctrio.config import cache_root
 from mlctrio.models.llama import LlamaConfig, LlamaForCausalLM
 from mlctrio.models.quantization import get_quantization
 from mlctrio.models.schedules import SCHEDULE_VERSION, cpu_schedule_pass, tag_foreign_pass
@@ -30,9 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    """$MLCTRIO_CACHE_DIR, else ~/.cache/mlctrio/lib."""
-    env = os.environ.get("MLCTRIO_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "mlctrio" / "lib"
+    """The `lib` folder of the cache root ($MLCTRIO_CACHE_DIR or ~/.cache/mlctrio)."""
+    return cache_root() / "lib"
 
 
 def host_cpu_target(num_cores: int | None = None) -> Target:

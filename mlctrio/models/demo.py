@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from mlctrio.config import cache_root
 from mlctrio.errors import ConfigError
 from mlctrio.models.formats import write_safetensors, write_safetensors_sharded
 
@@ -264,9 +264,8 @@ def demo_cache_key(preset: str, seed: int = 0) -> str:
 
 
 def default_cache_dir() -> Path:
-    """$MLCTRIO_CACHE_DIR, else ~/.cache/mlctrio (read when called)."""
-    env = os.environ.get("MLCTRIO_CACHE_DIR")
-    return Path(env).expanduser() if env else Path("~/.cache/mlctrio").expanduser()
+    """The cache root ($MLCTRIO_CACHE_DIR or ~/.cache/mlctrio); demo models go under demo/."""
+    return cache_root()
 
 
 def ensure_demo_model(
