@@ -5,6 +5,8 @@ Tests talk to it over loopback HTTP with httpx or the official openai SDK, exact
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,6 +108,31 @@ def start_server(config: ServerConfig, ping_interval_s: float = 10.0) -> ServerH
     with httpx.Client(base_url=handle.url) as client:
         handle.wait_until(lambda: client.get("/health").status_code == 200)
     return handle
+
+
+def raw_chat_post(handle: ServerHandle, body: dict[str, Any]) -> socket.socket:
+    """POST a chat completion on a bare socket (the caller closes it: a client disconnect)."""
+    host, port = handle.url.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return sock
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples in Prometheus text whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in key for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def make_config(**kwargs: Any) -> ServerConfig:

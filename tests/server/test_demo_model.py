@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 
 import httpx
 import openai
 import pytest
 
-from .conftest import ServerHandle
+from .conftest import ServerHandle, raw_chat_post
 
 MODEL = "demo://tiny"
 
@@ -171,18 +170,6 @@ def test_stop_string_across_token_boundaries_never_leaks(client: openai.OpenAI) 
         assert stop not in "".join(pieces[: i + 1])
 
 
-def _send(handle: ServerHandle, body: dict) -> socket.socket:  # type: ignore[type-arg]
-    host, port = handle.url.removeprefix("http://").rsplit(":", 1)
-    raw = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
-        f"application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
-        + raw
-    )
-    return sock
-
-
 def test_fifty_streaming_clients_disconnecting_at_random(demo: ServerHandle) -> None:
     rng = random.Random(3)
     socks = []
@@ -194,7 +181,7 @@ def test_fifty_streaming_clients_disconnecting_at_random(demo: ServerHandle) -> 
             "messages": [{"role": "user", "content": f"client {i} " * rng.randint(1, 40)}],
             "ignore_eos": True,
         }
-        socks.append(_send(demo, body))
+        socks.append(raw_chat_post(demo, body))
     for sock in socks:
         time.sleep(rng.random() * 0.05)
         if rng.random() < 0.6:

@@ -6,30 +6,18 @@ The echo fake's KV-page accounting is real (the scheduler's page pool mirrors th
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
-from .conftest import ServerHandle
+from .conftest import ServerHandle, metric_total, raw_chat_post
 
 MODEL = "mock://echo"
 
 
-def _raw_request(handle: ServerHandle, body: bytes) -> socket.socket:
-    host, port = handle.url.removeprefix("http://").rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)))
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    sock.sendall(head + body)
-    return sock
-
-
-def _body(text: str, stream: bool, max_tokens: int | None = None) -> bytes:
-    import json
-
+def _raw_request(  # type: ignore[no-untyped-def]
+    handle: ServerHandle, text: str, stream: bool, max_tokens: int | None = None
+):
     body: dict[str, object] = {
         "model": MODEL,
         "messages": [{"role": "user", "content": text}],
@@ -37,27 +25,20 @@ def _body(text: str, stream: bool, max_tokens: int | None = None) -> bytes:
     }
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    return json.dumps(body).encode()
+    return raw_chat_post(handle, body)
 
 
 def _aborted(handle: ServerHandle) -> float:
     with handle.client() as http:
         text = http.get("/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if (
-            line.startswith("mlctrio_requests_aborted_total{")
-            and 'reason="client_disconnect"' in line
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_total(text, "mlctrio_requests_aborted_total", reason="client_disconnect")
 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_while_decoding(server_factory, stream: bool) -> None:  # type: ignore[no-untyped-def]
     handle = server_factory(model="mock://echo?delay_ms=10")
     before = _aborted(handle)
-    sock = _raw_request(handle, _body("d" * 1000, stream))
+    sock = _raw_request(handle, "d" * 1000, stream)
     handle.wait_until(lambda: handle.core_stats().num_running == 1)
     handle.wait_until(lambda: handle.core_stats().free_pages < handle.core_stats().total_pages)
     sock.close()
@@ -68,9 +49,9 @@ def test_disconnect_while_decoding(server_factory, stream: bool) -> None:  # typ
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_while_queued(server_factory, stream: bool) -> None:  # type: ignore[no-untyped-def]
     handle = server_factory(model="mock://echo?delay_ms=10&max_num_sequence=1")
-    blocker = _raw_request(handle, _body("b" * 300, True))
+    blocker = _raw_request(handle, "b" * 300, True)
     handle.wait_until(lambda: handle.core_stats().num_running == 1)
-    queued = _raw_request(handle, _body("q" * 300, stream))
+    queued = _raw_request(handle, "q" * 300, stream)
     handle.wait_until(lambda: handle.core_stats().num_waiting == 1)
     queued.close()
     handle.wait_until(lambda: handle.core_stats().num_waiting == 0)
@@ -88,7 +69,7 @@ def test_disconnect_during_prefill(server_factory, stream: bool) -> None:  # typ
             prefill_chunk_size=16
         ),
     )
-    sock = _raw_request(handle, _body("p" * 3000, stream, max_tokens=10))
+    sock = _raw_request(handle, "p" * 3000, stream, max_tokens=10)
     handle.wait_until(lambda: handle.core_stats().free_pages < handle.core_stats().total_pages)
     time.sleep(0.1)
     # Still in prefill: nothing generated yet.
@@ -105,7 +86,7 @@ def test_many_clients_disconnecting_at_random_points(server_factory) -> None:  #
     sockets = []
     for i in range(40):
         sockets.append(
-            _raw_request(handle, _body(f"{i}-" + "m" * rng.randint(10, 400), rng.random() < 0.7))
+            _raw_request(handle, f"{i}-" + "m" * rng.randint(10, 400), rng.random() < 0.7)
         )
     for sock in sockets:
         time.sleep(rng.random() * 0.02)

@@ -5,22 +5,9 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from .conftest import ServerHandle
+from .conftest import ServerHandle, metric_total
 
 MODEL = "mock://echo"
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key.split("{")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in key for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_health_ready(server: ServerHandle) -> None:
@@ -51,15 +38,13 @@ def test_metrics_follow_requests(server: ServerHandle) -> None:
     text = after.text
     gen = "mlctrio_generation_tokens_total"
     # "metrics!" echoed plus its EOS, then 2 tokens cut by max_tokens.
-    assert _metric(text, gen) - _metric(before, gen) == len("metrics!") + 1 + 2
+    assert metric_total(text, gen) - metric_total(before, gen) == len("metrics!") + 1 + 2
     ok = "mlctrio_request_success_total"
-    assert (
-        _metric(text, ok, finished_reason="stop") - _metric(before, ok, finished_reason="stop") == 1
-    )
-    assert (
-        _metric(text, ok, finished_reason="length") - _metric(before, ok, finished_reason="length")
-        == 1
-    )
+    for reason in ("stop", "length"):
+        grew = metric_total(text, ok, finished_reason=reason) - metric_total(
+            before, ok, finished_reason=reason
+        )
+        assert grew == 1, reason
     for name in (
         "mlctrio_time_to_first_token_seconds_count",
         "mlctrio_e2e_request_latency_seconds_count",
@@ -67,9 +52,9 @@ def test_metrics_follow_requests(server: ServerHandle) -> None:
         "mlctrio_request_prompt_tokens_count",
         "mlctrio_request_generation_tokens_count",
     ):
-        assert _metric(text, name) - _metric(before, name) == 2, name
+        assert metric_total(text, name) - metric_total(before, name) == 2, name
     itl = "mlctrio_inter_token_latency_seconds_count"
-    assert _metric(text, itl) - _metric(before, itl) == len("metrics!") + 1
+    assert metric_total(text, itl) - metric_total(before, itl) == len("metrics!") + 1
     for name in (
         "mlctrio_num_requests_running",
         "mlctrio_num_requests_waiting",
@@ -80,7 +65,7 @@ def test_metrics_follow_requests(server: ServerHandle) -> None:
     ):
         assert name in text, name
     assert f'model_name="{MODEL}"' in text
-    assert _metric(text, "mlctrio_kv_cache_usage_ratio") == 0.0
+    assert metric_total(text, "mlctrio_kv_cache_usage_ratio") == 0.0
 
 
 def test_tokenize_detokenize_round_trip(server: ServerHandle) -> None:
