@@ -2,12 +2,13 @@
 
 Untuned TVM CPU code runs every kernel as one serial scalar loop nest (5-40x slow). The rules here:
 
-- matmul (the `te.compute` named "matmul" in quantization.py, with dequantization inside): split the
-  output features into tiles, parallelise over tiles (outer), then rows, then the tile, with the
-  reduction innermost so LLVM vectorises the dot product (needs the fast-math reassoc/contract
-  target flags set in compile.py). A weight tile stays in L1 while every row of a batch reuses it,
-  which is what gives batched decode its throughput. Epilogues (residual add, bias) fused by FuseOps
-  are computed per row-tile right after the reduction.
+- matmul (the `te.compute` named "matmul" in quantization.py, with dequantization inside): output
+  tiles of 16 features in parallel; inside a tile a register-blocked micro-kernel (rows x features
+  x 16 lanes of accumulators, see `_schedule_matmul_blocked`) with the symbolic row count padded so
+  no predicate reaches the inner loop. A weight tile stays in L1/L2 while every row of a batch
+  reuses it. Where blocking does not apply (feature or reduction sizes not multiples of 16, static
+  row counts), the plain tiled schedule: reduction innermost, LLVM vectorises the dot product
+  (needs the fast-math reassoc/contract target flags set in compile.py), epilogues per row-tile.
 - rms_norm: parallel over rows, sum of squares computed at the row.
 - injective (embedding take, split/silu/multiply, index, adds): outer loops fused and parallel,
   innermost loop vectorised.
@@ -17,7 +18,8 @@ legalization by `tag_foreign_pass` and never touched: several are hand-written T
 loop structure. Order matters in two places: `parallel` must come before `decompose_reduction`,
 and an epilogue must be moved with `reverse_compute_at` (a reduction block cannot absorb it).
 
-Bump SCHEDULE_VERSION on any change here: it is part of the compile cache key.
+Bump SCHEDULE_VERSION on any change here or in compile.py's pipeline: it is part of the compile
+cache key.
 """
 
 from __future__ import annotations
@@ -29,9 +31,19 @@ from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-6"  # cpu-6: own attention kernels (attention_cpu.py)
+SCHEDULE_VERSION = "cpu-8"  # cpu-8: register-blocked matmuls, codegen sentinel (compile.py)
 FOREIGN_ATTR = "mlctrio.foreign"
+# What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
+# argument checks raise ValueError / TypeError).
+_SCHEDULE_ERRORS = (RuntimeError, ValueError, TypeError)
 MATMUL_TILE = 16  # output features per tile: 16 rows x K of weights stays in L1/L2
+# Register blocks (rows, output features) of the matmul micro-kernel. The accumulator, rows x
+# features x 16 lanes of float32, is kept under 1 KiB: at 1 KiB (4 x 4) TVM allocates it from the
+# workspace pool instead of the stack (seen in the generated LLVM IR), out of reach of register
+# promotion. Prefill (sequence length symbolic): 3 x 4 beat 6 x 2 and 4 x 2 on prefill 128 and
+# 512 in bench/runtime.py.
+PREFILL_BLOCK = (3, 4)
+DECODE_BLOCK = (2, 4)  # batch symbolic (decode): weights dominate, few rows
 VECTOR_LANES = 16
 
 
@@ -60,11 +72,8 @@ def cpu_schedule_pass() -> tvm.transform.Pass:
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or _skip(func):
                 continue
-            sch = s_tir.Schedule(func)
-            try:
-                _schedule_func(sch)
-            except tvm.TVMError as exc:  # keep the (correct, slow) unscheduled function
-                log.warning("no CPU schedule for %s: %s", gv.name_hint, str(exc).splitlines()[0])
+            sch = _schedule_func_with_fallback(func, gv.name_hint)
+            if sch is None:  # keep the (correct, slow) unscheduled function
                 continue
             updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         for gv, func in updates.items():
@@ -72,6 +81,26 @@ def cpu_schedule_pass() -> tvm.transform.Pass:
         return mod
 
     return _apply
+
+
+def _schedule_func_with_fallback(func: tirx.PrimFunc, name: str) -> s_tir.Schedule | None:
+    """Register-blocked matmuls first; where blocking does not apply (a matmul that is not an
+    einsum, a static row count), the plain tiled schedule; if that fails too, None."""
+    for blocked in (True, False):
+        sch = s_tir.Schedule(func)
+        try:
+            _schedule_func(sch, blocked)
+            return sch
+        except _SCHEDULE_ERRORS as exc:
+            level = logging.DEBUG if blocked else logging.WARNING
+            log.log(
+                level,
+                "no %s CPU schedule for %s: %s",
+                "blocked" if blocked else "plain",
+                name,
+                str(exc).splitlines()[0],
+            )
+    return None
 
 
 def _skip(func: tirx.PrimFunc) -> bool:
@@ -89,18 +118,20 @@ def _has_kind(func: tirx.PrimFunc) -> bool:
     try:
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except tvm.TVMError:  # hand-written TIR without a root block: certainly not ours
+    except _SCHEDULE_ERRORS:  # hand-written TIR without a root block: certainly not ours
         return False
     return any(_block_kind(sch, b) is not None for b in blocks)
 
 
-def _schedule_func(sch: s_tir.Schedule) -> None:
+def _schedule_func(sch: s_tir.Schedule, blocked: bool) -> None:
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     kinds = {sch.get(b).name_hint: _block_kind(sch, b) for b in blocks}
     handled: set[str] = set()
     for b in blocks:
         kind = _block_kind(sch, b)
-        if kind == "matmul":
+        if kind == "matmul" and blocked:
+            handled |= _schedule_matmul_blocked(sch, b)
+        elif kind == "matmul":
             handled |= _schedule_matmul(sch, b)
         elif kind == "rms_norm":
             handled |= _schedule_rms_norm(sch, b)
@@ -113,7 +144,7 @@ def _schedule_func(sch: s_tir.Schedule) -> None:
             try:
                 sch.compute_inline(block)
                 continue
-            except tvm.TVMError:
+            except _SCHEDULE_ERRORS:
                 pass
         _schedule_spatial(sch, block)
 
@@ -171,6 +202,87 @@ def _schedule_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set
         consumers = sch.get_consumers(epi)
     sch.decompose_reduction(block, red[0])
     return handled
+
+
+def _schedule_matmul_blocked(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
+    """(b, s, n, k) matmul with a register-blocked micro-kernel.
+
+    The symbolic row dimension is padded (`pad_einsum`) to a multiple of the row block R, so no
+    predicate reaches the inner loops. The reduction is split k = (k_o, 16) and `rfactor`ed on the
+    16 lanes: a local accumulator acc[R, C, 16] (C outputs per block) is updated per k_o step with
+    R row loads, C weight loads and R*C vector FMAs, all unrolled, and summed across lanes once at
+    the end. The rfactor axis is the accumulator's innermost, so each update is one contiguous
+    vector. Output tiles of 16 features are parallel (outermost); the q4 dequantised tile is still
+    computed once per output tile and reused by every row.
+    """
+    name = sch.get(block).name_hint
+    n_extent, k_extent = (_const(sch.get(loop).extent) for loop in sch.get_loops(block)[2:4])
+    if not n_extent or n_extent % MATMUL_TILE or not k_extent or k_extent % VECTOR_LANES:
+        raise ValueError(f"{n_extent} x {k_extent} does not tile by {MATMUL_TILE} x {VECTOR_LANES}")
+    pad_i, pad_j, col_block = _matmul_rows_padding(sch, block)
+    dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
+    sch.pad_einsum(block, [pad_i, pad_j, 1, 1])
+    rows_block = max(pad_i, pad_j)
+    handled = {name}
+    # pad_einsum added a producer copying x into a row-padded buffer, and a consumer copying the
+    # real rows out. The input copy must stay a separate (cheap) loop: inlined, it would put a
+    # bounds check into the innermost loop.
+    for producer in sch.get_producers(block):
+        pname = sch.get(producer).name_hint
+        if pname.endswith("_pad"):
+            _schedule_spatial(sch, producer)
+            handled.add(pname)
+    for consumer in sch.get_consumers(block):  # the un-padding copy: into its consumer if any
+        if sch.get_consumers(consumer):
+            sch.compute_inline(consumer)
+        else:
+            _schedule_spatial(sch, consumer)
+    i, j, n, k = sch.get_loops(block)
+    rows = sch.fuse(i, j)
+    r_o, r_i = sch.split(rows, [None, rows_block])
+    n_o, n_m, n_i = sch.split(n, [None, MATMUL_TILE // col_block, col_block])
+    k_o, k_i = sch.split(k, [None, VECTOR_LANES])
+    sch.reorder(n_o, r_o, n_m, k_o, r_i, n_i, k_i)
+    rf = sch.rfactor(k_i, factor_axis=3)
+    sch.parallel(n_o)
+    sch.compute_at(rf, sch.get_loops(block)[2])  # under (n_o, r_o, n_m): acc is R x C x 16
+    sch.set_scope(rf, 0, "local")
+    lanes, r_in, n_in, k_out = sch.get_loops(rf)[3:]
+    sch.reorder(k_out, r_in, n_in, lanes)
+    # vectorize/unroll before decompose_reduction: the update block without its init is no
+    # longer a "reduction block" and vectorize refuses it.
+    sch.vectorize(lanes)
+    sch.unroll(n_in)
+    sch.unroll(r_in)
+    init = sch.decompose_reduction(rf, k_out)
+    il = sch.get_loops(init)
+    sch.vectorize(il[-1])
+    fl = sch.get_loops(block)  # n_o r_o n_m r_i n_i lanes: the cross-lane sum
+    sch.unroll(fl[-2])
+    sch.unroll(fl[-3])
+    sch.decompose_reduction(block, fl[-1])
+    for producer in dequant:
+        sch.compute_at(producer, n_o)
+        _, k_loop = sch.get_loops(producer)[-2:]
+        _, nibble = sch.split(k_loop, [None, 8])
+        sch.vectorize(nibble)
+        handled.add(sch.get(producer).name_hint)
+    return handled
+
+
+def _matmul_rows_padding(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
+) -> tuple[int, int, int]:
+    """(padding of i, padding of j): the symbolic row dimension is padded to a multiple of the
+    row block. Decode (b, 1, K) blocks 2 rows (memory-bound: weights dominate), prefill (1, s, K)
+    blocks 4 (compute-bound: 4 rows x 4 outputs = 16 vector accumulators, 8 loads per 16 FMAs)."""
+    i, j = (sch.get(loop).extent for loop in sch.get_loops(block)[:2])
+    ci, cj = _const(i), _const(j)
+    if cj is None:  # prefill / verify: (1 or b, s)
+        return (1, PREFILL_BLOCK[0], PREFILL_BLOCK[1])
+    if ci is None:  # decode: (b, 1)
+        return (DECODE_BLOCK[0], 1, DECODE_BLOCK[1])
+    raise ValueError("static row count: no padding needed, use the simple schedule")
 
 
 def _schedule_rms_norm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
