@@ -258,6 +258,11 @@ class LlamaForCausalLM(nn.Module):
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
 
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        # batch_decode with a static batch of 1 (as in mlc-llm): its matmuls are matrix-vector
+        # products, which get a streaming schedule of their own (schedules._schedule_gemv).
+        return self._logits(self._forward(input_embed, paged_kv_cache)), paged_kv_cache
+
     def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
 
@@ -317,6 +322,11 @@ class LlamaForCausalLM(nn.Module):
             },
             "batch_decode": {
                 "input_embeds": nn.spec.Tensor(["batch_size", 1, h], dt),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "decode": {
+                "input_embed": nn.spec.Tensor([1, 1, h], dt),
                 "paged_kv_cache": kv,
                 "$": packed,
             },

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +63,14 @@ def set_openblas_threads(n: int) -> None:
                 return
 
 
+def _optional_function(vm: relax.VirtualMachine, name: str) -> Any:
+    """The VM function `name`, or None when the library does not export it."""
+    try:
+        return vm[name]
+    except AttributeError:  # what the VM raises for an unknown function
+        return None
+
+
 class TVMRunner:
     """Runs a compiled Llama library. See module docstring for the step protocol."""
 
@@ -93,6 +102,7 @@ class TVMRunner:
         self._f_embed = self._vm["embed"]
         self._f_prefill = self._vm["batch_prefill"]
         self._f_decode = self._vm["batch_decode"]
+        self._f_decode1 = _optional_function(self._vm, "decode")  # libraries before cpu-9 lack it
         self._f_verify = self._vm["batch_verify"]
         shape = tvm_ffi.Shape
         self._kv = self._vm["create_paged_kv_cache"](
@@ -250,9 +260,8 @@ class TVMRunner:
                     embeds._create_view((1, total, hidden)), self._kv, self._params
                 )
             elif all(n == 1 for n in lengths):
-                out = self._f_decode(
-                    embeds._create_view((total, 1, hidden)), self._kv, self._params
-                )
+                decode = self._f_decode1 if total == 1 and self._f_decode1 else self._f_decode
+                out = decode(embeds._create_view((total, 1, hidden)), self._kv, self._params)
             else:
                 # Positions are in range by construction (cumsum of lengths >= 1 each, < total).
                 pos = np.cumsum(lengths, dtype=np.int32) - 1
