@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 
@@ -169,3 +170,17 @@ def test_engine_direct_measurement_runs() -> None:
     assert direct.num_output_tokens == 8 * 8
     assert direct.num_steps >= 2 * 8  # two waves of 8 tokens
     assert direct.mean_tpot_s > 0
+
+
+def test_decode_weight_bytes_leave_out_an_untied_embedding() -> None:
+    from bench.runtime import decode_weight_bytes
+    from mlctrio.models.llama import TINY
+
+    sizes = [
+        ("model.embed_tokens.weight", 1000),
+        ("model.layers.0.mlp.down_proj.weight", 30),
+        ("lm_head.weight", 1000),
+    ]
+    assert decode_weight_bytes(sizes, TINY) == 1030  # the table is read one row at a time
+    tied = attrs.evolve(TINY, tie_word_embeddings=True)
+    assert decode_weight_bytes(sizes[:2], tied) == 1030  # tied: the table is the output head

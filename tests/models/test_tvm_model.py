@@ -131,6 +131,21 @@ def test_ragged_batch_mixed_prefill_and_decode(compiled, quant: str) -> None:
     assert [pair.runner.sequence_length(s) for s in range(4)] == [8, 34, 35, 22]
 
 
+@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1"])
+def test_decode_paths_pad_odd_batches_and_batch_one(compiled, quant: str) -> None:
+    """batch_decode pads the batch to its row block (2): odd batches must still be exact, and the
+    static batch-1 `decode` and batch_decode at batch 1 must agree with the reference."""
+    pair = make_pair(compiled("tiny", quant), TINY)
+    rng = np.random.default_rng(4)
+    pair.add(0, 1, 2)
+    pair.step_and_check([(s, toks(rng, 9 + s)) for s in (0, 1, 2)])
+    pair.step_and_check([(s, toks(rng, 1)) for s in (2, 0, 1)])  # batch 3: padded to 4
+    assert pair.runner._f_decode1 is not None  # this library exports the batch-1 function
+    pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through `decode`
+    pair.runner._f_decode1 = None  # as with a library compiled before it existed
+    pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through batch_decode (padded to 2)
+
+
 def test_fork_full_and_mid_sequence(compiled) -> None:
     pair = make_pair(compiled("tiny", "q0f32"), TINY)
     rng = np.random.default_rng(3)
