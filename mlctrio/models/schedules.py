@@ -185,16 +185,8 @@ def _schedule_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set
     sch.reorder(n_o, rows, n_i, *red)
     sch.parallel(n_o)
     handled = {sch.get(block).name_hint}
-    for producer in sch.get_producers(block):
-        kind = _block_kind(sch, producer)
-        if kind == "dequant":
-            # Dequantise the weight tile once per output tile; every row of the batch reuses it.
-            # Vectorise the 8 nibbles of one uint32 word: broadcast word, shift by a constant ramp.
-            sch.compute_at(producer, n_o)
-            _, k_loop = sch.get_loops(producer)[-2:]
-            _, nibble = sch.split(k_loop, [None, 8])
-            sch.vectorize(nibble)
-            handled.add(sch.get(producer).name_hint)
+    dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
+    handled |= _dequant_per_tile(sch, dequant, n_o)
     # Epilogues (residual add, bias add, cast) follow the tile they consume.
     consumers = sch.get_consumers(block)
     while len(consumers) == 1 and _is_spatial(sch, consumers[0]):
@@ -204,6 +196,21 @@ def _schedule_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set
         consumers = sch.get_consumers(epi)
     sch.decompose_reduction(block, red[0])
     return handled
+
+
+def _dequant_per_tile(
+    sch: s_tir.Schedule, dequant: list[s_tir.schedule.SBlockRV], tile_loop: s_tir.schedule.LoopRV
+) -> set[str]:
+    """Dequantise the weight tile once per output tile (every row of the batch reuses it), the 8
+    nibbles of one uint32 word vectorised: broadcast word, shift by a constant ramp."""
+    names = set()
+    for producer in dequant:
+        sch.compute_at(producer, tile_loop)
+        _, k_loop = sch.get_loops(producer)[-2:]
+        _, nibble = sch.split(k_loop, [None, 8])
+        sch.vectorize(nibble)
+        names.add(sch.get(producer).name_hint)
+    return names
 
 
 def _is_gemv(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
@@ -239,12 +246,7 @@ def _schedule_gemv(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[s
     sch.vectorize(lanes)
     init = sch.decompose_reduction(rf, k_out)
     sch.vectorize(sch.get_loops(init)[-1])
-    for producer in dequant:
-        sch.compute_at(producer, n_o)
-        _, k_loop = sch.get_loops(producer)[-2:]
-        _, nibble = sch.split(k_loop, [None, 8])
-        sch.vectorize(nibble)
-        handled.add(sch.get(producer).name_hint)
+    handled |= _dequant_per_tile(sch, dequant, n_o)
     return handled
 
 
@@ -305,12 +307,7 @@ def _schedule_matmul_blocked(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     sch.unroll(fl[-2])
     sch.unroll(fl[-3])
     sch.decompose_reduction(block, fl[-1])
-    for producer in dequant:
-        sch.compute_at(producer, n_o)
-        _, k_loop = sch.get_loops(producer)[-2:]
-        _, nibble = sch.split(k_loop, [None, 8])
-        sch.vectorize(nibble)
-        handled.add(sch.get(producer).name_hint)
+    handled |= _dequant_per_tile(sch, dequant, n_o)
     return handled
 
 
