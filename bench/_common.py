@@ -73,3 +73,17 @@ def open_mlctrio_server(
             yield url
         finally:
             _stop(proc)
+
+
+def print_table(
+    title: str, cols: list[str], rows: list[dict[str, object]], digits: int = 0
+) -> None:
+    """A markdown-ish table: a header (`title | col | ...`), a rule, then one line per row
+    (floats with `digits` decimals, missing cells as "-")."""
+    print(f"{title} | " + " | ".join(cols))
+    print("|".join(["---"] * (len(cols) + 1)))
+    for row in rows:
+        cells = [row.get(c, "-") for c in cols]
+        print(
+            " | " + " | ".join(f"{c:.{digits}f}" if isinstance(c, float) else str(c) for c in cells)
+        )

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import attrs
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the `bench` namespace package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import print_table
 from mlctrio.models import attention_cpu
 from mlctrio.models.compile import compile_model
 from mlctrio.models.llama import SMALL, TINY, LlamaConfig
@@ -112,11 +118,7 @@ def main() -> None:
         *(f"decode_b{b}" for b in DECODE_BATCHES),
         "fill_s",
     ]
-    print("tok/s (decode: 1024-token context) | " + " | ".join(cols))
-    print("|".join(["---"] * (len(cols) + 1)))
-    for row in rows:
-        cells = [row.get(c, "-") for c in cols]
-        print(" | " + " | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells))
+    print_table("tok/s (decode: 1024-token context)", cols, rows, digits=1)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

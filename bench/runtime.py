@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the `bench` namespace package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import print_table
 from mlctrio.models.compile import compile_model
 from mlctrio.models.llama import SMALL, TINY, LlamaConfig
 from mlctrio.models.quantization import get_quantization
@@ -199,11 +205,7 @@ def main() -> None:
         *(f"prefill{n}" for n in PREFILL_LENS),
         *(f"decode_b{b}" for b in DECODE_BATCHES),
     ]
-    print("tok/s unless noted | " + " | ".join(cols))
-    print("|".join(["---"] * (len(cols) + 1)))
-    for row in rows:
-        cells = [row.get(c, "-") for c in cols]
-        print(" | " + " | ".join(f"{c:.0f}" if isinstance(c, float) else str(c) for c in cells))
+    print_table("tok/s unless noted", cols, rows, digits=0)
     threads = int(os.environ["TVM_NUM_THREADS"])
     print_roofline(rows, read_bandwidth_bytes_s(threads), memory_bandwidth_bytes_s(), threads)
 
