@@ -261,7 +261,7 @@ class LlamaForCausalLM(nn.Module):
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         # batch_decode with a static batch of 1 (as in mlc-llm): its matmuls are matrix-vector
         # products, which get a streaming schedule of their own (schedules._schedule_gemv).
-        return self._logits(self._forward(input_embed, paged_kv_cache)), paged_kv_cache
+        return self.batch_decode(input_embed, paged_kv_cache)
 
     def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache

@@ -213,6 +213,14 @@ def _dequant_per_tile(
     return names
 
 
+def _require_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:
+    """Raise (so the caller falls back to the plain schedule) unless the output features and the
+    reduction split into whole tiles of MATMUL_TILE and VECTOR_LANES."""
+    n_extent, k_extent = (_const(sch.get(loop).extent) for loop in sch.get_loops(block)[2:4])
+    if not n_extent or n_extent % MATMUL_TILE or not k_extent or k_extent % VECTOR_LANES:
+        raise ValueError(f"{n_extent} x {k_extent} does not tile by {MATMUL_TILE} x {VECTOR_LANES}")
+
+
 def _is_gemv(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     """A matmul whose row count is statically 1 (the `decode` function's)."""
     i, j = (_const(sch.get(loop).extent) for loop in sch.get_loops(block)[:2])
@@ -228,9 +236,7 @@ def _schedule_gemv(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[s
     kernel) splits it into 4 short streams and measured 17 GB/s against 26-34 GB/s for this one
     on the 32000 x 768 output head (2 threads).
     """
-    n_extent, k_extent = (_const(sch.get(loop).extent) for loop in sch.get_loops(block)[2:4])
-    if not n_extent or n_extent % MATMUL_TILE or not k_extent or k_extent % VECTOR_LANES:
-        raise ValueError(f"{n_extent} x {k_extent} does not tile by {MATMUL_TILE} x {VECTOR_LANES}")
+    _require_tiles(sch, block)
     handled = {sch.get(block).name_hint}
     dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
     i, j, n, k = sch.get_loops(block)
@@ -262,9 +268,7 @@ def _schedule_matmul_blocked(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     computed once per output tile and reused by every row.
     """
     name = sch.get(block).name_hint
-    n_extent, k_extent = (_const(sch.get(loop).extent) for loop in sch.get_loops(block)[2:4])
-    if not n_extent or n_extent % MATMUL_TILE or not k_extent or k_extent % VECTOR_LANES:
-        raise ValueError(f"{n_extent} x {k_extent} does not tile by {MATMUL_TILE} x {VECTOR_LANES}")
+    _require_tiles(sch, block)
     pad_i, pad_j, col_block = _matmul_rows_padding(sch, block)
     dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
     sch.pad_einsum(block, [pad_i, pad_j, 1, 1])
@@ -314,9 +318,10 @@ def _schedule_matmul_blocked(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
 def _matmul_rows_padding(
     sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
 ) -> tuple[int, int, int]:
-    """(padding of i, padding of j): the symbolic row dimension is padded to a multiple of the
-    row block. Decode (b, 1, K) blocks 2 rows (memory-bound: weights dominate), prefill (1, s, K)
-    blocks 4 (compute-bound: 4 rows x 4 outputs = 16 vector accumulators, 8 loads per 16 FMAs)."""
+    """(padding of i, padding of j, output features per block) for a (b, s, n, k) matmul.
+
+    The symbolic row dimension is padded to a multiple of the row block: PREFILL_BLOCK when the
+    sequence length is symbolic, DECODE_BLOCK when the batch is."""
     i, j = (sch.get(loop).extent for loop in sch.get_loops(block)[:2])
     ci, cj = _const(i), _const(j)
     if cj is None:  # prefill / verify: (1 or b, s)
