@@ -1,4 +1,5 @@
-"""Start and stop a `mlctrio serve` subprocess on a free loopback port (bench scripts and tests)."""
+"""Shared by the bench scripts (and tests): a `mlctrio serve` subprocess on a free loopback port,
+best-of-N timing, the prefill measurement of the runtime benchmarks, a table printer."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import httpx
+import numpy as np
 
 
 def free_port() -> int:
@@ -87,3 +90,33 @@ def print_table(
         print(
             " | " + " | ".join(f"{c:.{digits}f}" if isinstance(c, float) else str(c) for c in cells)
         )
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of `repeat` calls (the machine is shared: the minimum is the least noisy)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def prefill_tok_s(
+    runner: Any, vocab_size: int, lengths: Sequence[int], repeat: int
+) -> dict[str, float]:
+    """`{"prefill<n>": tok/s}` for a TVMRunner: one fresh sequence per measurement (id 999, which
+    the decode measurements do not use), random token ids, one warm-up call per length."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in lengths:
+        toks = rng.integers(0, vocab_size, n).tolist()
+
+        def _prefill(toks: list[int] = toks) -> None:
+            runner.add_sequence(999)
+            runner.step([(999, toks)])
+            runner.remove_sequence(999)
+
+        _prefill()  # warm-up
+        out[f"prefill{n}"] = n / best_time(_prefill, repeat)
+    return out

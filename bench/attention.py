@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
@@ -26,7 +25,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the `bench` namespace package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import print_table
+from bench._common import best_time, prefill_tok_s, print_table
 from mlctrio.models import attention_cpu
 from mlctrio.models.compile import compile_model
 from mlctrio.models.llama import SMALL, TINY, LlamaConfig
@@ -37,15 +36,6 @@ PRESETS = {"small": SMALL, "tiny": attrs.evolve(TINY, context_window_size=2048)}
 PREFILL_LENS = (128, 512, 1024)
 DECODE_BATCHES = (1, 4, 16)
 CONTEXT = 1024
-
-
-def _best(fn: Callable[[], None], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench(config: LlamaConfig, quant: str, stock: bool, steps: int, repeat: int) -> dict:
@@ -65,17 +55,8 @@ def bench(config: LlamaConfig, quant: str, stock: bool, steps: int, repeat: int)
         max_total_seq_length=max(DECODE_BATCHES) * (CONTEXT + 64),
         prefill_chunk_size=max(PREFILL_LENS),
     )
+    row.update(prefill_tok_s(runner, config.vocab_size, PREFILL_LENS, repeat))
     rng = np.random.default_rng(0)
-    for n in PREFILL_LENS:
-        toks = rng.integers(0, config.vocab_size, n).tolist()
-
-        def _prefill(toks: list[int] = toks) -> None:
-            runner.add_sequence(999)
-            runner.step([(999, toks)])
-            runner.remove_sequence(999)
-
-        _prefill()  # warm-up
-        row[f"prefill{n}"] = n / _best(_prefill, repeat)
     # Every decode batch attends to CONTEXT tokens per sequence: fill 16 sequences once, and pop
     # the decoded tokens after each measurement so the context stays at CONTEXT.
     t0 = time.perf_counter()
@@ -93,7 +74,7 @@ def bench(config: LlamaConfig, quant: str, stock: bool, steps: int, repeat: int)
                 runner.popn(s, steps)
 
         _decode()  # warm-up
-        row[f"decode_b{b}"] = b * steps / _best(_decode, repeat)
+        row[f"decode_b{b}"] = b * steps / best_time(_decode, repeat)
     runner.close()
     return row
 

@@ -23,7 +23,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the `bench` namespace package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import print_table
+from bench._common import best_time, prefill_tok_s, print_table
 from mlctrio.models.compile import compile_model
 from mlctrio.models.llama import SMALL, TINY, LlamaConfig
 from mlctrio.models.quantization import get_quantization
@@ -34,16 +34,6 @@ from mlctrio.runtime.tvm_runner import TVMRunner, set_openblas_threads
 PRESETS = {"small": SMALL, "tiny": TINY}
 PREFILL_LENS = (128, 512)
 DECODE_BATCHES = (1, 4, 16, 32)
-
-
-def _best(fn, repeat: int) -> float:
-    """Best wall time of `repeat` calls (the machine is shared: the minimum is the least noisy)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: int) -> dict:
@@ -66,24 +56,15 @@ def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: 
     row["weight_bytes"] = decode_weight_bytes(
         [(info.name, p.nbytes) for info, p in zip(cm.params, params, strict=True)], config
     )
+    row.update(prefill_tok_s(runner, config.vocab_size, PREFILL_LENS, 2))
     rng = np.random.default_rng(0)
-    for n in PREFILL_LENS:
-        toks = rng.integers(0, config.vocab_size, n).tolist()
-
-        def _prefill(toks: list[int] = toks) -> None:
-            runner.add_sequence(0)
-            runner.step([(0, toks)])
-            runner.remove_sequence(0)
-
-        _prefill()  # warm-up
-        row[f"prefill{n}"] = n / _best(_prefill, 2)
     for b in DECODE_BATCHES:
         for s in range(b):
             runner.add_sequence(s)
         runner.step([(s, rng.integers(0, config.vocab_size, 16).tolist()) for s in range(b)])
         batch = [(s, [int(rng.integers(0, config.vocab_size))]) for s in range(b)]
         runner.step(batch)  # warm-up
-        t = _best(lambda batch=batch: [runner.step(batch) for _ in range(steps)], 2)
+        t = best_time(lambda batch=batch: [runner.step(batch) for _ in range(steps)], 2)
         row[f"decode_b{b}"] = b * steps / t
         for s in range(b):
             runner.remove_sequence(s)
@@ -106,12 +87,14 @@ def bench_numpy(config: LlamaConfig, hf: dict, steps: int) -> dict:
             cache.add_sequence(0)
             ref.forward(cache, 0, toks)
 
-        row[f"prefill{n}"] = n / _best(_prefill, 2)
+        row[f"prefill{n}"] = n / best_time(_prefill, 2)
     cache = ref.new_cache()
     cache.add_sequence(0)
     ref.forward(cache, 0, rng.integers(0, config.vocab_size, 16).tolist())
     tok = [int(rng.integers(0, config.vocab_size))]
-    row["decode_b1"] = steps / _best(lambda: [ref.forward(cache, 0, tok) for _ in range(steps)], 2)
+    row["decode_b1"] = steps / best_time(
+        lambda: [ref.forward(cache, 0, tok) for _ in range(steps)], 2
+    )
     row["weight_bytes"] = decode_weight_bytes([(k, a.nbytes) for k, a in hf.items()], config)
     set_openblas_threads(1)
     return row
