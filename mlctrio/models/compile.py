@@ -166,7 +166,8 @@ def _pipeline(target: Target) -> tvm.transform.Pass:
     if target.kind.name == "llvm":
         passes.append(cpu_schedule_pass())
     passes += [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
-    passes.append(_sentinel_last_func_pass())
+    if target.kind.name == "llvm":  # a CPU codegen quirk: the kernels run in parallel lambdas
+        passes.append(_sentinel_last_func_pass())
 
     @tvm.transform.module_pass(opt_level=0, name="MlctrioPipeline")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
