@@ -113,7 +113,7 @@ def build_irmodule(
     act_dtype = "float32" if target.kind.name == "llvm" else spec.mlc_dtype
     model = LlamaForCausalLM(config, spec, target, act_dtype)
     mod, named = model.export_tvm(spec=model.get_default_spec())
-    infos = [ParamInfo(n, tuple(int(s) for s in p.shape), str(p.dtype)) for n, p in named]
+    infos = [ParamInfo.of(n, p) for n, p in named]
     return mod, infos
 
 
@@ -193,7 +193,10 @@ def compile_model(
     lib_path, meta_path = root / f"{key}.so", root / f"{key}.json"
     if not force and lib_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        infos = [ParamInfo(p["name"], tuple(p["shape"]), p["dtype"]) for p in meta["params"]]
+        infos = [
+            ParamInfo(p["name"], tuple(p["shape"]), p["dtype"], p.get("layout", ""))
+            for p in meta["params"]
+        ]
         log.info("compile cache hit: %s (%s, %s)", lib_path.name, quantization, tgt.kind.name)
         return CompiledModel(lib_path, config, quantization, infos, True, 0.0)
 

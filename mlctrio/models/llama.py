@@ -7,8 +7,9 @@ its fusion (`model.layers.0.self_attn.qkv_proj.weight`, `...q_weight`/`q_scale` 
 MLC weights map 1:1 onto `LlamaForCausalLM.named_parameters()` order.
 
 Linear layers are our own `te.compute` (see quantization.matmul_te) rather than `nn.Linear`: the
-weight stays in (out, in) layout with dequantization inside the reduction, which the CPU schedules
-in schedules.py recognise.
+dequantization sits inside the reduction, which the CPU schedules in schedules.py recognise. On the
+CPU the weights of layers whose output features split into tiles of 16 take the "tile16" layout
+(quantization.pack_tile_np; the param carries `attrs[LAYOUT_ATTR]`), which the loader produces.
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
 from mlctrio.models.attention_cpu import CPUPagedKVCache
-from mlctrio.models.quantization import QuantSpec, embedding_te, matmul_te, rms_norm_te
+from mlctrio.models.quantization import (
+    TILE,
+    TILE16,
+    QuantSpec,
+    embedding_te,
+    matmul_te,
+    matmul_tile16_te,
+    rms_norm_te,
+)
+
+LAYOUT_ATTR = "mlctrio.layout"  # nn.Parameter attr: TILE16 when the weight is stored tile16
 
 
 @attrs.frozen
@@ -125,6 +136,7 @@ class QLinear(nn.Module):
         super().__init__()
         self.spec, self.act_dtype, self.out_f = spec, act_dtype, out_f
         self.cpu_layout = False  # set by LlamaForCausalLM for llvm targets
+        self.tile16 = False  # weights in the tile16 layout (use_cpu_layout)
         # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
         if spec.is_group:
             groups = -(-in_f // spec.group_size)  # a partial last group is padded, as in mlc-llm
@@ -137,12 +149,33 @@ class QLinear(nn.Module):
     def stored(self) -> list[nn.Parameter]:
         return [self.q_weight, self.q_scale] if self.spec.is_group else [self.weight]
 
+    def use_cpu_layout(self, tile16: bool) -> None:
+        """CPU kernels; with `tile16` (needs out features % 16 == 0) the tile16 weight layout."""
+        self.cpu_layout = True
+        if not tile16 or self.out_f % TILE:
+            return
+        self.tile16 = True
+        names = ("q_weight", "q_scale") if self.spec.is_group else ("weight",)
+        for name in names:
+            old: nn.Parameter = getattr(self, name)
+            out_f, cols = (int(d) for d in old.shape)
+            new = nn.Parameter((out_f // TILE, cols, TILE), old.dtype)
+            new.attrs[LAYOUT_ATTR] = TILE16
+            setattr(self, name, new)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = op.tensor_expr_op(
-            matmul_te(self.spec, self.act_dtype, self.out_f, self.cpu_layout),
-            "matmul",
-            [x, *self.stored()],
-        )
+        if self.tile16:
+            b, s, _ = x.shape
+            y4 = op.tensor_expr_op(
+                matmul_tile16_te(self.spec, self.act_dtype), "matmul", [x, *self.stored()]
+            )
+            y = op.reshape(y4, (b, s, self.out_f))
+        else:
+            y = op.tensor_expr_op(
+                matmul_te(self.spec, self.act_dtype, self.out_f, self.cpu_layout),
+                "matmul",
+                [x, *self.stored()],
+            )
         return y + self.bias if self.bias is not None else y
 
 
@@ -154,7 +187,7 @@ class QEmbedding(QLinear):
         self.hidden = hidden
 
     def embed(self, ids: Tensor) -> Tensor:
-        f = embedding_te(self.spec, self.act_dtype, self.hidden)
+        f = embedding_te(self.spec, self.act_dtype, self.hidden, self.tile16)
         return op.tensor_expr_op(f, "embedding", [ids, *self.stored()])
 
 
@@ -229,10 +262,12 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, spec, act_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = QLinear(config.hidden_size, config.vocab_size, spec, act_dtype)
-        is_cpu = target is not None and target.kind.name == "llvm"
-        for _, module in _named_modules(self):
-            if isinstance(module, QLinear):
-                module.cpu_layout = is_cpu
+        if target is not None and target.kind.name == "llvm":
+            for _, module in _named_modules(self):
+                if isinstance(module, QEmbedding):  # tile16 only where it is also the lm_head
+                    module.use_cpu_layout(tile16=config.tie_word_embeddings)
+                elif isinstance(module, QLinear):
+                    module.use_cpu_layout(tile16=True)
 
     def _logits(self, h: Tensor) -> Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head

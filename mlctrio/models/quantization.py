@@ -9,6 +9,12 @@ weights load unchanged:
 - stored nibbles are `round(w / scale) + 7` clipped to [0, 14], `scale = max|w| / 7` per group;
 - dequantization is `(nibble - 7) * scale`.
 
+On the CPU, linear weights whose output features split into tiles of 16 are re-laid out at load
+time ("tile16", `pack_tile_np`): (out, x) -> (out / 16, x, 16), the 16 features of a tile
+innermost. A matmul then multiplies one contiguous 16-lane weight vector by a broadcast activation
+(no cross-lane sums, one sequential weight stream per tile), see schedules.py. Files keep MLC's
+layout; only the arrays handed to the compiled module change.
+
 On the CPU all activations stay float32 (x86 without native fp16 computes fp16 slowly); only the
 stored weights shrink. Dequantization is written inside the matmul's `te.compute` because a separate
 dequantize op is not fused into a matmul by Relax and would materialise the full f32 weight.
@@ -65,28 +71,57 @@ def get_quantization(name: str) -> QuantSpec:
         raise ValueError(f"unknown quantization {name!r}; known: {sorted(QUANTIZATIONS)}") from None
 
 
+TILE = 16  # output features per tile of the "tile16" CPU layout
+TILE16 = "tile16"
+
+
+def pack_tile_np(arr: npt.NDArray) -> npt.NDArray:
+    """(out, x) -> (out / TILE, x, TILE): the "tile16" layout of a CPU linear weight."""
+    rows, cols = arr.shape
+    return np.ascontiguousarray(arr.reshape(rows // TILE, TILE, cols).transpose(0, 2, 1))
+
+
+def unpack_tile_np(arr: npt.NDArray) -> npt.NDArray:
+    """Inverse of `pack_tile_np`."""
+    tiles, cols, _ = arr.shape
+    return np.ascontiguousarray(arr.transpose(0, 2, 1).reshape(tiles * TILE, cols))
+
+
 # --------------------------------------------------------------------------------------------
 # TE: a weight "view" W(n, k) -> float32 expression, used inside matmul / embedding computes.
 
 WeightFn = Callable[[Any, Any], Any]
 
 
-def weight_fn(spec: QuantSpec, tensors: list[te.Tensor], act_dtype: str) -> WeightFn:
+def _at(t: te.Tensor, n: Any, col: Any, packed: bool) -> Any:
+    """Element (row n, column col) of a stored (out, x) tensor, in MLC or tile16 layout."""
+    return t[n // TILE, col, n % TILE] if packed else t[n, col]
+
+
+def _nibble(q_weight: te.Tensor, n: Any, k: Any, packed: bool) -> Any:
+    """The stored 4-bit value (0..15, uint32) of weight (n, k)."""
+    word = _at(q_weight, n, k // ELEMS_PER_WORD, packed)
+    shift = (k % ELEMS_PER_WORD * NUM_BITS).astype("uint32")
+    return tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(0xF, "uint32"))
+
+
+def weight_fn(
+    spec: QuantSpec, tensors: list[te.Tensor], act_dtype: str, packed: bool = False
+) -> WeightFn:
     """Return W(n, k) as an expression of the stored tensors, in `act_dtype`."""
     if not spec.is_group:
         (w,) = tensors
         if w.dtype == act_dtype:
-            return lambda n, k: w[n, k]
-        return lambda n, k: w[n, k].astype(act_dtype)
+            return lambda n, k: _at(w, n, k, packed)
+        return lambda n, k: _at(w, n, k, packed).astype(act_dtype)
     q_weight, q_scale = tensors
     group = spec.group_size
 
     def _deq(n: Any, k: Any) -> Any:
-        word = q_weight[n, k // ELEMS_PER_WORD]
-        shift = (k % ELEMS_PER_WORD * NUM_BITS).astype("uint32")
-        nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(0xF, "uint32"))
-        centered = nibble.astype(act_dtype) - tirx.const(MAX_INT, act_dtype)
-        return centered * q_scale[n, k // group].astype(act_dtype)
+        centered = _nibble(q_weight, n, k, packed).astype(act_dtype) - tirx.const(
+            MAX_INT, act_dtype
+        )
+        return centered * _at(q_scale, n, k // group, packed).astype(act_dtype)
 
     return _deq
 
@@ -140,11 +175,105 @@ def matmul_te(
     return _f
 
 
-def embedding_te(spec: QuantSpec, act_dtype: str, hidden: int) -> Callable[..., te.Tensor]:
+def _is_one_row(x: te.Tensor) -> bool:
+    return all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in x.shape[:2])
+
+
+def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor]:
+    """TE function (x (b, s, K), *weights in tile16 layout) -> (b, s, N / 16, 16) = x @ W.T.
+
+    The output keeps the tile split (the caller reshapes it to (b, s, N), a free view), so the
+    compute is an einsum over plain indices, which `pad_einsum` in the schedule needs. Three
+    forms, each a block with its own `mlctrio.kind` for schedules.py:
+
+    - "matmul_tile": float weights, or group-quantized ones dequantised by a "dequant" stage in
+      the same layout (the schedule computes it per output tile, shared by every row);
+    - "matmul_group" (group quantization, one row, K a multiple of the group): a matrix-vector
+      product with the scale taken out of each group's sum,
+      y[n] = sum_g scale[n, g] * (sum_{k in g} nibble[n, k] * x[k] - 7 * sum_{k in g} x[k]),
+      which leaves 4 vector ops per 16 weights (shift, and, convert, fma) in the inner loop.
+    """
+
+    def _tile(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
+        b, s, in_features = x.shape
+        k = te.reduce_axis((0, in_features), name="k")
+        out_shape = (b, s, ws[0].shape[0], TILE)
+        if not spec.is_group:
+            (w,) = ws
+
+            def _w(no: Any, kk: Any, ni: Any) -> Any:
+                return w[no, kk, ni] if w.dtype == act_dtype else w[no, kk, ni].astype(act_dtype)
+
+        else:
+            deq = weight_fn(spec, list(ws), act_dtype, packed=True)
+            wd = te.compute(
+                (ws[0].shape[0], in_features, TILE),
+                lambda no, kk, ni: deq(no * TILE + ni, kk),
+                name="dequant",
+                attrs={"mlctrio.kind": "dequant"},
+            )
+
+            def _w(no: Any, kk: Any, ni: Any) -> Any:  # type: ignore[no-redef]
+                return wd[no, kk, ni]
+
+        return te.compute(
+            out_shape,
+            lambda i, j, no, ni: te.sum(x[i, j, k].astype(act_dtype) * _w(no, k, ni), axis=k),
+            name="matmul",
+            attrs={"mlctrio.kind": "matmul_tile"},
+        )
+
+    def _group(x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+        b, s, in_features = x.shape
+        g = spec.group_size
+        groups = int(in_features) // g
+        kk = te.reduce_axis((0, g), name="kk")
+        gsum = te.compute(
+            (b, s, q_weight.shape[0], TILE, groups),
+            lambda i, j, no, ni, gi: te.sum(
+                x[i, j, gi * g + kk]
+                * _nibble(q_weight, no * TILE + ni, gi * g + kk, True).astype(act_dtype),
+                axis=kk,
+            ),
+            name="group_dot",
+            attrs={"mlctrio.kind": "group_dot"},
+        )
+        kx = te.reduce_axis((0, g), name="kx")
+        xsum = te.compute(
+            (b, s, groups),
+            lambda i, j, gi: te.sum(x[i, j, gi * g + kx], axis=kx),
+            name="group_xsum",
+            attrs={"mlctrio.kind": "group_xsum"},
+        )
+        gr = te.reduce_axis((0, groups), name="gr")
+        zero = tirx.const(MAX_INT, act_dtype)
+        return te.compute(
+            (b, s, q_weight.shape[0], TILE),
+            lambda i, j, no, ni: te.sum(
+                q_scale[no, gr, ni].astype(act_dtype)
+                * (gsum[i, j, no, ni, gr] - zero * xsum[i, j, gr]),
+                axis=gr,
+            ),
+            name="matmul",
+            attrs={"mlctrio.kind": "matmul_group"},
+        )
+
+    def _f(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
+        in_features = int(x.shape[2])
+        if spec.is_group and _is_one_row(x) and in_features % spec.group_size == 0:
+            return _group(x, *ws)
+        return _tile(x, *ws)
+
+    return _f
+
+
+def embedding_te(
+    spec: QuantSpec, act_dtype: str, hidden: int, packed: bool = False
+) -> Callable[..., te.Tensor]:
     """TE function (ids (n,), *stored table) -> (n, hidden) rows of the (dequantised) table."""
 
     def _f(ids: te.Tensor, *ws: te.Tensor) -> te.Tensor:
-        w = weight_fn(spec, list(ws), act_dtype)
+        w = weight_fn(spec, list(ws), act_dtype, packed)
         return te.compute(
             (ids.shape[0], hidden),
             lambda i, j: w(ids[i], j),

@@ -31,7 +31,7 @@ from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-9"  # cpu-9: `decode` (batch 1) with a GEMV schedule
+SCHEDULE_VERSION = "cpu-10"  # cpu-10: tile16 weight layout and its kernels
 FOREIGN_ATTR = "mlctrio.foreign"
 # What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
 # argument checks raise ValueError / TypeError).
@@ -44,6 +44,13 @@ MATMUL_TILE = 16  # output features per tile: 16 rows x K of weights stays in L1
 # 512 in bench/runtime.py.
 PREFILL_BLOCK = (3, 4)
 DECODE_BLOCK = (2, 4)  # batch symbolic (decode): weights dominate, few rows
+# Register blocks (rows, tiles of 16 features) of the tile16 micro-kernel (accumulator R x C x 16
+# float32). 4 x 4 measured best for 128 and 8-16 rows (768 -> 4096: ~200 GFLOPS vs 120-150 for
+# the (N, K)-layout blocked kernel), 4 x 2 close.
+TILE_PREFILL_BLOCK = (4, 4)
+TILE_DECODE_BLOCK = (4, 4)
+TILE_K_UNROLL = 4
+ELEMS_PER_WORD = 8  # q4 nibbles per uint32 (quantization.ELEMS_PER_WORD)
 VECTOR_LANES = 16
 
 
@@ -129,7 +136,11 @@ def _schedule_func(sch: s_tir.Schedule, blocked: bool) -> None:
     handled: set[str] = set()
     for b in blocks:
         kind = _block_kind(sch, b)
-        if kind == "matmul" and blocked and _is_gemv(sch, b):
+        if kind == "matmul_tile":
+            handled |= _schedule_matmul_tile(sch, b)
+        elif kind == "matmul_group":
+            handled |= _schedule_matmul_group(sch, b)
+        elif kind == "matmul" and blocked and _is_gemv(sch, b):
             handled |= _schedule_gemv(sch, b)
         elif kind == "matmul" and blocked:
             handled |= _schedule_matmul_blocked(sch, b)
@@ -273,20 +284,7 @@ def _schedule_matmul_blocked(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
     sch.pad_einsum(block, [pad_i, pad_j, 1, 1])
     rows_block = max(pad_i, pad_j)
-    handled = {name}
-    # pad_einsum added a producer copying x into a row-padded buffer, and a consumer copying the
-    # real rows out. The input copy must stay a separate (cheap) loop: inlined, it would put a
-    # bounds check into the innermost loop.
-    for producer in sch.get_producers(block):
-        pname = sch.get(producer).name_hint
-        if pname.endswith("_pad"):
-            _schedule_spatial(sch, producer)
-            handled.add(pname)
-    for consumer in sch.get_consumers(block):  # the un-padding copy: into its consumer if any
-        if sch.get_consumers(consumer):
-            sch.compute_inline(consumer)
-        else:
-            _schedule_spatial(sch, consumer)
+    handled = {name} | _schedule_padding(sch, block)
     i, j, n, k = sch.get_loops(block)
     rows = sch.fuse(i, j)
     r_o, r_i = sch.split(rows, [None, rows_block])
@@ -329,6 +327,112 @@ def _matmul_rows_padding(
     if ci is None:  # decode: (b, 1)
         return (DECODE_BLOCK[0], 1, DECODE_BLOCK[1])
     raise ValueError("static row count: no padding needed, use the simple schedule")
+
+
+def _schedule_matmul_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
+    """(b, s, N/16, 16, k) matmul over tile16 weights (quantization.matmul_tile16_te).
+
+    Micro-kernel: an accumulator of R rows x C tiles x 16 lanes in registers; per k, C contiguous
+    16-float weight loads, R broadcast activations and R*C FMAs; no cross-lane sum at the end.
+    The symbolic row dimension is padded to a multiple of R (`pad_einsum`), so no predicate
+    reaches the inner loop. Tile groups (C x 16 features) are parallel and outermost; k is
+    unrolled by TILE_K_UNROLL. A q4 "dequant" stage is computed per tile group, in the same
+    layout, and reused by every row.
+    """
+    name = sch.get(block).name_hint
+    i, j, no, _, k = sch.get_loops(block)
+    ci, cj = _const(sch.get(i).extent), _const(sch.get(j).extent)
+    n_tiles, k_extent = _const(sch.get(no).extent), _const(sch.get(k).extent)
+    if n_tiles is None or k_extent is None:
+        raise ValueError("tile16 matmul with symbolic features or reduction")
+    if ci is not None and cj is not None:  # static rows: the `decode` GEMV
+        rows_block, cols, pad = 1, 1, None
+    elif cj is None:  # prefill / verify: (1 or b, s)
+        (rows_block, cols), pad = TILE_PREFILL_BLOCK, [1, TILE_PREFILL_BLOCK[0], 1, 1, 1]
+    else:  # decode: (b, 1)
+        (rows_block, cols), pad = TILE_DECODE_BLOCK, [TILE_DECODE_BLOCK[0], 1, 1, 1, 1]
+    cols = max(c for c in range(1, cols + 1) if n_tiles % c == 0)
+    unroll_k = max(u for u in (1, 2, 4) if k_extent % u == 0 and u <= TILE_K_UNROLL)
+    dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
+    handled = {name}
+    if pad is not None:
+        sch.pad_einsum(block, pad)
+        handled |= _schedule_padding(sch, block)
+    i, j, no, ni, k = sch.get_loops(block)
+    rows = sch.fuse(i, j)
+    r_o, r_i = sch.split(rows, [None, rows_block])
+    n_o, n_c = sch.split(no, [None, cols])
+    k_o, k_i = sch.split(k, [None, unroll_k])
+    sch.reorder(n_o, r_o, k_o, k_i, n_c, r_i, ni)
+    sch.parallel(n_o)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, r_o)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.vectorize(ni)
+    for loop in (r_i, n_c, k_i):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(block, k_o)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for producer in dequant:  # (tiles, k, 16): 16 contiguous words / scales per vector
+        sch.compute_at(producer, n_o)
+        sch.vectorize(sch.get_loops(producer)[-1])
+        handled.add(sch.get(producer).name_hint)
+    return handled
+
+
+def _schedule_padding(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
+    """The two copies `pad_einsum` added around `block`: the input copy stays a separate (cheap)
+    loop (inlined, it would put a bounds check into the innermost loop); the un-padding output
+    copy goes into its consumer if there is one."""
+    handled = set()
+    for producer in sch.get_producers(block):
+        pname = sch.get(producer).name_hint
+        if pname.endswith("_pad"):
+            _schedule_spatial(sch, producer)
+            handled.add(pname)
+    for consumer in sch.get_consumers(block):
+        if sch.get_consumers(consumer):
+            sch.compute_inline(consumer)
+        else:
+            _schedule_spatial(sch, consumer)
+    return handled
+
+
+def _schedule_matmul_group(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
+    """One-row q4 matmul over tile16 weights with the group scale factored out (the
+    "matmul_group" form of quantization.matmul_tile16_te).
+
+    Per 16-feature tile (parallel) and group: a 16-lane local accumulator of nibble * x over the
+    group's 32 inputs (one 16-word load per 8 inputs, then per input: shift, and, convert, fma
+    with the broadcast x), folded into the output accumulator with the tile's 16 scales. The sum
+    of x over each group ("group_xsum", K values) is computed once before.
+    """
+    handled = {sch.get(block).name_hint}
+    group_dot = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "group_dot"]
+    xsum = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "group_xsum"]
+    if len(group_dot) != 1 or len(xsum) != 1:
+        raise ValueError("matmul_group without its group_dot / group_xsum stages")
+    gdot = group_dot[0]
+    handled |= {sch.get(gdot).name_hint, sch.get(xsum[0]).name_hint}
+    _, _, no, ni, gr = sch.get_loops(block)
+    sch.reorder(no, gr, ni)
+    sch.parallel(no)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, no)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.compute_at(gdot, gr)
+    sch.set_scope(gdot, 0, "local")
+    lanes, kk = sch.get_loops(gdot)[-2:]
+    kk_o, kk_i = sch.split(kk, [None, ELEMS_PER_WORD])
+    sch.reorder(kk_o, kk_i, lanes)
+    sch.vectorize(lanes)
+    sch.unroll(kk_i)
+    init = sch.decompose_reduction(gdot, kk_o)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(ni)
+    init = sch.decompose_reduction(block, gr)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return handled
 
 
 def _schedule_rms_norm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:

@@ -7,7 +7,8 @@ Three name spaces:
   `model.layers.0.mlp.gate_up_proj.*`, norms as `*.weight`. MLC stores unquantized tensors in the
   quantization's model dtype (float16 for q0f16/q4f16_1), so `hf_to_mlc` does the same.
 - params: the positional list the compiled functions take (param_mode="packed"), in
-  `param_infos()` order, with our own dtypes (float32 norms/biases on CPU).
+  `param_infos()` order, with our own dtypes (float32 norms/biases on CPU) and, for CPU linear
+  weights marked "tile16", the tile16 layout (quantization.pack_tile_np) the kernels read.
 
 Only name -> numpy dicts here; file formats (safetensors, MLC tensor-cache shards): formats.py.
 """
@@ -21,31 +22,57 @@ import numpy as np
 import numpy.typing as npt
 
 from mlctrio.models.llama import LlamaConfig
-from mlctrio.models.quantization import QuantSpec, get_quantization, quantize_weight_np
+from mlctrio.models.quantization import (
+    TILE,
+    TILE16,
+    QuantSpec,
+    get_quantization,
+    pack_tile_np,
+    quantize_weight_np,
+)
 
 Arrays = Mapping[str, npt.NDArray]
 
 
 @attrs.frozen
 class ParamInfo:
-    """One entry of the packed parameter tuple."""
+    """One entry of the packed parameter tuple: `shape` is the MLC (file) shape; `layout` ""
+    (as stored) or "tile16" (the module takes `runtime_shape`, see quantization.pack_tile_np)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    layout: str = ""
+
+    @property
+    def runtime_shape(self) -> tuple[int, ...]:
+        if self.layout == TILE16:
+            rows, cols = self.shape
+            return (rows // TILE, cols, TILE)
+        return self.shape
+
+    @classmethod
+    def of(cls, name: str, param: object) -> ParamInfo:
+        """The info of an nn.Parameter of the model (whose shape is the runtime one)."""
+        shape = tuple(int(s) for s in param.shape)  # type: ignore[attr-defined]
+        layout = str(param.attrs.get("mlctrio.layout", ""))  # type: ignore[attr-defined]
+        if layout == TILE16:
+            tiles, cols, tile = shape
+            shape = (tiles * tile, cols)
+        return cls(name, shape, str(param.dtype), layout)  # type: ignore[attr-defined]
 
 
 def param_infos(
-    config: LlamaConfig, quantization: str, act_dtype: str = "float32"
+    config: LlamaConfig, quantization: str, act_dtype: str = "float32", cpu: bool = True
 ) -> list[ParamInfo]:
-    """Names, shapes and dtypes of the packed params, in the order the compiled module expects."""
-    from mlctrio.models.llama import LlamaForCausalLM  # heavy tvm import, only when needed
+    """The packed params, in the order the compiled module expects: for the host CPU target
+    (what compile_model builds by default) or, with `cpu=False`, for a target without tile16."""
+    from mlctrio.models.compile import host_cpu_target  # heavy tvm import, only when needed
+    from mlctrio.models.llama import LlamaForCausalLM
 
-    model = LlamaForCausalLM(config, get_quantization(quantization), None, act_dtype)
-    return [
-        ParamInfo(name, tuple(int(s) for s in p.shape), str(p.dtype))
-        for name, p in model.named_parameters()
-    ]
+    target = host_cpu_target() if cpu else None
+    model = LlamaForCausalLM(config, get_quantization(quantization), target, act_dtype)
+    return [ParamInfo.of(name, p) for name, p in model.named_parameters()]
 
 
 def _linear_names(spec: QuantSpec) -> list[str]:
@@ -105,7 +132,7 @@ def mlc_to_params(mlc: Arrays, infos: list[ParamInfo]) -> list[npt.NDArray]:
             if arr.dtype.kind != "f" or np.dtype(info.dtype).kind != "f":
                 raise ValueError(f"{info.name}: dtype {arr.dtype} != expected {info.dtype}")
             arr = arr.astype(info.dtype)
-        params.append(np.ascontiguousarray(arr))
+        params.append(pack_tile_np(arr) if info.layout == TILE16 else np.ascontiguousarray(arr))
     return params
 
 

@@ -32,8 +32,11 @@ pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
 # Qwen2-like variant: tied embeddings, qkv bias, llama3 RoPE scaling, a partial q4 group (K=80).
+# Vocab 320 (20 tiles of 16): the tied table takes the tile16 layout, read by both the embedding
+# lookup and the lm_head (TINY's 300 keeps the untiled lm_head path covered).
 TINY_QWEN = attrs.evolve(
     TINY,
+    vocab_size=320,
     tie_word_embeddings=True,
     attention_bias=True,
     intermediate_size=80,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 
 from mlctrio.models.llama import TINY, LlamaConfig
 from mlctrio.models.quantization import (
+    TILE16,
     dequantize_group_np,
     get_quantization,
+    pack_tile_np,
     quantize_group_np,
+    unpack_tile_np,
 )
 from mlctrio.models.weights import (
     hf_to_mlc,
@@ -34,7 +38,7 @@ def test_mlc_names_are_the_model_parameters_in_order() -> None:
 
 def test_round_trip_fuses_qkv_and_gate_up() -> None:
     hf = random_hf_weights(TINY, seed=3)
-    infos = param_infos(TINY, "q0f32")
+    infos = param_infos(TINY, "q0f32", cpu=False)  # MLC's layout: rows are output features
     params = dict(zip([i.name for i in infos], hf_to_params(TINY, hf, "q0f32", infos), strict=True))
     a = "model.layers.1.self_attn"
     qkv = params[f"{a}.qkv_proj.weight"]
@@ -82,6 +86,48 @@ def test_tied_embeddings_ignore_lm_head_and_untied_require_it() -> None:
     del hf["lm_head.weight"]
     with pytest.raises(KeyError, match="lm_head"):
         hf_to_mlc(TINY, hf, "q0f32")
+
+
+@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_params_take_the_tile16_layout(quant: str, tied: bool) -> None:
+    config = attrs.evolve(TINY, vocab_size=320, tie_word_embeddings=tied)
+    mlc = hf_to_mlc(config, random_hf_weights(config, seed=5), quant)
+    infos = param_infos(config, quant)
+    params = dict(zip([i.name for i in infos], mlc_to_params(mlc, infos), strict=True))
+    layouts = {i.name: i.layout for i in infos}
+    # Every linear weight (320 and all TINY widths split into tiles of 16) is tile16, except an
+    # embedding table that is not also the lm_head; norms stay as they are.
+    embed = [n for n in layouts if n.startswith("model.embed_tokens.")]
+    linear = [
+        n
+        for n in layouts
+        if n not in embed and (".q_" in n or n.endswith("_proj.weight") or "lm_head" in n)
+    ]
+    assert linear and all(layouts[n] == TILE16 for n in linear)
+    assert all(layouts[n] == (TILE16 if tied else "") for n in embed)
+    assert layouts["model.norm.weight"] == ""
+    for info in infos:
+        arr = params[info.name]
+        assert arr.shape == info.runtime_shape and arr.flags["C_CONTIGUOUS"]
+        if info.layout == TILE16:
+            # Element (n, x) of the MLC array sits at [n // 16, x, n % 16].
+            assert info.runtime_shape == (info.shape[0] // 16, info.shape[1], 16)
+            n, x = info.shape[0] - 3, info.shape[1] - 1
+            assert arr[n // 16, x, n % 16] == mlc[info.name][n, x]
+            np.testing.assert_array_equal(unpack_tile_np(arr), mlc[info.name])
+        else:
+            np.testing.assert_array_equal(arr, mlc[info.name].astype(arr.dtype))
+
+
+def test_tile16_stays_off_where_features_do_not_tile() -> None:
+    infos = {i.name: i for i in param_infos(TINY, "q0f32")}  # vocab 300 = 18.75 tiles
+    assert infos["lm_head.weight"].layout == ""
+    assert infos["lm_head.weight"].runtime_shape == (300, TINY.hidden_size)
+    assert infos["model.layers.0.mlp.down_proj.weight"].layout == TILE16
+    assert not any(i.layout for i in param_infos(TINY, "q0f32", cpu=False))
+    w = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    assert pack_tile_np(w)[1, 2, 5] == w[21, 2]
 
 
 def test_group_quant_layout_matches_mlc() -> None:
