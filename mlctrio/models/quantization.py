@@ -72,6 +72,7 @@ def get_quantization(name: str) -> QuantSpec:
 
 
 TILE = 16  # output features per tile of the "tile16" CPU layout
+GROUP_ROWS = 4  # rows per register block of the q4 decode kernel ("matmul_group")
 TILE16 = "tile16"
 
 
@@ -188,10 +189,12 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
 
     - "matmul_tile": float weights, or group-quantized ones dequantised by a "dequant" stage in
       the same layout (the schedule computes it per output tile, shared by every row);
-    - "matmul_group" (group quantization, one row, K a multiple of the group): a matrix-vector
-      product with the scale taken out of each group's sum,
+    - "matmul_group" (group quantization, decode: one token per sequence, K a multiple of the
+      group): the scale taken out of each group's sum,
       y[n] = sum_g scale[n, g] * (sum_{k in g} nibble[n, k] * x[k] - 7 * sum_{k in g} x[k]),
-      which leaves 4 vector ops per 16 weights (shift, and, convert, fma) in the inner loop.
+      which leaves 3 vector ops per 16 weights (shift, and, convert) shared by the rows of a
+      block plus one FMA per row. A symbolic batch is padded to GROUP_ROWS rows ("x_pad",
+      "matmul_unpad" around it) so the row block has no tail.
     """
 
     def _tile(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
@@ -227,9 +230,18 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
         b, s, in_features = x.shape
         g = spec.group_size
         groups = int(in_features) // g
+        padded = not _is_one_row(x)
+        if padded:  # decode (b, 1): rows padded to a multiple of GROUP_ROWS with zeros
+            rows = (b + GROUP_ROWS - 1) // GROUP_ROWS * GROUP_ROWS
+            x = te.compute(
+                (rows, s, in_features),
+                lambda i, j, k: tirx.if_then_else(i < b, x[i, j, k], tirx.const(0, x.dtype)),
+                name="x_pad",
+                attrs={"mlctrio.kind": "row_pad"},
+            )
         kk = te.reduce_axis((0, g), name="kk")
         gsum = te.compute(
-            (b, s, q_weight.shape[0], TILE, groups),
+            (x.shape[0], s, q_weight.shape[0], TILE, groups),
             lambda i, j, no, ni, gi: te.sum(
                 x[i, j, gi * g + kk]
                 * _nibble(q_weight, no * TILE + ni, gi * g + kk, True).astype(act_dtype),
@@ -240,15 +252,15 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
         )
         kx = te.reduce_axis((0, g), name="kx")
         xsum = te.compute(
-            (b, s, groups),
+            (x.shape[0], s, groups),
             lambda i, j, gi: te.sum(x[i, j, gi * g + kx], axis=kx),
             name="group_xsum",
             attrs={"mlctrio.kind": "group_xsum"},
         )
         gr = te.reduce_axis((0, groups), name="gr")
         zero = tirx.const(MAX_INT, act_dtype)
-        return te.compute(
-            (b, s, q_weight.shape[0], TILE),
+        y = te.compute(
+            (x.shape[0], s, q_weight.shape[0], TILE),
             lambda i, j, no, ni: te.sum(
                 q_scale[no, gr, ni].astype(act_dtype)
                 * (gsum[i, j, no, ni, gr] - zero * xsum[i, j, gr]),
@@ -257,10 +269,19 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
             name="matmul",
             attrs={"mlctrio.kind": "matmul_group"},
         )
+        if not padded:
+            return y
+        return te.compute(
+            (b, s, q_weight.shape[0], TILE),
+            lambda i, j, no, ni: y[i, j, no, ni],
+            name="matmul_unpad",
+            attrs={"mlctrio.kind": "injective"},
+        )
 
     def _f(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
         in_features = int(x.shape[2])
-        if spec.is_group and _is_one_row(x) and in_features % spec.group_size == 0:
+        one_step = isinstance(x.shape[1], tirx.IntImm) and int(x.shape[1]) == 1
+        if spec.is_group and one_step and in_features % spec.group_size == 0:
             return _group(x, *ws)
         return _tile(x, *ws)
 

@@ -29,9 +29,11 @@ import logging
 import tvm
 from tvm import s_tir, tirx
 
+from mlctrio.models.quantization import ELEMS_PER_WORD, GROUP_ROWS
+
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-10"  # cpu-10: tile16 weight layout and its kernels
+SCHEDULE_VERSION = "cpu-11"  # cpu-10: tile16 weight layout and its kernels; 11: q4 decode rows
 FOREIGN_ATTR = "mlctrio.foreign"
 # What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
 # argument checks raise ValueError / TypeError).
@@ -50,7 +52,6 @@ DECODE_BLOCK = (2, 4)  # batch symbolic (decode): weights dominate, few rows
 TILE_PREFILL_BLOCK = (4, 4)
 TILE_DECODE_BLOCK = (4, 4)
 TILE_K_UNROLL = 4
-ELEMS_PER_WORD = 8  # q4 nibbles per uint32 (quantization.ELEMS_PER_WORD)
 VECTOR_LANES = 16
 
 
@@ -399,37 +400,49 @@ def _schedule_padding(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> se
 
 
 def _schedule_matmul_group(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
-    """One-row q4 matmul over tile16 weights with the group scale factored out (the
+    """q4 decode matmul over tile16 weights with the group scale factored out (the
     "matmul_group" form of quantization.matmul_tile16_te).
 
-    Per 16-feature tile (parallel) and group: a 16-lane local accumulator of nibble * x over the
-    group's 32 inputs (one 16-word load per 8 inputs, then per input: shift, and, convert, fma
-    with the broadcast x), folded into the output accumulator with the tile's 16 scales. The sum
-    of x over each group ("group_xsum", K values) is computed once before.
+    Per 16-feature tile (parallel), block of R rows and group: an R x 16-lane local accumulator
+    of nibble * x over the group's 32 inputs (one 16-word load per 8 inputs, then per input:
+    shift, and, convert once and one FMA per row with the broadcast x), folded into the R x 16
+    output accumulator with the tile's 16 scales. The weights of a tile (K / 2 bytes) stay in
+    L1 while every row block reuses them. The sum of x over each group ("group_xsum", rows x
+    K / 32 values) is computed once before; the zero-padded input copy is its own loop.
     """
     handled = {sch.get(block).name_hint}
-    group_dot = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "group_dot"]
-    xsum = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "group_xsum"]
-    if len(group_dot) != 1 or len(xsum) != 1:
+    producers = {_block_kind(sch, p): p for p in sch.get_producers(block)}
+    gdot, xsum = producers.get("group_dot"), producers.get("group_xsum")
+    if gdot is None or xsum is None:
         raise ValueError("matmul_group without its group_dot / group_xsum stages")
-    gdot = group_dot[0]
-    handled |= {sch.get(gdot).name_hint, sch.get(xsum[0]).name_hint}
-    _, _, no, ni, gr = sch.get_loops(block)
-    sch.reorder(no, gr, ni)
+    handled |= {sch.get(gdot).name_hint, sch.get(xsum).name_hint}
+    for pad in sch.get_producers(gdot):
+        if _block_kind(sch, pad) == "row_pad":
+            _schedule_spatial(sch, pad)
+            handled.add(sch.get(pad).name_hint)
+    i, j, no, ni, gr = sch.get_loops(block)
+    static_rows = _const(sch.get(i).extent) is not None
+    rows = sch.fuse(i, j)
+    r_o, r_i = sch.split(rows, [None, 1 if static_rows else GROUP_ROWS])
+    sch.reorder(no, r_o, gr, r_i, ni)
     sch.parallel(no)
     acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, no)
+    sch.reverse_compute_at(acc, r_o)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.compute_at(gdot, gr)
     sch.set_scope(gdot, 0, "local")
-    lanes, kk = sch.get_loops(gdot)[-2:]
+    *_, lanes, kk = sch.get_loops(gdot)
+    inner = [lp for lp in sch.get_loops(gdot)[3:-2]]  # the row block (absent for one row)
     kk_o, kk_i = sch.split(kk, [None, ELEMS_PER_WORD])
-    sch.reorder(kk_o, kk_i, lanes)
+    sch.reorder(kk_o, kk_i, *inner, lanes)
     sch.vectorize(lanes)
     sch.unroll(kk_i)
+    for loop in inner:
+        sch.unroll(loop)
     init = sch.decompose_reduction(gdot, kk_o)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(ni)
+    sch.unroll(r_i)
     init = sch.decompose_reduction(block, gr)
     sch.vectorize(sch.get_loops(init)[-1])
     return handled
