@@ -23,6 +23,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
+from mlctrio.models import int8_cpu
 from mlctrio.models.attention_cpu import CPUPagedKVCache
 from mlctrio.models.quantization import (
     TILE,
@@ -32,6 +33,7 @@ from mlctrio.models.quantization import (
     matmul_te,
     matmul_tile16_te,
     rms_norm_te,
+    uses_int8_decode,
 )
 
 LAYOUT_ATTR = "mlctrio.layout"  # nn.Parameter attr: TILE16 when the weight is stored tile16
@@ -134,9 +136,10 @@ class QLinear(nn.Module):
 
     def __init__(self, in_f: int, out_f: int, spec: QuantSpec, act_dtype: str, bias: bool = False):
         super().__init__()
-        self.spec, self.act_dtype, self.out_f = spec, act_dtype, out_f
+        self.spec, self.act_dtype, self.in_f, self.out_f = spec, act_dtype, in_f, out_f
         self.cpu_layout = False  # set by LlamaForCausalLM for llvm targets
         self.tile16 = False  # weights in the tile16 layout (use_cpu_layout)
+        self.int8_decode = False  # decode steps by int8_cpu's VNNI kernels (use_cpu_layout)
         # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
         if spec.is_group:
             groups = -(-in_f // spec.group_size)  # a partial last group is padded, as in mlc-llm
@@ -149,12 +152,14 @@ class QLinear(nn.Module):
     def stored(self) -> list[nn.Parameter]:
         return [self.q_weight, self.q_scale] if self.spec.is_group else [self.weight]
 
-    def use_cpu_layout(self, tile16: bool) -> None:
-        """CPU kernels; with `tile16` (needs out features % 16 == 0) the tile16 weight layout."""
+    def use_cpu_layout(self, tile16: bool, vnni: bool = False) -> None:
+        """CPU kernels; with `tile16` (needs out features % 16 == 0) the tile16 weight layout;
+        with `vnni` too, int8-activation decode for group-quantized weights (int8_cpu.py)."""
         self.cpu_layout = True
         if not tile16 or self.out_f % TILE:
             return
         self.tile16 = True
+        self.int8_decode = vnni and uses_int8_decode(self.spec, self.out_f, self.in_f)
         names = ("q_weight", "q_scale") if self.spec.is_group else ("weight",)
         for name in names:
             old: nn.Parameter = getattr(self, name)
@@ -164,8 +169,11 @@ class QLinear(nn.Module):
             setattr(self, name, new)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.tile16:
-            b, s, _ = x.shape
+        b, s, _ = x.shape
+        if self.int8_decode and isinstance(s, int) and s == 1:
+            y4 = self._int8_matmul(x)
+            y = op.reshape(y4, (b, s, self.out_f))
+        elif self.tile16:
             y4 = op.tensor_expr_op(
                 matmul_tile16_te(self.spec, self.act_dtype), "matmul", [x, *self.stored()]
             )
@@ -177,6 +185,26 @@ class QLinear(nn.Module):
                 [x, *self.stored()],
             )
         return y + self.bias if self.bias is not None else y
+
+    def _int8_matmul(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        k, tiles = self.in_f, self.out_f // TILE
+        xq, xd = op.tensor_ir_op(
+            int8_cpu.q8_quantize_func(k),
+            "q8_quantize",
+            [x],
+            [
+                Tensor.placeholder((b, k // 8, 2), "int32"),
+                Tensor.placeholder((b, k // int8_cpu.GROUP, 2), "float32"),
+            ],
+        )
+        rows_block = 1 if isinstance(b, int) and b == 1 else int8_cpu.DECODE_ROWS
+        return op.tensor_ir_op(
+            int8_cpu.q4_q8_matmul_func(tiles, k, rows_block, self.spec.scale_dtype),
+            "q4_q8_matmul",
+            [xq, xd, *self.stored()],
+            Tensor.placeholder((b, 1, tiles, TILE), "float32"),
+        )
 
 
 class QEmbedding(QLinear):
@@ -263,11 +291,12 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = QLinear(config.hidden_size, config.vocab_size, spec, act_dtype)
         if target is not None and target.kind.name == "llvm":
+            vnni = has_vnni(target)
             for _, module in _named_modules(self):
                 if isinstance(module, QEmbedding):  # tile16 only where it is also the lm_head
-                    module.use_cpu_layout(tile16=config.tie_word_embeddings)
+                    module.use_cpu_layout(tile16=config.tie_word_embeddings, vnni=vnni)
                 elif isinstance(module, QLinear):
-                    module.use_cpu_layout(tile16=True)
+                    module.use_cpu_layout(tile16=True, vnni=vnni)
 
     def _logits(self, h: Tensor) -> Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
@@ -380,6 +409,13 @@ class LlamaForCausalLM(nn.Module):
             },
         }
         return nn.spec.ModuleSpec.from_raw(mod_spec, self)
+
+
+def has_vnni(target: Target) -> bool:
+    """Whether an llvm target has AVX512-VNNI (int8_cpu's kernels)."""
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx512vnni", target))
 
 
 def _named_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -176,6 +176,28 @@ def matmul_te(
     return _f
 
 
+def uses_int8_decode(spec: QuantSpec, out_features: int, in_features: int) -> bool:
+    """Whether decode steps of this linear layer take int8 activations (int8_cpu.py) on a CPU
+    with VNNI: group-quantized, tile16 layout, whole groups."""
+    return (
+        spec.is_group
+        and spec.group_size == 32
+        and out_features % TILE == 0
+        and in_features % spec.group_size == 0
+    )
+
+
+def q8_activations_np(x: npt.NDArray[np.float32], group: int = 32) -> npt.NDArray[np.float32]:
+    """x (..., K) as int8_cpu.q8_quantize sees it: per group of `group`, q = rint(x * (127 /
+    max|x|)) in float32 arithmetic, value q * (max|x| / 127)."""
+    shape = x.shape
+    g = x.astype(np.float32).reshape(-1, shape[-1] // group, group)
+    amax = np.abs(g).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(g * inv)
+    return (q * (amax / np.float32(127))).astype(np.float32).reshape(shape)
+
+
 def _is_one_row(x: te.Tensor) -> bool:
     return all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in x.shape[:2])
 

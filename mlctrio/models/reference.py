@@ -7,6 +7,7 @@ dequantised q4 values), so a quantized compiled model should match it to float32
 
 from __future__ import annotations
 
+import functools
 import math
 
 import attrs
@@ -14,7 +15,12 @@ import numpy as np
 import numpy.typing as npt
 
 from mlctrio.models.llama import LlamaConfig
-from mlctrio.models.quantization import QuantSpec, effective_weight_np
+from mlctrio.models.quantization import (
+    QuantSpec,
+    effective_weight_np,
+    q8_activations_np,
+    uses_int8_decode,
+)
 
 F32 = npt.NDArray[np.float32]
 
@@ -75,8 +81,17 @@ class RefKVCache:
 class ReferenceLlama:
     """Numpy forward. `params` are MLC-named stored arrays as produced by weights.hf_to_mlc."""
 
-    def __init__(self, config: LlamaConfig, params: dict[str, np.ndarray], spec: QuantSpec):
-        self.c = config
+    def __init__(
+        self,
+        config: LlamaConfig,
+        params: dict[str, np.ndarray],
+        spec: QuantSpec,
+        int8_decode: bool = False,
+    ):
+        """`int8_decode`: the compiled model runs decode steps of group-quantized layers with
+        int8 activations (a CPU with VNNI, models/int8_cpu.py); `forward(..., decode=True)`
+        then rounds those layers' inputs the same way."""
+        self.c, self.spec, self.int8_decode = config, spec, int8_decode
         self.inv_freq = rope_inv_freq(config)
 
         def lin(prefix: str, cols: int = config.hidden_size) -> F32:
@@ -105,9 +120,18 @@ class ReferenceLlama:
     def new_cache(self) -> RefKVCache:
         return RefKVCache(self.c.num_hidden_layers)
 
-    def forward(self, cache: RefKVCache, seq_id: int, tokens: list[int]) -> F32:
-        """Append tokens to seq_id; return logits (len(tokens), vocab) at each new position."""
+    def _linear(self, x: F32, w: F32, decode: bool) -> F32:
+        if decode and self.int8_decode and uses_int8_decode(self.spec, *w.shape):
+            x = q8_activations_np(x)
+        return x @ w.T
+
+    def forward(
+        self, cache: RefKVCache, seq_id: int, tokens: list[int], decode: bool = False
+    ) -> F32:
+        """Append tokens to seq_id; return logits (len(tokens), vocab) at each new position.
+        `decode`: computed as part of a decode step (one token for every sequence)."""
         c = self.c
+        mm = functools.partial(self._linear, decode=decode)
         h_q, h_kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         start = cache.length(seq_id)
         n = len(tokens)
@@ -116,7 +140,7 @@ class ReferenceLlama:
         group = h_q // h_kv
         for li, lw in enumerate(self.layers):
             hN = rms_norm(x, lw["ln1"], c.rms_norm_eps)
-            qkv = hN @ lw["qkv"].T
+            qkv = mm(hN, lw["qkv"])
             if lw["qkv_bias"] is not None:
                 qkv = qkv + lw["qkv_bias"]
             qkv = qkv.reshape(n, h_q + 2 * h_kv, d)
@@ -140,9 +164,9 @@ class ReferenceLlama:
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
             attn = np.einsum("hnt,thd->nhd", probs, vv_q).reshape(n, h_q * d)
-            x = x + attn @ lw["o"].T
-            gu = rms_norm(x, lw["ln2"], c.rms_norm_eps) @ lw["gate_up"].T
+            x = x + mm(attn, lw["o"])
+            gu = mm(rms_norm(x, lw["ln2"], c.rms_norm_eps), lw["gate_up"])
             gate, up = gu[:, : c.intermediate_size], gu[:, c.intermediate_size :]
-            x = x + (gate / (1 + np.exp(-gate)) * up) @ lw["down"].T
+            x = x + mm(gate / (1 + np.exp(-gate)) * up, lw["down"])
         x = rms_norm(x, self.norm, c.rms_norm_eps)
-        return (x @ self.lm_head.T).astype(np.float32)
+        return mm(x, self.lm_head).astype(np.float32)

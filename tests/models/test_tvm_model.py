@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from mlctrio.errors import EngineError
-from mlctrio.models.compile import CompiledModel, compile_model
-from mlctrio.models.llama import TINY, LlamaConfig
+from mlctrio.models.compile import CompiledModel, compile_model, host_cpu_target
+from mlctrio.models.llama import TINY, LlamaConfig, has_vnni
 from mlctrio.models.quantization import get_quantization
 from mlctrio.models.reference import ReferenceLlama, RefKVCache
 from mlctrio.models.weights import hf_to_mlc, mlc_to_params, param_infos, random_hf_weights
@@ -84,7 +84,8 @@ class Pair:
 
     def step_and_check(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         got = self.runner.step(batch)
-        want = np.stack([self.ref.forward(self.cache, s, toks)[-1] for s, toks in batch])
+        decode = all(len(toks) == 1 for _, toks in batch)  # the runner's decode functions
+        want = np.stack([self.ref.forward(self.cache, s, toks, decode)[-1] for s, toks in batch])
         assert got.shape == (len(batch), self.runner.vocab_size) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
         return got
@@ -100,7 +101,8 @@ def make_pair(cm: CompiledModel, config: LlamaConfig, seed: int = 0) -> Pair:
         max_total_seq_length=2048,
         prefill_chunk_size=256,
     )
-    ref = ReferenceLlama(config, mlc, get_quantization(cm.quantization))
+    int8 = has_vnni(host_cpu_target())  # what compile_model built the library for
+    ref = ReferenceLlama(config, mlc, get_quantization(cm.quantization), int8_decode=int8)
     return Pair(runner, ref, ref.new_cache())
 
 
