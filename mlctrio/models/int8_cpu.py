@@ -1,9 +1,11 @@
 # ruff: noqa: E501  (TVMScript kernel bodies read better unwrapped, as in TVM's own kernel files)
-"""q4 x int8 decode kernels for x86 CPUs with AVX512-VNNI (hand-written TIR).
+"""q4 x int8 matmul kernels for x86 CPUs with AVX512-VNNI (hand-written TIR).
 
-The f32 decode kernel of a q4 weight ("matmul_group" in schedules.py) spends 3 vector ops per 16
-weights turning nibbles into floats, which made q4 decode compute-bound at ~20 GB/s of weights.
-Like llama.cpp, decode steps instead quantise the activations to int8 per group of 32 inputs
+The f32 kernels of a q4 weight spend 3 vector ops per 16 weights turning nibbles into floats
+("matmul_group" in schedules.py), or dequantise a tile to f32 first: q4 decode was compute-bound
+at ~20 GB/s of weights and q4 prefill slower than f32. Like llama.cpp, every step (prefill and
+decode; prefill rows are passed as a batch of one-token rows) instead quantises the activations
+to int8 per group of 32 inputs
 (`q8_quantize`: scale = max|x| / 127, q = round-half-even(x * 127 / max|x|)), and multiply them
 with the 4-bit weights by `vpdpbusd` (64 unsigned x signed byte products summed into 16 int32
 lanes per instruction):
@@ -17,7 +19,7 @@ lanes per instruction):
   precomputed per group (stored nibbles are value + 7, so the zero point comes out exactly).
 
 So per 16 x 8 weights: one load, 3 integer ops and 2 `vpdpbusd` per row, against 32 float ops
-in the f32 kernel. Results differ from the f32 path by the int8 rounding of the activations
+in the f32 kernel. A tile's weights (K / 2 bytes) stay in L1 while all row blocks reuse them. Results differ from the f32 path by the int8 rounding of the activations
 (relative ~1e-3, as llama.cpp's q4_0 x q8_0); models/reference.py emulates it exactly.
 Used only where `target_has_features("avx512vnni")` (llama.py); elsewhere the f32 kernel runs.
 """
@@ -33,7 +35,7 @@ GROUP = 32  # inputs per activation / weight group (q4*_1 group size)
 WORD = 8  # nibbles per uint32 word
 VDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 LOW_NIBBLES = 0x0F0F0F0F
-DECODE_ROWS = 4  # rows per register block when the batch is symbolic (batch_decode)
+ROWS_BLOCK = 4  # rows per register block when the row count is symbolic
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,7 +33,7 @@ from mlctrio.models.quantization import (
     matmul_te,
     matmul_tile16_te,
     rms_norm_te,
-    uses_int8_decode,
+    uses_int8,
 )
 
 LAYOUT_ATTR = "mlctrio.layout"  # nn.Parameter attr: TILE16 when the weight is stored tile16
@@ -139,7 +139,7 @@ class QLinear(nn.Module):
         self.spec, self.act_dtype, self.in_f, self.out_f = spec, act_dtype, in_f, out_f
         self.cpu_layout = False  # set by LlamaForCausalLM for llvm targets
         self.tile16 = False  # weights in the tile16 layout (use_cpu_layout)
-        self.int8_decode = False  # decode steps by int8_cpu's VNNI kernels (use_cpu_layout)
+        self.int8 = False  # int8 activations, int8_cpu's VNNI kernels (use_cpu_layout)
         # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
         if spec.is_group:
             groups = -(-in_f // spec.group_size)  # a partial last group is padded, as in mlc-llm
@@ -154,12 +154,12 @@ class QLinear(nn.Module):
 
     def use_cpu_layout(self, tile16: bool, vnni: bool = False) -> None:
         """CPU kernels; with `tile16` (needs out features % 16 == 0) the tile16 weight layout;
-        with `vnni` too, int8-activation decode for group-quantized weights (int8_cpu.py)."""
+        with `vnni` too, int8 activations for group-quantized weights (int8_cpu.py)."""
         self.cpu_layout = True
         if not tile16 or self.out_f % TILE:
             return
         self.tile16 = True
-        self.int8_decode = vnni and uses_int8_decode(self.spec, self.out_f, self.in_f)
+        self.int8 = vnni and uses_int8(self.spec, self.out_f, self.in_f)
         names = ("q_weight", "q_scale") if self.spec.is_group else ("weight",)
         for name in names:
             old: nn.Parameter = getattr(self, name)
@@ -170,9 +170,10 @@ class QLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, s, _ = x.shape
-        if self.int8_decode and isinstance(s, int) and s == 1:
-            y4 = self._int8_matmul(x)
-            y = op.reshape(y4, (b, s, self.out_f))
+        if self.int8:
+            one_row = isinstance(b, int) and isinstance(s, int) and b * s == 1
+            rows = x if isinstance(s, int) and s == 1 else op.reshape(x, (b * s, 1, self.in_f))
+            y = op.reshape(self._int8_matmul(rows, one_row), (b, s, self.out_f))
         elif self.tile16:
             y4 = op.tensor_expr_op(
                 matmul_tile16_te(self.spec, self.act_dtype), "matmul", [x, *self.stored()]
@@ -186,24 +187,25 @@ class QLinear(nn.Module):
             )
         return y + self.bias if self.bias is not None else y
 
-    def _int8_matmul(self, x: Tensor) -> Tensor:
-        b = x.shape[0]
+    def _int8_matmul(self, x: Tensor, one_row: bool) -> Tensor:
+        """x (rows, 1, K) -> (rows, 1, N / 16, 16) by int8_cpu's kernels."""
+        rows = x.shape[0]
         k, tiles = self.in_f, self.out_f // TILE
         xq, xd = op.tensor_ir_op(
             int8_cpu.q8_quantize_func(k),
             "q8_quantize",
             [x],
             [
-                Tensor.placeholder((b, k // 8, 2), "int32"),
-                Tensor.placeholder((b, k // int8_cpu.GROUP, 2), "float32"),
+                Tensor.placeholder((rows, k // 8, 2), "int32"),
+                Tensor.placeholder((rows, k // int8_cpu.GROUP, 2), "float32"),
             ],
         )
-        rows_block = 1 if isinstance(b, int) and b == 1 else int8_cpu.DECODE_ROWS
+        rows_block = 1 if one_row else int8_cpu.ROWS_BLOCK
         return op.tensor_ir_op(
             int8_cpu.q4_q8_matmul_func(tiles, k, rows_block, self.spec.scale_dtype),
             "q4_q8_matmul",
             [xq, xd, *self.stored()],
-            Tensor.placeholder((b, 1, tiles, TILE), "float32"),
+            Tensor.placeholder((rows, 1, tiles, TILE), "float32"),
         )
 
 

@@ -176,9 +176,9 @@ def matmul_te(
     return _f
 
 
-def uses_int8_decode(spec: QuantSpec, out_features: int, in_features: int) -> bool:
-    """Whether decode steps of this linear layer take int8 activations (int8_cpu.py) on a CPU
-    with VNNI: group-quantized, tile16 layout, whole groups."""
+def uses_int8(spec: QuantSpec, out_features: int, in_features: int) -> bool:
+    """Whether this linear layer takes int8 activations (int8_cpu.py) on a CPU with VNNI:
+    group-quantized, tile16 layout, whole groups."""
     return (
         spec.is_group
         and spec.group_size == 32

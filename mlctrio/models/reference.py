@@ -7,7 +7,6 @@ dequantised q4 values), so a quantized compiled model should match it to float32
 
 from __future__ import annotations
 
-import functools
 import math
 
 import attrs
@@ -19,7 +18,7 @@ from mlctrio.models.quantization import (
     QuantSpec,
     effective_weight_np,
     q8_activations_np,
-    uses_int8_decode,
+    uses_int8,
 )
 
 F32 = npt.NDArray[np.float32]
@@ -86,12 +85,12 @@ class ReferenceLlama:
         config: LlamaConfig,
         params: dict[str, np.ndarray],
         spec: QuantSpec,
-        int8_decode: bool = False,
+        int8: bool = False,
     ):
-        """`int8_decode`: the compiled model runs decode steps of group-quantized layers with
-        int8 activations (a CPU with VNNI, models/int8_cpu.py); `forward(..., decode=True)`
-        then rounds those layers' inputs the same way."""
-        self.c, self.spec, self.int8_decode = config, spec, int8_decode
+        """`int8`: the compiled model multiplies group-quantized layers with int8 activations
+        (a CPU with VNNI, models/int8_cpu.py); the reference then rounds those layers' inputs
+        the same way."""
+        self.c, self.spec, self.int8 = config, spec, int8
         self.inv_freq = rope_inv_freq(config)
 
         def lin(prefix: str, cols: int = config.hidden_size) -> F32:
@@ -120,18 +119,15 @@ class ReferenceLlama:
     def new_cache(self) -> RefKVCache:
         return RefKVCache(self.c.num_hidden_layers)
 
-    def _linear(self, x: F32, w: F32, decode: bool) -> F32:
-        if decode and self.int8_decode and uses_int8_decode(self.spec, *w.shape):
+    def _linear(self, x: F32, w: F32) -> F32:
+        if self.int8 and uses_int8(self.spec, *w.shape):
             x = q8_activations_np(x)
         return x @ w.T
 
-    def forward(
-        self, cache: RefKVCache, seq_id: int, tokens: list[int], decode: bool = False
-    ) -> F32:
-        """Append tokens to seq_id; return logits (len(tokens), vocab) at each new position.
-        `decode`: computed as part of a decode step (one token for every sequence)."""
+    def forward(self, cache: RefKVCache, seq_id: int, tokens: list[int]) -> F32:
+        """Append tokens to seq_id; return logits (len(tokens), vocab) at each new position."""
         c = self.c
-        mm = functools.partial(self._linear, decode=decode)
+        mm = self._linear
         h_q, h_kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         start = cache.length(seq_id)
         n = len(tokens)

@@ -84,8 +84,7 @@ class Pair:
 
     def step_and_check(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         got = self.runner.step(batch)
-        decode = all(len(toks) == 1 for _, toks in batch)  # the runner's decode functions
-        want = np.stack([self.ref.forward(self.cache, s, toks, decode)[-1] for s, toks in batch])
+        want = np.stack([self.ref.forward(self.cache, s, toks)[-1] for s, toks in batch])
         assert got.shape == (len(batch), self.runner.vocab_size) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
         return got
@@ -102,7 +101,7 @@ def make_pair(cm: CompiledModel, config: LlamaConfig, seed: int = 0) -> Pair:
         prefill_chunk_size=256,
     )
     int8 = has_vnni(host_cpu_target())  # what compile_model built the library for
-    ref = ReferenceLlama(config, mlc, get_quantization(cm.quantization), int8_decode=int8)
+    ref = ReferenceLlama(config, mlc, get_quantization(cm.quantization), int8=int8)
     return Pair(runner, ref, ref.new_cache())
 
 
