@@ -291,13 +291,21 @@ def _chunk_text(choice: dict[str, Any]) -> str:
     return str(choice.get("text") or "")
 
 
-async def send_request(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> RequestRecord:
-    """Send one streaming request and time its chunks. Failures are recorded, not raised."""
+async def send_request(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], retry_stale: bool = True
+) -> RequestRecord:
+    """Send one streaming request and time its chunks. Failures are recorded, not raised.
+
+    A request that dies before any response on a pooled keep-alive connection (the server
+    closed it while idle: llama-server does) is sent once more on a fresh connection, as the
+    OpenAI SDK would, and timed from the second attempt."""
     start = time.perf_counter()
     record = RequestRecord(ok=False, start_s=start)
     state = _StreamState(last_s=start)
+    responded = False
     try:
         async with client.stream("POST", path, json=body) as response:
+            responded = True
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:200]
                 record.error = f"HTTP {response.status_code}: {detail}"
@@ -309,6 +317,8 @@ async def send_request(client: httpx.AsyncClient, path: str, body: dict[str, Any
                 if line.startswith("data:") and not state.done:
                     _on_event(line[5:].strip(), record, state, start)
     except httpx.HTTPError as exc:
+        if retry_stale and not responded and isinstance(exc, httpx.RemoteProtocolError):
+            return await send_request(client, path, body, retry_stale=False)
         record.error = f"{type(exc).__name__}: {exc}"
         record.e2e_s = time.perf_counter() - start
         return record
