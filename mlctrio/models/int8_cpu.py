@@ -27,6 +27,7 @@ Used only where `target_has_features("avx512vnni")` (llama.py); elsewhere the f3
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -38,7 +39,7 @@ LOW_NIBBLES = 0x0F0F0F0F
 ROWS_BLOCK = 4  # rows per register block when the row count is symbolic
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
     """(x (b, 1, K) f32) -> (xq (b, K/8, 2) int32 byte-packed, xd (b, K/32, 2) f32 [scale, 7*sum q])."""
     K, KW, G = in_features, in_features // WORD, in_features // GROUP
@@ -77,7 +78,7 @@ def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
     return q8_quantize
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def q4_q8_matmul_func(
     tiles: int, in_features: int, rows_block: int, scale_dtype: str = "float32"
 ) -> tirx.PrimFunc:
@@ -89,10 +90,13 @@ def q4_q8_matmul_func(
     WPG = GROUP // WORD  # words per group
     lanes = T.ramp(0, 1, 16)
 
-    def vdp(acc, weights, act):  # acc + sum of 4 byte products per lane
+    def vdp(acc: Any, weights: Any, act: Any) -> Any:  # acc + sum of 4 byte products per lane
         return T.call_llvm_pure_intrin(
-            "int32x16", T.llvm_lookup_intrinsic_id(VDPBUSD), acc,
-            T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.Broadcast(act, 16)),
+            "int32x16",
+            T.llvm_lookup_intrinsic_id(VDPBUSD),
+            acc,
+            T.reinterpret("int8x64", weights),
+            T.reinterpret("int8x64", T.Broadcast(act, 16)),
         )
 
     # fmt: off

@@ -76,13 +76,13 @@ GROUP_ROWS = 4  # rows per register block of the q4 decode kernel ("matmul_group
 TILE16 = "tile16"
 
 
-def pack_tile_np(arr: npt.NDArray) -> npt.NDArray:
+def pack_tile_np(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """(out, x) -> (out / TILE, x, TILE): the "tile16" layout of a CPU linear weight."""
     rows, cols = arr.shape
     return np.ascontiguousarray(arr.reshape(rows // TILE, TILE, cols).transpose(0, 2, 1))
 
 
-def unpack_tile_np(arr: npt.NDArray) -> npt.NDArray:
+def unpack_tile_np(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Inverse of `pack_tile_np`."""
     tiles, cols, _ = arr.shape
     return np.ascontiguousarray(arr.transpose(0, 2, 1).reshape(tiles * TILE, cols))
@@ -195,7 +195,8 @@ def q8_activations_np(x: npt.NDArray[np.float32], group: int = 32) -> npt.NDArra
     amax = np.abs(g).max(axis=-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint(g * inv)
-    return (q * (amax / np.float32(127))).astype(np.float32).reshape(shape)
+    out: npt.NDArray[np.float32] = (q * (amax / np.float32(127))).astype(np.float32)
+    return out.reshape(shape)
 
 
 def _is_one_row(x: te.Tensor) -> bool:
@@ -238,7 +239,7 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
                 attrs={"mlctrio.kind": "dequant"},
             )
 
-            def _w(no: Any, kk: Any, ni: Any) -> Any:  # type: ignore[no-redef]
+            def _w(no: Any, kk: Any, ni: Any) -> Any:
                 return wd[no, kk, ni]
 
         return te.compute(

@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 import pytest
+from tvm.target import Target
 
 from mlctrio.errors import EngineError
 from mlctrio.models.compile import CompiledModel, compile_model, host_cpu_target
@@ -50,6 +51,7 @@ TINY_QWEN = attrs.evolve(
     rope_theta=500000.0,
 )
 CONFIGS = {"tiny": TINY, "tiny_qwen": TINY_QWEN}
+_TARGET_KEYS = ("kind", "mcpu", "num-cores", "fast-math-reassoc", "fast-math-contract")
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +92,9 @@ class Pair:
         return got
 
 
-def make_pair(cm: CompiledModel, config: LlamaConfig, seed: int = 0) -> Pair:
+def make_pair(
+    cm: CompiledModel, config: LlamaConfig, seed: int = 0, target: Target | None = None
+) -> Pair:
     mlc = hf_to_mlc(config, random_hf_weights(config, seed=seed), cm.quantization)
     runner = TVMRunner(
         cm.lib_path,
@@ -100,7 +104,7 @@ def make_pair(cm: CompiledModel, config: LlamaConfig, seed: int = 0) -> Pair:
         max_total_seq_length=2048,
         prefill_chunk_size=256,
     )
-    int8 = has_vnni(host_cpu_target())  # what compile_model built the library for
+    int8 = has_vnni(target or host_cpu_target())  # what compile_model built the library for
     ref = ReferenceLlama(config, mlc, get_quantization(cm.quantization), int8=int8)
     return Pair(runner, ref, ref.new_cache())
 
@@ -137,7 +141,7 @@ def test_ragged_batch_mixed_prefill_and_decode(compiled, quant: str) -> None:
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f32_1"])
 def test_decode_paths_pad_odd_batches_and_batch_one(compiled, quant: str) -> None:
-    """batch_decode pads the batch to its row block (2): odd batches must still be exact, and the
+    """batch_decode pads the batch to its row block (4): odd batches must still be exact, and the
     static batch-1 `decode` and batch_decode at batch 1 must agree with the reference."""
     pair = make_pair(compiled("tiny", quant), TINY)
     rng = np.random.default_rng(4)
@@ -148,6 +152,22 @@ def test_decode_paths_pad_odd_batches_and_batch_one(compiled, quant: str) -> Non
     pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through `decode`
     pair.runner._f_decode1 = None  # as with a library compiled before it existed
     pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through batch_decode (padded to 2)
+
+
+def test_q4_without_vnni_runs_the_float_kernels(lib_dir: Path) -> None:
+    """On a CPU without AVX512-VNNI the q4 layers keep float activations: the tile16 kernels
+    (dequantise-per-tile for prefill, the group-scale kernel for decode) must be exact too."""
+    attrs_ = dict(host_cpu_target().export())
+    attrs_["mcpu"] = "x86-64-v3"  # AVX2, no VNNI: runs on this machine, builds the fallback
+    no_vnni = Target({k: v for k, v in attrs_.items() if k in _TARGET_KEYS})
+    assert not has_vnni(no_vnni)
+    cm = compile_model(TINY_QWEN, "q4f32_1", target=no_vnni, cache_dir=lib_dir)
+    pair = make_pair(cm, TINY_QWEN, seed=8, target=no_vnni)
+    rng = np.random.default_rng(9)
+    pair.add(0, 1, 2)
+    pair.step_and_check([(s, toks(rng, 7 + 5 * s)) for s in range(3)])
+    pair.step_and_check([(s, toks(rng, 1)) for s in (1, 2, 0)])  # batch_decode, padded rows
+    pair.step_and_check([(2, toks(rng, 1))])  # `decode`, one row
 
 
 def test_fork_full_and_mid_sequence(compiled) -> None:
