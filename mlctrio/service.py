@@ -23,6 +23,7 @@ import enum
 import logging
 import math
 import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -77,6 +78,8 @@ class Core(Protocol):
     def close(self) -> list[RequestOutput]: ...
 
     def drain_events(self) -> list[tuple[str, str, float]]: ...
+
+    def set_launch_hook(self, hook: Callable[[], None] | None) -> None: ...
 
 
 @attrs.frozen
@@ -322,11 +325,40 @@ class AsyncEngine:
             self._trio_token.run_sync_soon(self._deliver, outputs, stats, events)
 
     def _run_worker(self, core: Core) -> None:
+        """The engine loop. A step's outputs reach trio through a poster thread, released when
+        the next step's model call begins (the runner's launch hook) or when the loop goes idle.
+
+        Why: `run_sync_soon` writes trio's wakeup socket, and that syscall releases the GIL;
+        the woken trio thread takes it and holds it for its whole burst of per-token work (SSE
+        framing, sockets: ~50 us a token), re-taking it after each short release, so a worker
+        posting directly waited for that burst at every step (up to the 5 ms switch interval).
+        Released right before the model call, the burst runs while the worker is in TVM (or
+        the echo model's sleep) and does not need the GIL.
+        """
         commands = self._commands
         stopping = False
+        outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        held: list[tuple[Any, ...]] = []
+        launches = [0]
+
+        def release() -> None:
+            launches[0] += 1
+            for item in held:
+                outbox.put(item)
+            held.clear()
+
+        def poster() -> None:
+            while (item := outbox.get()) is not None:
+                self._post(*item)
+
+        post_thread = threading.Thread(target=poster, name="mlctrio-post", daemon=True)
+        post_thread.start()
+        core.set_launch_hook(release)
         try:
             while not stopping:
                 block = not core.has_work()
+                if block:
+                    release()  # going idle: nothing will launch soon
                 while True:
                     try:
                         command = commands.get(block=block)
@@ -337,7 +369,8 @@ class AsyncEngine:
                         try:
                             core.add_request(command.request)
                         except Exception as exc:  # reported to that request
-                            self._post([_failed(command.request, str(exc))], None)
+                            held.append(([_failed(command.request, str(exc))], None))
+                            release()
                     elif isinstance(command, _Abort):
                         core.abort_request(command.request_id, command.reason)
                     else:
@@ -346,11 +379,17 @@ class AsyncEngine:
                 if stopping:
                     break
                 if core.has_work():
+                    before = launches[0]
                     outputs = core.step()
-                    self._post(outputs, core.stats(), core.drain_events())
+                    held.append((outputs, core.stats(), core.drain_events()))
+                    if launches[0] == before:  # no model call this step: do not wait
+                        release()
         finally:
-            final = core.close()
-            self._post(final, core.stats())
+            core.set_launch_hook(None)
+            release()
+            outbox.put((core.close(), core.stats()))
+            outbox.put(None)
+            post_thread.join()
 
 
 def _failed(request: GenerationRequest, message: str) -> RequestOutput:

@@ -11,14 +11,23 @@ pages (copy-on-write at page granularity, as TVM's paged KV cache does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 
+LaunchHook = Callable[[], None]
+
+
 class ModelRunner(Protocol):
+    # Called by `step` once, right before the model's main computation (the call that releases
+    # the GIL for most of the step), or not at all; None: no hook. The engine worker hands the
+    # previous step's outputs to the event loop there, so that the loop's per-token work runs
+    # while the model computes instead of holding the GIL the worker needs (see service.py).
+    launch_hook: LaunchHook | None
+
     @property
     def vocab_size(self) -> int: ...
 

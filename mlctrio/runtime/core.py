@@ -201,6 +201,10 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self._ready) or self.scheduler.has_work()
 
+    def set_launch_hook(self, hook: Callable[[], None] | None) -> None:
+        """Called once per step right before the model computes (engine.runner.ModelRunner)."""
+        self.runner.launch_hook = hook
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns this step's outputs (at most one per request)."""
         if self._closed:

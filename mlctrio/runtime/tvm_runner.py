@@ -28,6 +28,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from mlctrio.engine.runner import LaunchHook
 from mlctrio.errors import EngineError, ModelLoadError
 from mlctrio.models.llama import LlamaConfig
 
@@ -88,6 +89,7 @@ class TVMRunner:
     ) -> None:
         configure_threads(num_threads)
         self._config = config
+        self.launch_hook: LaunchHook | None = None  # see engine.runner.ModelRunner
         self._page_size = page_size
         self._max_num_sequence = max_num_sequence
         self._prefill_chunk_size = prefill_chunk_size
@@ -255,6 +257,8 @@ class TVMRunner:
         self._f_begin(self._kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lengths))
         try:
             embeds = self._f_embed(tvm.runtime.tensor(tokens, dev), self._params)
+            if self.launch_hook is not None:
+                self.launch_hook()
             if all_positions:
                 out = self._f_verify(
                     embeds._create_view((1, total, hidden)), self._kv, self._params

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..config import EngineConfig, PrefixCacheMode
+from ..engine.runner import LaunchHook
 from ..errors import EngineError
 from ..runtime.core import EngineCore
 
@@ -172,6 +173,7 @@ class EchoRunner:
         self._max_num_sequence = max_num_sequence
         self._context_window_size = context_window_size
         self.delay_s = delay_s
+        self.launch_hook: LaunchHook | None = None  # see engine.runner.ModelRunner
         self._refcount = [0] * total_pages
         self._free = list(range(total_pages))
         self._seqs: dict[int, _EchoSeq] = {}
@@ -262,6 +264,8 @@ class EchoRunner:
             raise exc
         if len({seq_id for seq_id, _ in batch}) != len(batch):
             raise EngineError("echo: a sequence appears twice in one batch")
+        if self.launch_hook is not None:
+            self.launch_hook()
         if self.delay_s > 0:
             time.sleep(self.delay_s)
         self.num_steps += 1
