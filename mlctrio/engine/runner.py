@@ -17,7 +17,6 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-
 LaunchHook = Callable[[], None]
 
 
