@@ -195,3 +195,22 @@ def test_add_validation_and_close() -> None:
         submit(core, tok, "late", "z")
     stats = core.stats()
     assert stats.num_running == stats.num_waiting == 0 and stats.kv_cache_usage_ratio == 0.0
+
+
+def test_launch_hook_runs_once_per_model_step_before_the_model() -> None:
+    """The worker releases a step's outputs from this hook (service._run_worker): it must run
+    once for every step that calls the model, before the model computes; unset, never."""
+    core, tok, _ = build_echo_core(max_num_sequence=4)
+    runner = core.runner
+    assert isinstance(runner, EchoRunner)
+    seen: list[int] = []
+    core.set_launch_hook(lambda: seen.append(runner.num_steps))  # steps completed so far
+    submit(core, tok, "a", "hello", max_tokens=3)
+    submit(core, tok, "b", "world!", max_tokens=2)
+    steps = drain(core)
+    assert runner.num_steps >= 3
+    assert seen == list(range(runner.num_steps))  # before each model step, one call each
+    core.set_launch_hook(None)
+    submit(core, tok, "c", "x", max_tokens=1)
+    drain(core)
+    assert len(seen) == len(steps)
