@@ -29,7 +29,6 @@ which mlctrio never enables (RopeMode.NORMAL, RoPE applied by the cache before a
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -39,35 +38,16 @@ from tvm.relax.frontend.nn.llm import kv_cache as _kvc
 from tvm.relax.frontend.nn.llm._kernel_common import _rope
 from tvm.script import tirx as T
 
-LOG2E = math.log2(math.e)
+from mlctrio.models.fastmath import LOG2E
+from mlctrio.models.fastmath import exp2_nonpositive as _exp2
+
 BLOCK = 16  # kv positions per softmax block; equals the page size the stock kernels assume
-# Minimax-ish fit of 2**f on [0, 1) (max relative error 1.04e-7), lowest order first.
-_EXP2_COEFFS = (
-    0.9999998957631346,
-    0.6931546200032995,
-    0.24014077009183948,
-    0.05586328265925012,
-    0.008946214666345534,
-    0.0018951072909968265,
-)
 _STOCK = {
     "decode": _kvc._attention_decode_cpu,
     "prefill": _kvc._attention_prefill_cpu,
     "ragged": _kvc._attention_prefill_ragged_cpu,
 }
 _SWAP_LOCK = threading.Lock()
-
-
-def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2**x for float32 x <= 0 (exactly 0 below -127), vectorisable (no libm call)."""
-    xc = T.max(x, T.float32(-127.0))
-    xi = T.floor(xc)
-    f = xc - xi
-    p = T.float32(_EXP2_COEFFS[-1])
-    for c in reversed(_EXP2_COEFFS[:-1]):
-        p = p * f + T.float32(c)
-    bits = T.shift_left(T.Cast("int32", xi) + 127, 23)
-    return p * T.reinterpret("float32", bits)
 
 
 def _qtile(group: int) -> int:

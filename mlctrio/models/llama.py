@@ -33,6 +33,7 @@ from mlctrio.models.quantization import (
     matmul_te,
     matmul_tile16_te,
     rms_norm_te,
+    swiglu_te,
     uses_int8,
 )
 
@@ -249,12 +250,13 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
+        self.intermediate = c.intermediate_size
         self.gate_up_proj = QLinear(c.hidden_size, 2 * c.intermediate_size, spec, act_dtype)
         self.down_proj = QLinear(c.intermediate_size, c.hidden_size, spec, act_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        act = op.tensor_expr_op(swiglu_te(self.intermediate), "swiglu", [self.gate_up_proj(x)])
+        return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -30,6 +30,8 @@ import numpy as np
 import numpy.typing as npt
 from tvm import te, tirx
 
+from mlctrio.models.fastmath import silu
+
 NUM_BITS = 4
 ELEMS_PER_WORD = 32 // NUM_BITS  # 8 nibbles per uint32
 MAX_INT = 2 ** (NUM_BITS - 1) - 1  # 7: the zero point of the stored nibble
@@ -322,6 +324,22 @@ def embedding_te(
             (ids.shape[0], hidden),
             lambda i, j: w(ids[i], j),
             name="embedding_take",
+            attrs={"mlctrio.kind": "injective"},
+        )
+
+    return _f
+
+
+def swiglu_te(intermediate: int) -> Callable[..., te.Tensor]:
+    """TE SwiGLU of a fused gate_up (b, s, 2 I) -> (b, s, I) = silu(gate) * up, with the
+    vectorisable fastmath.silu (relax's silu legalises to a per-element libm expf call)."""
+
+    def _f(gate_up: te.Tensor) -> te.Tensor:
+        b, s, _ = gate_up.shape
+        return te.compute(
+            (b, s, intermediate),
+            lambda i, j, h: silu(gate_up[i, j, h]) * gate_up[i, j, intermediate + h],
+            name="swiglu",
             attrs={"mlctrio.kind": "injective"},
         )
 
