@@ -35,6 +35,7 @@ from typing import Any
 
 from tvm import tirx
 from tvm.relax.frontend.nn.llm import kv_cache as _kvc
+from tvm.relax.frontend.nn.llm import position_embedding as _pe
 from tvm.relax.frontend.nn.llm._kernel_common import _rope
 from tvm.script import tirx as T
 
@@ -226,9 +227,9 @@ def attention_prefill_ragged_cpu(
     h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, rope_scaling: dict[str, Any]
 ) -> tirx.PrimFunc:
     """Drop-in for `_attention_prefill_ragged_cpu` (self-attention over the new tokens)."""
-    if d_qk != d_v:
+    if d_qk != d_v or d_qk % 16:
         return _STOCK["ragged"](h_kv, h_q, d_qk, d_v, dtype, rope_scaling)
-    G, D, BK = h_q // h_kv, d_qk, BLOCK
+    G, D, BK, DC = h_q // h_kv, d_qk, BLOCK, 16
     QT = _qtile(G)
     R = QT * G
     load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling)
@@ -255,6 +256,16 @@ def attention_prefill_ragged_cpu(
         output = T.match_buffer(var_output, (qo_total, h_q, D), dtype)
         lse = T.match_buffer(var_lse, (qo_total, h_q), "float32")
 
+        # K^T of every token, once per call: (kv head, d, token), BK zero columns past the end,
+        # so that a task copies its (d x BK) tile with vector loads instead of transposing it
+        # element by element for every query tile (that transpose cost more than the scores).
+        k_t = T.alloc_buffer((h_kv, D, kv_total + BK), "float32")
+        for hk_d in T.parallel(h_kv * D):
+            for t in T.serial(kv_total + BK):
+                with T.sblock("k_transpose"):
+                    T.reads()
+                    T.writes()
+                    k_t[hk_d // D, hk_d % D, t] = T.if_then_else(t < kv_total, T.Cast("float32", k[T.min(t, kv_total - 1), hk_d // D, hk_d % D]), T.float32(0))
         # Task = (kv head, tile of QT consecutive tokens); a tile crossing sequence boundaries
         # is processed segment by segment. kv head outermost: the parallel loop is split into
         # contiguous chunks, so each thread gets whole heads and equal causal work.
@@ -267,6 +278,7 @@ def attention_prefill_ragged_cpu(
                 o_loc = T.sblock_alloc_buffer((R, D), "float32")
                 kt = T.sblock_alloc_buffer((D, BK), "float32")
                 s_loc = T.sblock_alloc_buffer((R, BK), "float32")
+                acc = T.sblock_alloc_buffer((R, DC), "float32", scope="local")
                 lim = T.sblock_alloc_buffer((R,), "int32")
                 m_loc = T.sblock_alloc_buffer((R,), "float32")
                 l_loc = T.sblock_alloc_buffer((R,), "float32")
@@ -294,13 +306,24 @@ def attention_prefill_ragged_cpu(
                                     # inside _rope's float Let fails LLVM codegen in T.parallel.
                                     kpos[0] = k_rope_pos_offset[b] + blk * BK + T.min(j, n - 1)
                                     kt[d, j] = T.if_then_else(j < n, _rope(k, kpos[0], D, rope_theta, rope_scale, (kv0 + blk * BK + T.min(j, n - 1), hk, d), dtype, rope_scaling), T.Cast(dtype, 0))
-                            else:
-                                for j, d in T.grid(BK, D):
-                                    kt[d, j] = T.if_then_else(j < n, k[kv0 + blk * BK + T.min(j, n - 1), hk, d], T.Cast(dtype, 0))
+                            else:  # columns past n belong to the next sequence: masked by lim
+                                for d in T.serial(D):
+                                    for j in T.vectorized(BK):
+                                        kt[d, j] = k_t[hk, d, kv0 + blk * BK + j]
                             block(kt, q_loc, s_loc, lim, m_loc, l_loc, o_loc, m_new, alpha, blk * BK)
-                            for r, j in T.grid(R, n):
-                                for d in T.vectorized(D):
-                                    o_loc[r, d] += s_loc[r, j] * T.Cast("float32", v[kv0 + blk * BK + j, hk, d])
+                            # O += P @ V, 16 columns of O at a time for all R rows in registers:
+                            # one load of V per (j, column chunk) feeds R FMAs.
+                            for dc in T.serial(D // DC):
+                                for r in T.unroll(R):
+                                    for l in T.vectorized(DC):
+                                        acc[r, l] = o_loc[r, dc * DC + l]
+                                for j in T.serial(n):
+                                    for r in T.unroll(R):
+                                        for l in T.vectorized(DC):
+                                            acc[r, l] += s_loc[r, j] * T.Cast("float32", v[kv0 + blk * BK + j, hk, dc * DC + l])
+                                for r in T.unroll(R):
+                                    for l in T.vectorized(DC):
+                                        o_loc[r, dc * DC + l] = acc[r, l]
                         store(output, lse, o_loc, m_loc, l_loc, seg0, seg1 - seg0, hk)
     # fmt: on
     return batch_prefill_ragged_kv
@@ -398,11 +421,86 @@ def attention_prefill_cpu(
     return batch_prefill_paged_kv_cpu
 
 
+def rope_with_position_map_cpu(
+    theta: float,
+    scale: float,
+    head_dim: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    dtype: str,
+    rope_scaling: dict[str, Any],
+    rotary_dim: int | None = None,
+) -> tirx.PrimFunc:
+    """Drop-in for `llama_rope_with_position_map` (the KV cache's split + RoPE of fused qkv).
+
+    The stock kernel is a serial loop that evaluates `powf` and `sincos` for every element of
+    every head: ~17% of a q4 prefill (perf). Here tokens run in parallel and each token's
+    cos/sin table (rotary_dim values, the stock frequency formula) serves all q and k heads.
+    Default and llama3 frequencies; other scalings use the stock kernel.
+    """
+    rtype = rope_scaling.get("rope_type") if rope_scaling else None
+    if rtype not in (None, "default", "llama3"):
+        return _pe.llama_rope_with_position_map(
+            theta, scale, head_dim, num_q_heads, num_kv_heads, dtype, rope_scaling, rotary_dim
+        )
+    rd = rotary_dim or head_dim
+    half = rd // 2
+    fused = num_q_heads + 2 * num_kv_heads
+    freq_fn = _pe.switch_rope_freq_func(rope_scaling or {})
+    scale_c = tirx.const(scale, "float32")
+
+    def _cos_sin(pos: Any, d: Any, which: int) -> Any:
+        cos_f, sin_f, var_map = freq_fn(pos * scale_c, d, rd, theta, "float32")
+        expr = cos_f if which == 0 else sin_f
+        for var, value in var_map.items():
+            expr = tirx.Let(var, value, expr)
+        return expr
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, fused, head_dim), dtype)
+        q = T.match_buffer(var_q, (seq_len, num_q_heads, head_dim), dtype)
+        k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
+        v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        for s in T.parallel(seq_len):
+            with T.sblock("rope"):
+                T.reads()
+                T.writes()
+                cs = T.sblock_alloc_buffer((rd,), "float32")
+                sn = T.sblock_alloc_buffer((rd,), "float32")
+                pos = T.sblock_alloc_buffer((1,), "float32")  # see the ragged kernel: no Let of a loop var
+                pos[0] = T.Cast("float32", position_map[s])
+                for d in T.serial(rd):
+                    cs[d] = _cos_sin(pos[0], d, 0)
+                    sn[d] = _cos_sin(pos[0], d, 1)
+                for h, d in T.grid(fused, head_dim):
+                    if h < num_q_heads + num_kv_heads and apply_rope > 0 and d < rd:
+                        val = T.Cast(dtype, cs[d] * T.Cast("float32", qkv[s, h, d]) + sn[d] * T.Cast("float32", T.if_then_else(d < half, -qkv[s, h, T.min(d + half, head_dim - 1)], qkv[s, h, T.max(d - half, 0)])))
+                        if h < num_q_heads:
+                            q[s, h, d] = val
+                        else:
+                            k[s, h - num_q_heads, d] = val
+                    elif h < num_q_heads:
+                        q[s, h, d] = qkv[s, h, d]
+                    elif h < num_q_heads + num_kv_heads:
+                        k[s, h - num_q_heads, d] = qkv[s, h, d]
+                    else:
+                        v[s, h - num_q_heads - num_kv_heads, d] = qkv[s, h, d]
+    # fmt: on
+    return fused_rope
+
+
 # -- plugging the kernels into the KV cache ------------------------------------------------------
 _OWN = {
     "_attention_decode_cpu": attention_decode_cpu,
     "_attention_prefill_cpu": attention_prefill_cpu,
     "_attention_prefill_ragged_cpu": attention_prefill_ragged_cpu,
+    "llama_rope_with_position_map": rope_with_position_map_cpu,
 }
 _use_own_kernels = True
 
