@@ -227,9 +227,9 @@ def attention_prefill_ragged_cpu(
     h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, rope_scaling: dict[str, Any]
 ) -> tirx.PrimFunc:
     """Drop-in for `_attention_prefill_ragged_cpu` (self-attention over the new tokens)."""
-    if d_qk != d_v or d_qk % 16:
+    if d_qk != d_v:
         return _STOCK["ragged"](h_kv, h_q, d_qk, d_v, dtype, rope_scaling)
-    G, D, BK, DC = h_q // h_kv, d_qk, BLOCK, 16
+    G, D, BK = h_q // h_kv, d_qk, BLOCK
     QT = _qtile(G)
     R = QT * G
     load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling)
@@ -256,16 +256,6 @@ def attention_prefill_ragged_cpu(
         output = T.match_buffer(var_output, (qo_total, h_q, D), dtype)
         lse = T.match_buffer(var_lse, (qo_total, h_q), "float32")
 
-        # K^T of every token, once per call: (kv head, d, token), BK zero columns past the end,
-        # so that a task copies its (d x BK) tile with vector loads instead of transposing it
-        # element by element for every query tile (that transpose cost more than the scores).
-        k_t = T.alloc_buffer((h_kv, D, kv_total + BK), "float32")
-        for hk_d in T.parallel(h_kv * D):
-            for t in T.serial(kv_total + BK):
-                with T.sblock("k_transpose"):
-                    T.reads()
-                    T.writes()
-                    k_t[hk_d // D, hk_d % D, t] = T.if_then_else(t < kv_total, T.Cast("float32", k[T.min(t, kv_total - 1), hk_d // D, hk_d % D]), T.float32(0))
         # Task = (kv head, tile of QT consecutive tokens); a tile crossing sequence boundaries
         # is processed segment by segment. kv head outermost: the parallel loop is split into
         # contiguous chunks, so each thread gets whole heads and equal causal work.
@@ -278,7 +268,6 @@ def attention_prefill_ragged_cpu(
                 o_loc = T.sblock_alloc_buffer((R, D), "float32")
                 kt = T.sblock_alloc_buffer((D, BK), "float32")
                 s_loc = T.sblock_alloc_buffer((R, BK), "float32")
-                acc = T.sblock_alloc_buffer((R, DC), "float32", scope="local")
                 lim = T.sblock_alloc_buffer((R,), "int32")
                 m_loc = T.sblock_alloc_buffer((R,), "float32")
                 l_loc = T.sblock_alloc_buffer((R,), "float32")
@@ -306,24 +295,13 @@ def attention_prefill_ragged_cpu(
                                     # inside _rope's float Let fails LLVM codegen in T.parallel.
                                     kpos[0] = k_rope_pos_offset[b] + blk * BK + T.min(j, n - 1)
                                     kt[d, j] = T.if_then_else(j < n, _rope(k, kpos[0], D, rope_theta, rope_scale, (kv0 + blk * BK + T.min(j, n - 1), hk, d), dtype, rope_scaling), T.Cast(dtype, 0))
-                            else:  # columns past n belong to the next sequence: masked by lim
-                                for d in T.serial(D):
-                                    for j in T.vectorized(BK):
-                                        kt[d, j] = k_t[hk, d, kv0 + blk * BK + j]
+                            else:
+                                for j, d in T.grid(BK, D):
+                                    kt[d, j] = T.if_then_else(j < n, k[kv0 + blk * BK + T.min(j, n - 1), hk, d], T.Cast(dtype, 0))
                             block(kt, q_loc, s_loc, lim, m_loc, l_loc, o_loc, m_new, alpha, blk * BK)
-                            # O += P @ V, 16 columns of O at a time for all R rows in registers:
-                            # one load of V per (j, column chunk) feeds R FMAs.
-                            for dc in T.serial(D // DC):
-                                for r in T.unroll(R):
-                                    for l in T.vectorized(DC):
-                                        acc[r, l] = o_loc[r, dc * DC + l]
-                                for j in T.serial(n):
-                                    for r in T.unroll(R):
-                                        for l in T.vectorized(DC):
-                                            acc[r, l] += s_loc[r, j] * T.Cast("float32", v[kv0 + blk * BK + j, hk, dc * DC + l])
-                                for r in T.unroll(R):
-                                    for l in T.vectorized(DC):
-                                        o_loc[r, dc * DC + l] = acc[r, l]
+                            for r, j in T.grid(R, n):
+                                for d in T.vectorized(D):
+                                    o_loc[r, d] += s_loc[r, j] * T.Cast("float32", v[kv0 + blk * BK + j, hk, d])
                         store(output, lse, o_loc, m_loc, l_loc, seg0, seg1 - seg0, hk)
     # fmt: on
     return batch_prefill_ragged_kv
