@@ -33,7 +33,7 @@ from mlctrio.models.quantization import ELEMS_PER_WORD, GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-18"  # 10: tile16; 11: q4 decode rows; 12-13: int8 VNNI q4; 14: swiglu; 17-18: rope
+SCHEDULE_VERSION = "cpu-18"  # 10 tile16, 11 q4 rows, 12-13 int8 q4, 14 swiglu, 17-18 rope
 FOREIGN_ATTR = "mlctrio.foreign"
 # What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
 # argument checks raise ValueError / TypeError).
