@@ -328,7 +328,7 @@ class LlamaForCausalLM(nn.Module):
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         # batch_decode with a static batch of 1 (as in mlc-llm): its matmuls are matrix-vector
-        # products, which get a streaming schedule of their own (schedules._schedule_gemv).
+        # products, which get one-row kernels (no row padding, one weight stream per tile).
         return self.batch_decode(input_embed, paged_kv_cache)
 
     def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):

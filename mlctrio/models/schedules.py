@@ -2,13 +2,14 @@
 
 Untuned TVM CPU code runs every kernel as one serial scalar loop nest (5-40x slow). The rules here:
 
-- matmul (the `te.compute` named "matmul" in quantization.py, with dequantization inside): output
-  tiles of 16 features in parallel; inside a tile a register-blocked micro-kernel (rows x features
-  x 16 lanes of accumulators, see `_schedule_matmul_blocked`) with the symbolic row count padded so
-  no predicate reaches the inner loop. A weight tile stays in L1/L2 while every row of a batch
-  reuses it. Where blocking does not apply (feature or reduction sizes not multiples of 16, static
-  row counts), the plain tiled schedule: reduction innermost, LLVM vectorises the dot product
-  (needs the fast-math reassoc/contract target flags set in compile.py), epilogues per row-tile.
+- matmul over tile16 weights ("matmul_tile", "matmul_group" in quantization.matmul_tile16_te,
+  docs/discussion/0005): a register-blocked micro-kernel, rows x tiles x 16 features of
+  accumulators, the symbolic row count padded so no predicate reaches the inner loop; tiles in
+  parallel. (q4 layers on VNNI CPUs use the hand-written int8_cpu.py kernels instead.)
+- matmul over weights in MLC's (N, K) layout ("matmul": layers whose output features are not a
+  multiple of 16, e.g. a 300-token vocabulary): the plain tiled schedule, output tiles of 16
+  features in parallel, reduction innermost (LLVM vectorises the dot product with the fast-math
+  reassoc/contract target flags set in compile.py), epilogues per row-tile.
 - rms_norm: parallel over rows, sum of squares computed at the row.
 - injective (embedding take, split/silu/multiply, index, adds): outer loops fused and parallel,
   innermost loop vectorised.
@@ -33,24 +34,16 @@ from mlctrio.models.quantization import ELEMS_PER_WORD, GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-18"  # 10 tile16, 11 q4 rows, 12-13 int8 q4, 14 swiglu, 17-18 rope
+SCHEDULE_VERSION = "cpu-19"  # 10-14: tile16, int8 q4, swiglu; 17-18: rope; 19: tidy
 FOREIGN_ATTR = "mlctrio.foreign"
 # What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
 # argument checks raise ValueError / TypeError).
 _SCHEDULE_ERRORS = (RuntimeError, ValueError, TypeError)
 MATMUL_TILE = 16  # output features per tile: 16 rows x K of weights stays in L1/L2
-# Register blocks (rows, output features) of the matmul micro-kernel. The accumulator, rows x
-# features x 16 lanes of float32, is kept under 1 KiB: at 1 KiB (4 x 4) TVM allocates it from the
-# workspace pool instead of the stack (seen in the generated LLVM IR), out of reach of register
-# promotion. Prefill (sequence length symbolic): 3 x 4 beat 6 x 2 and 4 x 2 on prefill 128 and
-# 512 in bench/runtime.py.
-PREFILL_BLOCK = (3, 4)
-DECODE_BLOCK = (2, 4)  # batch symbolic (decode): weights dominate, few rows
 # Register blocks (rows, tiles of 16 features) of the tile16 micro-kernel (accumulator R x C x 16
 # float32). 4 x 4 measured best for 128 and 8-16 rows (768 -> 4096: ~200 GFLOPS vs 120-150 for
-# the (N, K)-layout blocked kernel), 4 x 2 close.
-TILE_PREFILL_BLOCK = (4, 4)
-TILE_DECODE_BLOCK = (4, 4)
+# session 2's register-blocked kernel on the (N, K) layout), 4 x 2 close.
+TILE_BLOCK = (4, 4)  # prefill and batch decode alike
 TILE_K_UNROLL = 4
 VECTOR_LANES = 16
 
@@ -92,23 +85,14 @@ def cpu_schedule_pass() -> tvm.transform.Pass:
 
 
 def _schedule_func_with_fallback(func: tirx.PrimFunc, name: str) -> s_tir.Schedule | None:
-    """Register-blocked matmuls first; where blocking does not apply (a matmul that is not an
-    einsum, a static row count), the plain tiled schedule; if that fails too, None."""
-    for blocked in (True, False):
-        sch = s_tir.Schedule(func)
-        try:
-            _schedule_func(sch, blocked)
-            return sch
-        except _SCHEDULE_ERRORS as exc:
-            level = logging.DEBUG if blocked else logging.WARNING
-            log.log(
-                level,
-                "no %s CPU schedule for %s: %s",
-                "blocked" if blocked else "plain",
-                name,
-                str(exc).splitlines()[0],
-            )
-    return None
+    """The schedule of one PrimFunc, or None (kept unscheduled: correct, slow) if a rule fails."""
+    sch = s_tir.Schedule(func)
+    try:
+        _schedule_func(sch)
+    except _SCHEDULE_ERRORS as exc:
+        log.warning("no CPU schedule for %s: %s", name, str(exc).splitlines()[0])
+        return None
+    return sch
 
 
 def _skip(func: tirx.PrimFunc) -> bool:
@@ -131,7 +115,7 @@ def _has_kind(func: tirx.PrimFunc) -> bool:
     return any(_block_kind(sch, b) is not None for b in blocks)
 
 
-def _schedule_func(sch: s_tir.Schedule, blocked: bool) -> None:
+def _schedule_func(sch: s_tir.Schedule) -> None:
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     kinds = {sch.get(b).name_hint: _block_kind(sch, b) for b in blocks}
     handled: set[str] = set()
@@ -141,10 +125,6 @@ def _schedule_func(sch: s_tir.Schedule, blocked: bool) -> None:
             handled |= _schedule_matmul_tile(sch, b)
         elif kind == "matmul_group":
             handled |= _schedule_matmul_group(sch, b)
-        elif kind == "matmul" and blocked and _is_gemv(sch, b):
-            handled |= _schedule_gemv(sch, b)
-        elif kind == "matmul" and blocked:
-            handled |= _schedule_matmul_blocked(sch, b)
         elif kind == "matmul":
             handled |= _schedule_matmul(sch, b)
         elif kind == "rms_norm":
@@ -225,111 +205,6 @@ def _dequant_per_tile(
     return names
 
 
-def _require_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:
-    """Raise (so the caller falls back to the plain schedule) unless the output features and the
-    reduction split into whole tiles of MATMUL_TILE and VECTOR_LANES."""
-    n_extent, k_extent = (_const(sch.get(loop).extent) for loop in sch.get_loops(block)[2:4])
-    if not n_extent or n_extent % MATMUL_TILE or not k_extent or k_extent % VECTOR_LANES:
-        raise ValueError(f"{n_extent} x {k_extent} does not tile by {MATMUL_TILE} x {VECTOR_LANES}")
-
-
-def _is_gemv(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
-    """A matmul whose row count is statically 1 (the `decode` function's)."""
-    i, j = (_const(sch.get(loop).extent) for loop in sch.get_loops(block)[:2])
-    return i == 1 and j == 1
-
-
-def _schedule_gemv(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
-    """(1, 1, n, k) matrix-vector product: memory-bound, so one long sequential stream per thread.
-
-    Output tiles of 16 features in parallel; each feature's weight row is read start to end into
-    a 16-lane accumulator (rfactor on the lanes), so consecutive rows of a tile continue one
-    sequential stream that the hardware prefetcher follows. Interleaving 4 rows (the blocked
-    kernel) splits it into 4 short streams and measured 17 GB/s against 26-34 GB/s for this one
-    on the 32000 x 768 output head (2 threads).
-    """
-    _require_tiles(sch, block)
-    handled = {sch.get(block).name_hint}
-    dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
-    i, j, n, k = sch.get_loops(block)
-    n_o, n_i = sch.split(n, [None, MATMUL_TILE])
-    k_o, k_i = sch.split(k, [None, VECTOR_LANES])
-    sch.reorder(n_o, n_i, i, j, k_o, k_i)
-    rf = sch.rfactor(k_i, factor_axis=3)
-    sch.parallel(n_o)
-    sch.compute_at(rf, sch.get_loops(block)[1])  # per output feature: a 16-lane accumulator
-    sch.set_scope(rf, 0, "local")
-    lanes, k_out = sch.get_loops(rf)[-2:]
-    sch.reorder(k_out, lanes)
-    sch.vectorize(lanes)
-    init = sch.decompose_reduction(rf, k_out)
-    sch.vectorize(sch.get_loops(init)[-1])
-    handled |= _dequant_per_tile(sch, dequant, n_o)
-    return handled
-
-
-def _schedule_matmul_blocked(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
-    """(b, s, n, k) matmul with a register-blocked micro-kernel.
-
-    The symbolic row dimension is padded (`pad_einsum`) to a multiple of the row block R, so no
-    predicate reaches the inner loops. The reduction is split k = (k_o, 16) and `rfactor`ed on the
-    16 lanes: a local accumulator acc[R, C, 16] (C outputs per block) is updated per k_o step with
-    R row loads, C weight loads and R*C vector FMAs, all unrolled, and summed across lanes once at
-    the end. The rfactor axis is the accumulator's innermost, so each update is one contiguous
-    vector. Output tiles of 16 features are parallel (outermost); the q4 dequantised tile is still
-    computed once per output tile and reused by every row.
-    """
-    name = sch.get(block).name_hint
-    _require_tiles(sch, block)
-    pad_i, pad_j, col_block = _matmul_rows_padding(sch, block)
-    dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
-    sch.pad_einsum(block, [pad_i, pad_j, 1, 1])
-    rows_block = max(pad_i, pad_j)
-    handled = {name} | _schedule_padding(sch, block)
-    i, j, n, k = sch.get_loops(block)
-    rows = sch.fuse(i, j)
-    r_o, r_i = sch.split(rows, [None, rows_block])
-    n_o, n_m, n_i = sch.split(n, [None, MATMUL_TILE // col_block, col_block])
-    k_o, k_i = sch.split(k, [None, VECTOR_LANES])
-    sch.reorder(n_o, r_o, n_m, k_o, r_i, n_i, k_i)
-    rf = sch.rfactor(k_i, factor_axis=3)
-    sch.parallel(n_o)
-    sch.compute_at(rf, sch.get_loops(block)[2])  # under (n_o, r_o, n_m): acc is R x C x 16
-    sch.set_scope(rf, 0, "local")
-    lanes, r_in, n_in, k_out = sch.get_loops(rf)[3:]
-    sch.reorder(k_out, r_in, n_in, lanes)
-    # vectorize/unroll before decompose_reduction: the update block without its init is no
-    # longer a "reduction block" and vectorize refuses it.
-    sch.vectorize(lanes)
-    sch.unroll(n_in)
-    sch.unroll(r_in)
-    init = sch.decompose_reduction(rf, k_out)
-    il = sch.get_loops(init)
-    sch.vectorize(il[-1])
-    fl = sch.get_loops(block)  # n_o r_o n_m r_i n_i lanes: the cross-lane sum
-    sch.unroll(fl[-2])
-    sch.unroll(fl[-3])
-    sch.decompose_reduction(block, fl[-1])
-    handled |= _dequant_per_tile(sch, dequant, n_o)
-    return handled
-
-
-def _matmul_rows_padding(
-    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
-) -> tuple[int, int, int]:
-    """(padding of i, padding of j, output features per block) for a (b, s, n, k) matmul.
-
-    The symbolic row dimension is padded to a multiple of the row block: PREFILL_BLOCK when the
-    sequence length is symbolic, DECODE_BLOCK when the batch is."""
-    i, j = (sch.get(loop).extent for loop in sch.get_loops(block)[:2])
-    ci, cj = _const(i), _const(j)
-    if cj is None:  # prefill / verify: (1 or b, s)
-        return (1, PREFILL_BLOCK[0], PREFILL_BLOCK[1])
-    if ci is None:  # decode: (b, 1)
-        return (DECODE_BLOCK[0], 1, DECODE_BLOCK[1])
-    raise ValueError("static row count: no padding needed, use the simple schedule")
-
-
 def _schedule_matmul_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> set[str]:
     """(b, s, N/16, 16, k) matmul over tile16 weights (quantization.matmul_tile16_te).
 
@@ -346,12 +221,13 @@ def _schedule_matmul_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -
     n_tiles, k_extent = _const(sch.get(no).extent), _const(sch.get(k).extent)
     if n_tiles is None or k_extent is None:
         raise ValueError("tile16 matmul with symbolic features or reduction")
-    if ci is not None and cj is not None:  # static rows: the `decode` GEMV
-        rows_block, cols, pad = 1, 1, None
+    (rows_block, cols), pad = TILE_BLOCK, None
+    if ci is not None and cj is not None:  # static rows: the `decode` GEMV, one stream
+        rows_block, cols = 1, 1
     elif cj is None:  # prefill / verify: (1 or b, s)
-        (rows_block, cols), pad = TILE_PREFILL_BLOCK, [1, TILE_PREFILL_BLOCK[0], 1, 1, 1]
+        pad = [1, rows_block, 1, 1, 1]
     else:  # decode: (b, 1)
-        (rows_block, cols), pad = TILE_DECODE_BLOCK, [TILE_DECODE_BLOCK[0], 1, 1, 1, 1]
+        pad = [rows_block, 1, 1, 1, 1]
     cols = max(c for c in range(1, cols + 1) if n_tiles % c == 0)
     unroll_k = max(u for u in (1, 2, 4) if k_extent % u == 0 and u <= TILE_K_UNROLL)
     dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
