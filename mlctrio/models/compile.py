@@ -57,6 +57,8 @@ def host_cpu_target(num_cores: int | None = None) -> Target:
     ):
         if "avx512f" not in flags:
             attrs_["mcpu"] = "x86-64-v3" if "avx2" in flags else "x86-64"
+        elif "avx512_vnni" not in flags:  # the int8 kernels (int8_cpu.py) would SIGILL
+            attrs_["mattr"] = ["-avx512vnni"]
     return Target(attrs_)
 
 
