@@ -339,10 +339,10 @@ class AsyncEngine:
         stopping = False
         outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         held: list[tuple[Any, ...]] = []
-        launches = [0]
+        releases = [0]
 
         def release() -> None:
-            launches[0] += 1
+            releases[0] += 1
             for item in held:
                 outbox.put(item)
             held.clear()
@@ -379,17 +379,19 @@ class AsyncEngine:
                 if stopping:
                     break
                 if core.has_work():
-                    before = launches[0]
+                    before = releases[0]
                     outputs = core.step()
                     held.append((outputs, core.stats(), core.drain_events()))
-                    if launches[0] == before:  # no model call this step: do not wait
+                    if releases[0] == before:  # the hook did not run: no model call this step
                         release()
         finally:
             core.set_launch_hook(None)
             release()
-            outbox.put((core.close(), core.stats()))
-            outbox.put(None)
-            post_thread.join()
+            try:
+                outbox.put((core.close(), core.stats()))
+            finally:  # the poster always ends, even if close() raised
+                outbox.put(None)
+                post_thread.join()
 
 
 def _failed(request: GenerationRequest, message: str) -> RequestOutput:
