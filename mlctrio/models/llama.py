@@ -250,12 +250,12 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
-        self.intermediate = c.intermediate_size
         self.gate_up_proj = QLinear(c.hidden_size, 2 * c.intermediate_size, spec, act_dtype)
         self.down_proj = QLinear(c.intermediate_size, c.hidden_size, spec, act_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        act = op.tensor_expr_op(swiglu_te(self.intermediate), "swiglu", [self.gate_up_proj(x)])
+        swiglu = swiglu_te(self.down_proj.in_f)  # in_f: the intermediate size
+        act = op.tensor_expr_op(swiglu, "swiglu", [self.gate_up_proj(x)])
         return self.down_proj(act)
 
 

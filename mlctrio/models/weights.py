@@ -21,7 +21,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from mlctrio.models.llama import LlamaConfig
+from mlctrio.models.llama import LAYOUT_ATTR, LlamaConfig
 from mlctrio.models.quantization import (
     TILE,
     TILE16,
@@ -55,7 +55,7 @@ class ParamInfo:
     def of(cls, name: str, param: object) -> ParamInfo:
         """The info of an nn.Parameter of the model (whose shape is the runtime one)."""
         shape = tuple(int(s) for s in param.shape)  # type: ignore[attr-defined]
-        layout = str(param.attrs.get("mlctrio.layout", ""))  # type: ignore[attr-defined]
+        layout = str(param.attrs.get(LAYOUT_ATTR, ""))  # type: ignore[attr-defined]
         if layout == TILE16:
             tiles, cols, tile = shape
             shape = (tiles * tile, cols)
