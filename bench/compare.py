@@ -157,7 +157,8 @@ def _has_llama_cpp_python_server() -> bool:
     directory: in this process `llama_cpp` would find bench/llama_cpp.py (this script's
     directory is on sys.path), and the server needs extras beyond the `llama_cpp` package."""
     probe = subprocess.run(
-        [sys.executable, "-c", "import llama_cpp.server"],
+        # llama_cpp.server imports without its extras; its __main__ needs uvicorn and the app.
+        [sys.executable, "-c", "import uvicorn, llama_cpp.server.app"],
         cwd=tempfile.gettempdir(),
         capture_output=True,
         check=False,

@@ -49,6 +49,7 @@ from mlctrio.config import cache_root
 # benchmarks the same llama.cpp (0.3.36 vendors llama.cpp commit 0c1e570, ggml 0.25.3).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",  # -march=native: what llama.cpp users get when building themselves
@@ -58,6 +59,12 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary, movable and independent of the tree
+    # No AMX even where -march=native offers it: llama.cpp 0.3.36's AMX kernels segfault on
+    # the q4_0 demo model (ggml_backend_amx_mul_mat, Xeon with amx_int8), and `-nr`, which
+    # avoids them at run time, also turns off the AVX-512 weight repacking every other CPU gets.
+    # GCC keeps an explicit -mno-* over what -march=native implies. No effect without AMX.
+    f"-DCMAKE_C_FLAGS={NO_AMX}",
+    f"-DCMAKE_CXX_FLAGS={NO_AMX}",
 )
 BUILD_TARGETS = ("llama-server",)
 
@@ -84,9 +91,13 @@ def find_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path | None:
             raise FileNotFoundError(f"$MLCTRIO_LLAMA_SERVER={env} is not an executable file")
         return path
     built = _built_binary(version)
-    # The marker is written after a successful build: a binary without it may be half-linked.
-    if built.is_file() and (cache_dir(version) / "build.ok").is_file():
-        return built
+    # The marker is written after a successful build: a binary without it may be half-linked,
+    # and one built with other flags is rebuilt (cmake reconfigures the same build tree).
+    marker = cache_dir(version) / "build.ok"
+    if built.is_file() and marker.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            if json.loads(marker.read_text()).get("flags") == list(CMAKE_FLAGS):
+                return built
     return None
 
 

@@ -33,7 +33,7 @@ from mlctrio.runtime.tvm_runner import TVMRunner, set_openblas_threads
 
 PRESETS = {"small": SMALL, "tiny": TINY}
 PREFILL_LENS = (128, 512)
-DECODE_BATCHES = (1, 4, 16, 32)
+DECODE_BATCHES = (1, 4, 8, 16, 32)
 
 
 def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: int) -> dict:
