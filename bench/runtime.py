@@ -33,7 +33,7 @@ from mlctrio.runtime.tvm_runner import TVMRunner, set_openblas_threads
 
 PRESETS = {"small": SMALL, "tiny": TINY}
 PREFILL_LENS = (128, 512)
-DECODE_BATCHES = (1, 4, 8, 16, 32)
+DECODE_BATCHES = (1, 4, 8, 16, 32, 64)
 
 
 def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: int) -> dict:
@@ -48,7 +48,7 @@ def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: 
         config,
         max_num_sequence=max(DECODE_BATCHES),
         max_total_seq_length=8192,
-        prefill_chunk_size=max(PREFILL_LENS),
+        prefill_chunk_size=max(*PREFILL_LENS, 16 * max(DECODE_BATCHES)),
     )
     row["load_s"] = f"{time.perf_counter() - t0:.2f}"
     # A decode step reads every weight once, except the embedding table: only the batch's rows of
