@@ -34,7 +34,7 @@ from mlctrio.models.quantization import ELEMS_PER_WORD, GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-19"  # 10-14: tile16, int8 q4, swiglu; 17-18: rope; 19: tidy
+SCHEDULE_VERSION = "cpu-21"  # 10-14: tile16, int8 q4, swiglu; 17-18: rope; 19: tidy
 FOREIGN_ATTR = "mlctrio.foreign"
 # What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
 # argument checks raise ValueError / TypeError).
@@ -45,6 +45,7 @@ MATMUL_TILE = 16  # output features per tile: 16 rows x K of weights stays in L1
 # session 2's register-blocked kernel on the (N, K) layout), 4 x 2 close.
 TILE_BLOCK = (4, 4)  # prefill and batch decode alike
 TILE_K_UNROLL = 4
+DECODE_K_CHUNK = 64  # K per L1 pass of a tile group in batch decode (4 tiles: 16 KiB)
 VECTOR_LANES = 16
 
 
@@ -239,17 +240,31 @@ def _schedule_matmul_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -
     rows = sch.fuse(i, j)
     r_o, r_i = sch.split(rows, [None, rows_block])
     n_o, n_c = sch.split(no, [None, cols])
-    k_o, k_i = sch.split(k, [None, unroll_k])
-    sch.reorder(n_o, r_o, k_o, k_i, n_c, r_i, ni)
-    sch.parallel(n_o)
-    acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, r_o)
-    sch.vectorize(sch.get_loops(acc)[-1])
-    sch.vectorize(ni)
-    for loop in (r_i, n_c, k_i):
-        sch.unroll(loop)
-    init = sch.decompose_reduction(block, k_o)
-    sch.vectorize(sch.get_loops(init)[-1])
+    chunk = DECODE_K_CHUNK if pad is not None and pad[0] > 1 else None
+    if chunk is not None and k_extent % chunk == 0 and k_extent > chunk:
+        # Batch decode: every row block takes a chunk of K while its weights are in L1, so
+        # the weights stream from memory once instead of once from memory and again from L2
+        # per further row block; the accumulators live in the output across chunks.
+        k_c, k_o, k_i = sch.split(k, [None, chunk // unroll_k, unroll_k])
+        sch.reorder(n_o, k_c, r_o, k_o, k_i, n_c, r_i, ni)
+        sch.parallel(n_o)
+        sch.vectorize(ni)
+        for loop in (r_i, n_c, k_i):
+            sch.unroll(loop)
+        init = sch.decompose_reduction(block, k_c)
+        sch.vectorize(sch.get_loops(init)[-1])
+    else:
+        k_o, k_i = sch.split(k, [None, unroll_k])
+        sch.reorder(n_o, r_o, k_o, k_i, n_c, r_i, ni)
+        sch.parallel(n_o)
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, r_o)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        sch.vectorize(ni)
+        for loop in (r_i, n_c, k_i):
+            sch.unroll(loop)
+        init = sch.decompose_reduction(block, k_o)
+        sch.vectorize(sch.get_loops(init)[-1])
     for producer in dequant:  # (tiles, k, 16): 16 contiguous words / scales per vector
         sch.compute_at(producer, n_o)
         sch.vectorize(sch.get_loops(producer)[-1])
