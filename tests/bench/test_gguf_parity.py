@@ -220,3 +220,23 @@ def test_llama_cpp_greedy_matches_mlctrio(
     assert abs(our_tops[step][a] - our_tops[step][b]) < NEAR_TIE_NATS, detail
     assert abs(their_top[a] - their_top[b]) < NEAR_TIE_NATS, detail
     print(f"near-tie accepted: {detail}")
+
+
+def test_a_cached_llama_server_built_with_other_flags_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build from before a flag change (e.g. one with llama.cpp's crashing AMX kernels) is
+    rebuilt, not reused; a half-linked binary without the marker is never used."""
+    monkeypatch.setenv("MLCTRIO_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLCTRIO_LLAMA_SERVER", raising=False)
+    binary = llama_cpp.cache_dir() / "build" / "bin" / "llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert llama_cpp.find_llama_server() is None  # no build.ok marker
+    marker = llama_cpp.cache_dir() / "build.ok"
+    old_flags = [f for f in llama_cpp.CMAKE_FLAGS if "amx" not in f]
+    marker.write_text(json.dumps({"flags": old_flags}))
+    assert llama_cpp.find_llama_server() is None
+    marker.write_text(json.dumps({"flags": list(llama_cpp.CMAKE_FLAGS)}))
+    assert llama_cpp.find_llama_server() == binary
