@@ -163,10 +163,12 @@ class Scheduler:
         if self.prefix_cache is not None:
             self.prefix_cache.unpin_all()
         self._apply_aborts(draft)
-        decoding = [r for r in self.running if self._is_decoding(r)]
+        decoding: list[Request] = []
+        prefilling: list[Request] = []
+        for r in self.running:
+            (decoding if self._is_decoding(r) else prefilling).append(r)
         self._plan_decodes(draft, decoding)
         budget = self.prefill_chunk_size - sum(len(e.token_ids) for e in draft.entries)
-        prefilling = [r for r in self.running if r not in decoding]
         for req in prefilling:
             if budget <= 0:
                 break
@@ -236,8 +238,10 @@ class Scheduler:
             if req.state is not RequestState.RUNNING:
                 continue  # preempted earlier in this loop
             live = req.live_branches()
-            self._reclaim(draft, self._decode_pages(live))  # the cache goes before any request
-            while self._decode_pages(live) > self.pool.num_free:
+            need = self._decode_pages(live)  # 0 except at a page boundary (or copy-on-write)
+            if need:
+                self._reclaim(draft, need)  # the cache goes before any request
+            while need and self._decode_pages(live) > self.pool.num_free:
                 victim = self.running[-1]
                 if victim is not req:
                     self._preempt(draft, victim)
