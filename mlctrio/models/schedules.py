@@ -34,7 +34,8 @@ from mlctrio.models.quantization import ELEMS_PER_WORD, GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_VERSION = "cpu-21"  # 10-14: tile16, int8 q4, swiglu; 17-18: rope; 19: tidy
+# 10-14: tile16, int8 q4, swiglu; 17-18: rope; 19: tidy; 21-22: batch-decode K chunks
+SCHEDULE_VERSION = "cpu-22"
 FOREIGN_ATTR = "mlctrio.foreign"
 # What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
 # argument checks raise ValueError / TypeError).
@@ -214,7 +215,8 @@ def _schedule_matmul_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -
     The symbolic row dimension is padded to a multiple of R (`pad_einsum`), so no predicate
     reaches the inner loop. Tile groups (C x 16 features) are parallel and outermost; k is
     unrolled by TILE_K_UNROLL. A q4 "dequant" stage is computed per tile group, in the same
-    layout, and reused by every row.
+    layout, and reused by every row. Batch decode (b, 1) walks K in DECODE_K_CHUNK chunks with
+    every row block inside a chunk (discussion 0005, section 4).
     """
     name = sch.get(block).name_hint
     i, j, no, _, k = sch.get_loops(block)
@@ -222,13 +224,15 @@ def _schedule_matmul_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -
     n_tiles, k_extent = _const(sch.get(no).extent), _const(sch.get(k).extent)
     if n_tiles is None or k_extent is None:
         raise ValueError("tile16 matmul with symbolic features or reduction")
-    (rows_block, cols), pad = TILE_BLOCK, None
+    (rows_block, cols), pad, k_chunk = TILE_BLOCK, None, None
     if ci is not None and cj is not None:  # static rows: the `decode` GEMV, one stream
         rows_block, cols = 1, 1
     elif cj is None:  # prefill / verify: (1 or b, s)
         pad = [1, rows_block, 1, 1, 1]
     else:  # decode: (b, 1)
         pad = [rows_block, 1, 1, 1, 1]
+        if k_extent % DECODE_K_CHUNK == 0 and k_extent > DECODE_K_CHUNK:
+            k_chunk = DECODE_K_CHUNK
     cols = max(c for c in range(1, cols + 1) if n_tiles % c == 0)
     unroll_k = max(u for u in (1, 2, 4) if k_extent % u == 0 and u <= TILE_K_UNROLL)
     dequant = [p for p in sch.get_producers(block) if _block_kind(sch, p) == "dequant"]
@@ -240,31 +244,27 @@ def _schedule_matmul_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -
     rows = sch.fuse(i, j)
     r_o, r_i = sch.split(rows, [None, rows_block])
     n_o, n_c = sch.split(no, [None, cols])
-    chunk = DECODE_K_CHUNK if pad is not None and pad[0] > 1 else None
-    if chunk is not None and k_extent % chunk == 0 and k_extent > chunk:
+    if k_chunk is not None:
         # Batch decode: every row block takes a chunk of K while its weights are in L1, so
         # the weights stream from memory once instead of once from memory and again from L2
         # per further row block; the accumulators live in the output across chunks.
-        k_c, k_o, k_i = sch.split(k, [None, chunk // unroll_k, unroll_k])
+        k_c, k_o, k_i = sch.split(k, [None, k_chunk // unroll_k, unroll_k])
         sch.reorder(n_o, k_c, r_o, k_o, k_i, n_c, r_i, ni)
-        sch.parallel(n_o)
-        sch.vectorize(ni)
-        for loop in (r_i, n_c, k_i):
-            sch.unroll(loop)
-        init = sch.decompose_reduction(block, k_c)
-        sch.vectorize(sch.get_loops(init)[-1])
+        init_at = k_c
     else:
         k_o, k_i = sch.split(k, [None, unroll_k])
         sch.reorder(n_o, r_o, k_o, k_i, n_c, r_i, ni)
-        sch.parallel(n_o)
+        init_at = k_o
+    sch.parallel(n_o)
+    if k_chunk is None:  # the accumulator block lives in registers for all of K
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, r_o)
         sch.vectorize(sch.get_loops(acc)[-1])
-        sch.vectorize(ni)
-        for loop in (r_i, n_c, k_i):
-            sch.unroll(loop)
-        init = sch.decompose_reduction(block, k_o)
-        sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(ni)
+    for loop in (r_i, n_c, k_i):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(block, init_at)
+    sch.vectorize(sch.get_loops(init)[-1])
     for producer in dequant:  # (tiles, k, 16): 16 contiguous words / scales per vector
         sch.compute_at(producer, n_o)
         sch.vectorize(sch.get_loops(producer)[-1])
