@@ -254,7 +254,7 @@ def test_queue_full_is_503_with_retry_after(server_factory) -> None:  # type: ig
         model="mock://echo?delay_ms=50&max_num_sequence=1", max_queued_requests=1
     )
     client = openai.OpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0)
-    with handle.client() as http:
+    with client, handle.client() as http:
         # Two long streams: one runs, one waits in the queue; the third is refused.
         with http.stream(
             "POST",
@@ -265,7 +265,14 @@ def test_queue_full_is_503_with_retry_after(server_factory) -> None:  # type: ig
                 "stream": True,
             },
         ) as first:
-            next(first.iter_bytes())
+            # Keep the iterators: one dropped after next() is closed at once, which closes the
+            # response, and the server rightly aborts a request whose client went away.
+            first_chunks = first.iter_bytes()
+            next(first_chunks)
+            # Running, not queued: it has had an output (else the second would be refused).
+            handle.wait_until(
+                lambda: handle.engine.num_in_flight == 1 and handle.engine.num_queued == 0
+            )
             with http.stream(
                 "POST",
                 "/v1/chat/completions",
@@ -275,8 +282,10 @@ def test_queue_full_is_503_with_retry_after(server_factory) -> None:  # type: ig
                     "stream": True,
                 },
             ) as second:
-                next(second.iter_bytes())
-                handle.wait_until(lambda: handle.engine.num_queued >= 1)
+                assert second.status_code == 200
+                second_chunks = second.iter_bytes()
+                next(second_chunks)
+                handle.wait_until(lambda: handle.engine.num_queued == 1)
                 with pytest.raises(openai.InternalServerError) as info:
                     client.chat.completions.create(
                         model=MODEL, messages=[{"role": "user", "content": "c"}]
@@ -284,4 +293,7 @@ def test_queue_full_is_503_with_retry_after(server_factory) -> None:  # type: ig
                 assert info.value.status_code == 503
                 assert info.value.response.headers["retry-after"] == "1"
                 assert info.value.code == "queue_full"
+                # Both streams were alive all along: the first is still generating.
+                assert b"data:" in next(first_chunks)
+                assert handle.engine.num_in_flight == 2
     handle.wait_quiescent()
