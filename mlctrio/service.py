@@ -155,16 +155,6 @@ class RequestStream:
             self.unfinished.discard(output.request_id)
         return output
 
-    def receive_nowait(self) -> RequestOutput | None:
-        """`receive()` if an output is already there (None once all are done); else raises
-        trio.WouldBlock."""
-        if not self.unfinished:
-            return None
-        output = self._receive.receive_nowait()
-        if output.finished:
-            self.unfinished.discard(output.request_id)
-        return output
-
     def receive_ready(self) -> list[RequestOutput]:
         """Every output already delivered, without waiting (lets a slow writer catch up in
         one write instead of one per engine step)."""

@@ -49,11 +49,6 @@ def engine_error(message: str) -> EngineFailedError:
 
 async def _next_output(stream: RequestStream, deadline: float, ping_s: float) -> Any:
     """The next output, PING when nothing came for ping_s, _TIMEOUT past the deadline."""
-    try:  # one already there needs no cancel scope (a busy server's common case)
-        if trio.current_time() < deadline:
-            return stream.receive_nowait()
-    except trio.WouldBlock:
-        pass
     wake = min(deadline, trio.current_time() + ping_s)
     with trio.move_on_at(wake):
         return await stream.receive()
