@@ -34,6 +34,7 @@ from mlctrio.runtime.tvm_runner import TVMRunner, set_openblas_threads
 PRESETS = {"small": SMALL, "tiny": TINY}
 PREFILL_LENS = (128, 512)
 DECODE_BATCHES = (1, 4, 8, 16, 32, 64)
+DECODE_CONTEXT = 16  # tokens each sequence holds before the decode steps are timed
 
 
 def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: int) -> dict:
@@ -48,7 +49,7 @@ def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: 
         config,
         max_num_sequence=max(DECODE_BATCHES),
         max_total_seq_length=8192,
-        prefill_chunk_size=max(*PREFILL_LENS, 16 * max(DECODE_BATCHES)),
+        prefill_chunk_size=max(*PREFILL_LENS, DECODE_CONTEXT * max(DECODE_BATCHES)),
     )
     row["load_s"] = f"{time.perf_counter() - t0:.2f}"
     # A decode step reads every weight once, except the embedding table: only the batch's rows of
@@ -61,7 +62,9 @@ def bench_tvm(config: LlamaConfig, quant: str, hf: dict, cache_dir: str, steps: 
     for b in DECODE_BATCHES:
         for s in range(b):
             runner.add_sequence(s)
-        runner.step([(s, rng.integers(0, config.vocab_size, 16).tolist()) for s in range(b)])
+        runner.step(
+            [(s, rng.integers(0, config.vocab_size, DECODE_CONTEXT).tolist()) for s in range(b)]
+        )
         batch = [(s, [int(rng.integers(0, config.vocab_size))]) for s in range(b)]
         runner.step(batch)  # warm-up
         t = best_time(lambda batch=batch: [runner.step(batch) for _ in range(steps)], 2)
@@ -90,7 +93,7 @@ def bench_numpy(config: LlamaConfig, hf: dict, steps: int) -> dict:
         row[f"prefill{n}"] = n / best_time(_prefill, 2)
     cache = ref.new_cache()
     cache.add_sequence(0)
-    ref.forward(cache, 0, rng.integers(0, config.vocab_size, 16).tolist())
+    ref.forward(cache, 0, rng.integers(0, config.vocab_size, DECODE_CONTEXT).tolist())
     tok = [int(rng.integers(0, config.vocab_size))]
     row["decode_b1"] = steps / best_time(
         lambda: [ref.forward(cache, 0, tok) for _ in range(steps)], 2
