@@ -23,7 +23,7 @@ from tvm.target import Target
 
 from mlctrio.config import cache_root
 from mlctrio.models.llama import LlamaConfig, LlamaForCausalLM
-from mlctrio.models.quantization import get_quantization
+from mlctrio.models.quantization import as_scheme
 from mlctrio.models.schedules import SCHEDULE_VERSION, cpu_schedule_pass, tag_foreign_pass
 from mlctrio.models.weights import ParamInfo
 
@@ -111,9 +111,9 @@ def build_irmodule(
     config: LlamaConfig, quantization: str, target: Target
 ) -> tuple[tvm.IRModule, list[ParamInfo]]:
     """Export the nn model to Relax (param_mode packed) and list its params."""
-    spec = get_quantization(quantization)
-    act_dtype = "float32" if target.kind.name == "llvm" else spec.mlc_dtype
-    model = LlamaForCausalLM(config, spec, target, act_dtype)
+    scheme = as_scheme(quantization)
+    act_dtype = "float32" if target.kind.name == "llvm" else scheme.default.mlc_dtype
+    model = LlamaForCausalLM(config, scheme, target, act_dtype)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     infos = [ParamInfo.of(n, p) for n, p in named]
     return mod, infos

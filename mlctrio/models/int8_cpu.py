@@ -15,8 +15,14 @@ lanes per instruction):
   bytes of inputs 8w+0,2,4,6 and `(w >> 4) & 0x0F0F0F0F` those of 8w+1,3,5,7;
 - `q8_quantize` stores each word's activations as two dwords in the same byte order (even
   inputs, odd inputs), broadcast to all lanes;
-- per group g: y += scale[n, g] * d_g * (sum_k nibble * q_k - 7 * sum_k q_k), the second sum
-  precomputed per group (stored nibbles are value + 7, so the zero point comes out exactly).
+- per group g: y += scale[n, g] * d_g * (sum_k stored * q_k - zero * sum_k q_k), the second
+  sum precomputed per group (stored values are value + zero, so the zero point comes out
+  exactly: 7 for mlc-llm's q4, 8 for GGUF Q4_0, 128 for 8-bit weights stored as q + 128);
+  formats with a min (GGUF Q4_1) add min[n, g] * d_g * sum_k q_k instead.
+
+8-bit weights (q8_0, q8f*_1) skip the nibble split: quantization.pack_words_np already stores
+each 8-input chunk as the two words (even inputs, odd inputs) that meet the two activation dwords,
+so per 16 x 8 weights: two loads and 2 `vpdpbusd` per row.
 
 So per 16 x 8 weights: one load, 3 integer ops and 2 `vpdpbusd` per row, against 32 float ops
 in the f32 kernel. A tile's weights (K / 2 bytes) stay in L1 while all row blocks reuse them. Results differ from the f32 path by the int8 rounding of the activations
@@ -41,7 +47,7 @@ ROWS_BLOCK = 4  # rows per register block when the row count is symbolic
 
 @functools.cache
 def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
-    """(x (b, 1, K) f32) -> (xq (b, K/8, 2) int32 byte-packed, xd (b, K/32, 2) f32 [scale, 7*sum q])."""
+    """(x (b, 1, K) f32) -> (xq (b, K/8, 2) int32 byte-packed, xd (b, K/32, 2) f32 [scale, sum q])."""
     K, KW, G = in_features, in_features // WORD, in_features // GROUP
 
     # fmt: off
@@ -68,7 +74,7 @@ def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
                     xd[r, g, 0] = amax[0] / T.float32(127)
                     xd[r, g, 1] = T.float32(0)
                     for k in T.serial(GROUP):
-                        xd[r, g, 1] = xd[r, g, 1] + T.Cast("float32", q[k] * 7)
+                        xd[r, g, 1] = xd[r, g, 1] + T.Cast("float32", q[k])
                     for w, h in T.grid(GROUP // WORD, 2):
                         xq[r, g * (GROUP // WORD) + w, h] = T.bitwise_or(
                             T.bitwise_or(T.bitwise_and(q[w * WORD + h], 255), T.shift_left(T.bitwise_and(q[w * WORD + h + 2], 255), 8)),
@@ -79,16 +85,29 @@ def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
 
 
 @functools.cache
-def q4_q8_matmul_func(
-    tiles: int, in_features: int, rows_block: int, scale_dtype: str = "float32"
+def group_q8_matmul_func(
+    tiles: int,
+    in_features: int,
+    rows_block: int,
+    scale_dtype: str = "float32",
+    bits: int = 4,
+    zero: int = 7,
+    has_min: bool = False,
 ) -> tirx.PrimFunc:
-    """(xq, xd from q8_quantize, q_weight (tiles, K/8, 16) u32, q_scale (tiles, K/32, 16))
-    -> y (b, 1, tiles, 16) f32. Tiles of 16 features in parallel; rows in blocks of
-    `rows_block` (accumulators R x 16 int32 and f32 in registers; a partial last block reads a
-    clamped row and stores nothing)."""
-    KW, G, R = in_features // WORD, in_features // GROUP, rows_block
-    WPG = GROUP // WORD  # words per group
+    """(xq, xd from q8_quantize, q_weight (tiles, K*bits/32, 16) u32, q_scale (tiles, K/32 *
+    (2 if has_min else 1), 16)) -> y (b, 1, tiles, 16) f32. Tiles of 16 features in parallel;
+    rows in blocks of `rows_block` (accumulators R x 16 int32 and f32 in registers; a partial
+    last block reads a clamped row and stores nothing).
+
+    Per 8 inputs: 4 bits, one word, its low and high nibbles; 8 bits, two words (even inputs,
+    odd inputs), each multiplied as it is. Per group: y += d * (s * isum - zero * s * qsum), or
+    y += d * (s * isum + m * qsum) with a min (d: the activations' scale, qsum their sum)."""
+    KW, G, R = in_features * bits // 32, in_features // GROUP, rows_block
+    WPG = GROUP // WORD  # 8-input chunks per group
+    SPG = 2 if has_min else 1  # q_scale columns per group
     lanes = T.ramp(0, 1, 16)
+    mask = T.Broadcast(T.int32(LOW_NIBBLES), 16)
+    four = T.Broadcast(T.int32(4), 16)
 
     def vdp(acc: Any, weights: Any, act: Any) -> Any:  # acc + sum of 4 byte products per lane
         return T.call_llvm_pure_intrin(
@@ -99,12 +118,30 @@ def q4_q8_matmul_func(
             T.reinterpret("int8x64", T.Broadcast(act, 16)),
         )
 
+    def even_odd(w: Any, no: Any, chunk: Any) -> tuple[Any, Any]:
+        """The weight bytes of inputs 8c + 0, 2, 4, 6 and 8c + 1, 3, 5, 7 of chunk c."""
+        if bits == 4:
+            wv = T.reinterpret("int32x16", w[no, chunk, lanes])
+            return T.bitwise_and(wv, mask), T.bitwise_and(T.shift_right(wv, four), mask)
+        return (
+            T.reinterpret("int32x16", w[no, chunk * 2, lanes]),
+            T.reinterpret("int32x16", w[no, chunk * 2 + 1, lanes]),
+        )
+
+    def group_term(sc: Any, no: Any, g: Any, isum: Any, d: Any, qsum: Any) -> Any:
+        scale = T.Cast("float32x16", sc[no, g * SPG, lanes])
+        if has_min:
+            low = T.Cast("float32x16", sc[no, g * SPG + 1, lanes])
+            return T.Broadcast(d, 16) * (scale * isum + low * T.Broadcast(qsum, 16))
+        zq = T.Broadcast(qsum * T.float32(zero), 16)
+        return scale * T.Broadcast(d, 16) * (isum - zq)
+
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
-    def q4_q8_matmul(var_xq: T.handle, var_xd: T.handle, w: T.Buffer((tiles, KW, 16), "uint32"), sc: T.Buffer((tiles, G, 16), scale_dtype), var_y: T.handle):
+    def group_q8_matmul(var_xq: T.handle, var_xd: T.handle, w: T.Buffer((tiles, KW, 16), "uint32"), sc: T.Buffer((tiles, G * SPG, 16), scale_dtype), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b = T.int64()
-        xq = T.match_buffer(var_xq, (b, KW, 2), "int32")
+        xq = T.match_buffer(var_xq, (b, in_features // WORD, 2), "int32")
         xd = T.match_buffer(var_xd, (b, G, 2), "float32")
         y = T.match_buffer(var_y, (b, 1, tiles, 16), "float32")
         for no in T.parallel(tiles):
@@ -120,18 +157,16 @@ def q4_q8_matmul_func(
                         for r in T.unroll(R):
                             iacc[r, lanes] = T.Broadcast(T.int32(0), 16)
                         for wi in T.unroll(WPG):
-                            wv = T.reinterpret("int32x16", w[no, g * WPG + wi, lanes])
-                            lo = T.bitwise_and(wv, T.Broadcast(T.int32(LOW_NIBBLES), 16))
-                            hi = T.bitwise_and(T.shift_right(wv, T.Broadcast(T.int32(4), 16)), T.Broadcast(T.int32(LOW_NIBBLES), 16))
+                            lo, hi = T.meta_var(even_odd(w, no, g * WPG + wi))
                             for r in T.unroll(R):
                                 row = T.min(ro * R + r, b - 1)
                                 iacc[r, lanes] = vdp(iacc[r, lanes], lo, xq[row, g * WPG + wi, 0])
                                 iacc[r, lanes] = vdp(iacc[r, lanes], hi, xq[row, g * WPG + wi, 1])
                         for r in T.unroll(R):
                             row = T.min(ro * R + r, b - 1)
-                            yacc[r, lanes] = yacc[r, lanes] + T.Cast("float32x16", sc[no, g, lanes]) * T.Broadcast(xd[row, g, 0], 16) * (T.Cast("float32x16", iacc[r, lanes]) - T.Broadcast(xd[row, g, 1], 16))
+                            yacc[r, lanes] = yacc[r, lanes] + group_term(sc, no, g, T.Cast("float32x16", iacc[r, lanes]), xd[row, g, 0], xd[row, g, 1])
                     for r in T.unroll(R):
                         if ro * R + r < b:
                             y[ro * R + r, 0, no, lanes] = yacc[r, lanes]
     # fmt: on
-    return q4_q8_matmul
+    return group_q8_matmul

@@ -25,16 +25,13 @@ from tvm.target import Target
 
 from mlctrio.models import int8_cpu
 from mlctrio.models.attention_cpu import CPUPagedKVCache
-from mlctrio.models.quantization import (
-    TILE,
-    TILE16,
-    QuantSpec,
+from mlctrio.models.quantization import TILE, TILE16, QuantSpec, Scheme, as_scheme, uses_int8
+from mlctrio.models.te_ops import (
     embedding_te,
     matmul_te,
     matmul_tile16_te,
     rms_norm_te,
     swiglu_te,
-    uses_int8,
 )
 
 LAYOUT_ATTR = "mlctrio.layout"  # nn.Parameter attr: TILE16 when the weight is stored tile16
@@ -144,8 +141,9 @@ class QLinear(nn.Module):
         # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
         if spec.is_group:
             groups = -(-in_f // spec.group_size)  # a partial last group is padded, as in mlc-llm
-            self.q_weight = nn.Parameter((out_f, groups * spec.group_size // 8), "uint32")
-            self.q_scale = nn.Parameter((out_f, groups), spec.scale_dtype)
+            words = groups * spec.group_size // spec.elems_per_word
+            self.q_weight = nn.Parameter((out_f, words), "uint32")
+            self.q_scale = nn.Parameter((out_f, groups * spec.scales_per_group), spec.scale_dtype)
         else:
             self.weight = nn.Parameter((out_f, in_f), spec.weight_dtype)
         self.bias = nn.Parameter((out_f,), act_dtype) if bias else None
@@ -202,9 +200,12 @@ class QLinear(nn.Module):
             ],
         )
         rows_block = 1 if one_row else int8_cpu.ROWS_BLOCK
+        s = self.spec
         return op.tensor_ir_op(
-            int8_cpu.q4_q8_matmul_func(tiles, k, rows_block, self.spec.scale_dtype),
-            "q4_q8_matmul",
+            int8_cpu.group_q8_matmul_func(
+                tiles, k, rows_block, s.scale_dtype, s.bits, s.zero, s.has_min
+            ),
+            "group_q8_matmul",
             [xq, xd, *self.stored()],
             Tensor.placeholder((rows, 1, tiles, TILE), "float32"),
         )
@@ -235,11 +236,13 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
+    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, prefix: str):
         self.d, self.h_q, self.h_kv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         qkv_out = (self.h_q + 2 * self.h_kv) * self.d
-        self.qkv_proj = QLinear(c.hidden_size, qkv_out, spec, act_dtype, bias=c.attention_bias)
-        self.o_proj = QLinear(self.h_q * self.d, c.hidden_size, spec, act_dtype)
+        qkv_spec = scheme.spec_for(f"{prefix}.qkv_proj")
+        self.qkv_proj = QLinear(c.hidden_size, qkv_out, qkv_spec, act_dtype, c.attention_bias)
+        o_spec = scheme.spec_for(f"{prefix}.o_proj")
+        self.o_proj = QLinear(self.h_q * self.d, c.hidden_size, o_spec, act_dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -249,9 +252,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
-        self.gate_up_proj = QLinear(c.hidden_size, 2 * c.intermediate_size, spec, act_dtype)
-        self.down_proj = QLinear(c.intermediate_size, c.hidden_size, spec, act_dtype)
+    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, prefix: str):
+        h, i = c.hidden_size, c.intermediate_size
+        self.gate_up_proj = QLinear(h, 2 * i, scheme.spec_for(f"{prefix}.gate_up_proj"), act_dtype)
+        self.down_proj = QLinear(i, h, scheme.spec_for(f"{prefix}.down_proj"), act_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         swiglu = swiglu_te(self.down_proj.in_f)  # in_f: the intermediate size
@@ -260,9 +264,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
-        self.self_attn = LlamaAttention(c, spec, act_dtype)
-        self.mlp = LlamaMLP(c, spec, act_dtype)
+    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, prefix: str):
+        self.self_attn = LlamaAttention(c, scheme, act_dtype, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(c, scheme, act_dtype, f"{prefix}.mlp")
         eps = c.rms_norm_eps
         self.input_layernorm = RMSNorm(c.hidden_size, eps, act_dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps, act_dtype)
@@ -273,10 +277,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, c: LlamaConfig, spec: QuantSpec, act_dtype: str):
-        self.embed_tokens = QEmbedding(c.vocab_size, c.hidden_size, spec, act_dtype)
+    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str):
+        embed_spec = scheme.spec_for("model.embed_tokens")
+        self.embed_tokens = QEmbedding(c.vocab_size, c.hidden_size, embed_spec, act_dtype)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(c, spec, act_dtype) for _ in range(c.num_hidden_layers)]
+            [
+                LlamaDecoderLayer(c, scheme, act_dtype, f"model.layers.{i}")
+                for i in range(c.num_hidden_layers)
+            ]
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, act_dtype)
 
@@ -289,11 +297,19 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The exported model. Functions and signatures match mlc-llm's engine expectations."""
 
-    def __init__(self, config: LlamaConfig, spec: QuantSpec, target: Target, act_dtype: str):
-        self.config, self.spec, self.target, self.act_dtype = config, spec, target, act_dtype
-        self.model = LlamaModel(config, spec, act_dtype)
+    def __init__(
+        self,
+        config: LlamaConfig,
+        quantization: QuantSpec | Scheme | str,
+        target: Target,
+        act_dtype: str,
+    ):
+        scheme = as_scheme(quantization)
+        self.config, self.scheme, self.target, self.act_dtype = config, scheme, target, act_dtype
+        self.model = LlamaModel(config, scheme, act_dtype)
         if not config.tie_word_embeddings:
-            self.lm_head = QLinear(config.hidden_size, config.vocab_size, spec, act_dtype)
+            head_spec = scheme.spec_for("lm_head")
+            self.lm_head = QLinear(config.hidden_size, config.vocab_size, head_spec, act_dtype)
         if target is not None and target.kind.name == "llvm":
             vnni = has_vnni(target)
             for _, module in _named_modules(self):

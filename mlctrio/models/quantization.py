@@ -1,81 +1,180 @@
-"""Weight quantization: specs (q0f32, q0f16, q4f16_1, q4f32_1), their TE kernels, numpy packers.
+"""Weight storage formats: their specs, mixed per-layer schemes, and the numpy side (no tvm).
 
-Layout follows mlc-llm's group quantization with the "NK" linear layout (`q4*_1`), so MLC-format
-weights load unchanged:
+A `QuantSpec` says how one linear (or embedding) weight W (out, in) is stored:
 
-- a linear weight W of shape (out, in) becomes `q_weight` (out, in / 8) uint32 and `q_scale`
-  (out, in / group_size) in the scale dtype;
-- element k of a row sits in storage word k // 8 at bits 4 * (k % 8);
-- stored nibbles are `round(w / scale) + 7` clipped to [0, 14], `scale = max|w| / 7` per group;
-- dequantization is `(nibble - 7) * scale`.
+- kind "none": `weight` (out, in) in `weight_dtype` (float32 / float16), or bfloat16 kept as its
+  uint16 bits (kind "bf16", widened in the kernel by a shift);
+- kind "group": `q_weight` (out, in * bits / 32) uint32 + `q_scale` (out, in / group), one scale
+  per group of 32 consecutive inputs of a row; with `has_min`, `q_scale` is (out, 2 * in / group),
+  each group's scale then its min, so every group format has the same two tensors:
+  * 4 bits: element k sits in word k // 8 at bits 4 * (k % 8) (mlc-llm's "NK" layout);
+  * 8 bits: the 8 elements of a chunk c are split into word 2c (k = 8c + 0, 2, 4, 6) and word
+    2c + 1 (k = 8c + 1, 3, 5, 7), one byte each, low byte first: the byte order in which
+    int8_cpu.q8_quantize packs activations, so one `vpdpbusd` multiplies a word directly;
+  * value = (stored - zero) * scale, or stored * scale + min with `has_min`.
+
+| spec | stored | zero | scale | what it is |
+|---|---|---|---|---|
+| q4f32_1 / q4f16_1 | 4 bit | 7 | max abs / 7 | mlc-llm's group quantization (HF, on load) |
+| q4_0 | 4 bit | 8 | f16 d | GGUF Q4_0, bit-exact |
+| q4_1 | 4 bit | 0, + min | f16 d, f16 m | GGUF Q4_1, bit-exact |
+| q8_0 | 8 bit | 128 | f16 d | GGUF Q8_0, bit-exact (int8 q stored as q + 128) |
+| q8f32_1 / q8f16_1 | 8 bit | 128 | max abs / 127 | near-lossless 8 bit for HF checkpoints |
+
+A model may mix specs per layer (GGUF files do: SmolLM2's Q4_1 file has a Q8_0 embedding): a
+quantization *name* is then a scheme, "BASE;module=spec;module=spec" (`Scheme.parse`), where a
+module is an nn.Module path such as `model.embed_tokens` or `model.layers.3.mlp.down_proj`. The
+name is part of the compile-cache key.
 
 On the CPU, linear weights whose output features split into tiles of 16 are re-laid out at load
-time ("tile16", `pack_tile_np`): (out, x) -> (out / 16, x, 16), the 16 features of a tile
-innermost. A matmul then multiplies one contiguous 16-lane weight vector by a broadcast activation
-(no cross-lane sums, one sequential weight stream per tile), see schedules.py. Files keep MLC's
-layout; only the arrays handed to the compiled module change.
-
-On the CPU all activations stay float32 (x86 without native fp16 computes fp16 slowly); only the
-stored weights shrink. Dequantization is written inside the matmul's `te.compute` because a separate
-dequantize op is not fused into a matmul by Relax and would materialise the full f32 weight.
+time ("tile16", `pack_tile_np`): (out, x) -> (out / 16, x, 16). Files keep their own layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import attrs
 import numpy as np
 import numpy.typing as npt
-from tvm import te, tirx
 
-from mlctrio.models.fastmath import silu
+from mlctrio.models.formats import bf16_to_f32
 
 NUM_BITS = 4
 ELEMS_PER_WORD = 32 // NUM_BITS  # 8 nibbles per uint32
-MAX_INT = 2 ** (NUM_BITS - 1) - 1  # 7: the zero point of the stored nibble
+MAX_INT = 2 ** (NUM_BITS - 1) - 1  # 7: the zero point of mlc-llm's stored nibble
+TILE = 16  # output features per tile of the "tile16" CPU layout
+GROUP_ROWS = 4  # rows per register block of the q4 decode kernel ("matmul_group")
+TILE16 = "tile16"
 
 
 @attrs.frozen
 class QuantSpec:
-    """How weights are stored. `kind` "none": plain weights in `weight_dtype`; "group": 4-bit.
+    """How one weight is stored (see the module docstring).
 
-    `mlc_dtype` is the dtype mlc-llm stores the *unquantized* params in (norms, biases, scales) for
-    this quantization name; our own packed params keep those in float32 on the CPU.
+    `mlc_dtype` is the dtype mlc-llm stores the *unquantized* params in (norms, biases, scales)
+    for this quantization name; our own packed params keep those in float32 on the CPU.
     """
 
     name: str
-    kind: Literal["none", "group"]
-    weight_dtype: str  # storage dtype of plain weights (kind "none") or "uint32"
-    scale_dtype: str  # dtype of q_scale (kind "group"); unused for "none"
+    kind: Literal["none", "bf16", "group"]
+    weight_dtype: str  # storage dtype of plain weights, or "uint32" (group) / "uint16" (bf16)
+    scale_dtype: str  # dtype of q_scale and q_min (kind "group"); unused otherwise
     mlc_dtype: str
     group_size: int = 32
+    bits: int = 4  # group: 4 or 8
+    zero: int = MAX_INT  # group: the stored value of 0 (unused with has_min)
+    has_min: bool = False  # group: value = stored * scale + min
 
     @property
     def is_group(self) -> bool:
         return self.kind == "group"
 
+    @property
+    def elems_per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def stored_names(self) -> tuple[str, ...]:
+        """The parameter names of a weight in this format, in the module's order."""
+        return ("q_weight", "q_scale") if self.is_group else ("weight",)
+
+    @property
+    def scales_per_group(self) -> int:
+        """Columns of q_scale per group: the scale, and the min with `has_min`."""
+        return 2 if self.has_min else 1
+
+    def bytes_per_weight(self) -> float:
+        """Storage bytes per weight element, scales and mins included."""
+        if not self.is_group:
+            return float(np.dtype(self.weight_dtype).itemsize)
+        per_group = np.dtype(self.scale_dtype).itemsize * (2 if self.has_min else 1)
+        return self.bits / 8 + per_group / self.group_size
+
+
+def _group(
+    name: str, bits: int, zero: int, scale: str, mlc: str, has_min: bool = False
+) -> QuantSpec:
+    return QuantSpec(name, "group", "uint32", scale, mlc, 32, bits, zero, has_min)
+
 
 QUANTIZATIONS: dict[str, QuantSpec] = {
     "q0f32": QuantSpec("q0f32", "none", "float32", "float32", "float32"),
     "q0f16": QuantSpec("q0f16", "none", "float16", "float16", "float16"),
-    "q4f16_1": QuantSpec("q4f16_1", "group", "uint32", "float16", "float16"),
-    "q4f32_1": QuantSpec("q4f32_1", "group", "uint32", "float32", "float32"),
+    "q0bf16": QuantSpec("q0bf16", "bf16", "uint16", "float32", "float32"),
+    "q4f16_1": _group("q4f16_1", 4, MAX_INT, "float16", "float16"),
+    "q4f32_1": _group("q4f32_1", 4, MAX_INT, "float32", "float32"),
+    "q4_0": _group("q4_0", 4, 8, "float16", "float32"),
+    "q4_1": _group("q4_1", 4, 0, "float16", "float32", has_min=True),
+    "q8_0": _group("q8_0", 8, 128, "float16", "float32"),
+    "q8f16_1": _group("q8f16_1", 8, 128, "float16", "float16"),
+    "q8f32_1": _group("q8f32_1", 8, 128, "float32", "float32"),
 }
+# What `--quantization` offers for HF checkpoints (GGUF files and MLC artifacts keep theirs).
+HF_QUANTIZATIONS = ("q0f32", "q0f16", "q4f16_1", "q4f32_1", "q8f16_1", "q8f32_1")
 
 
 def get_quantization(name: str) -> QuantSpec:
-    """Look a quantization up by its MLC name (q0f32, q0f16, q4f16_1, q4f32_1)."""
+    """Look one storage format up by name (see QUANTIZATIONS)."""
     try:
         return QUANTIZATIONS[name]
     except KeyError:
         raise ValueError(f"unknown quantization {name!r}; known: {sorted(QUANTIZATIONS)}") from None
 
 
-TILE = 16  # output features per tile of the "tile16" CPU layout
-GROUP_ROWS = 4  # rows per register block of the q4 decode kernel ("matmul_group")
-TILE16 = "tile16"
+@attrs.frozen
+class Scheme:
+    """The storage format of every weight of a model: a default plus per-module overrides."""
+
+    default: QuantSpec
+    overrides: Mapping[str, QuantSpec] = attrs.field(factory=dict, hash=False)
+
+    @classmethod
+    def parse(cls, name: str) -> Scheme:
+        """ "q4_1" or "q4_1;model.embed_tokens=q8_0;..." (ValueError for unknown formats)."""
+        base, *items = (part.strip() for part in name.split(";"))
+        overrides = {}
+        for item in filter(None, items):
+            module, sep, spec = item.partition("=")
+            if not sep:
+                raise ValueError(f"quantization scheme item {item!r} is not module=format")
+            overrides[module.strip()] = get_quantization(spec.strip())
+        return cls(get_quantization(base), overrides)
+
+    @property
+    def name(self) -> str:
+        items = [f"{m}={s.name}" for m, s in sorted(self.overrides.items()) if s != self.default]
+        return ";".join([self.default.name, *items])
+
+    def spec_for(self, module: str) -> QuantSpec:
+        return self.overrides.get(module, self.default)
+
+    @property
+    def specs(self) -> set[QuantSpec]:
+        return {self.default, *self.overrides.values()}
+
+
+def as_scheme(quantization: str | QuantSpec | Scheme) -> Scheme:
+    if isinstance(quantization, Scheme):
+        return quantization
+    if isinstance(quantization, QuantSpec):
+        return Scheme(quantization)
+    return Scheme.parse(quantization)
+
+
+def uses_int8(spec: QuantSpec, out_features: int, in_features: int) -> bool:
+    """Whether this linear layer takes int8 activations (int8_cpu.py) on a CPU with VNNI:
+    group-quantized, tile16 layout, whole groups."""
+    return (
+        spec.is_group
+        and spec.group_size == 32
+        and out_features % TILE == 0
+        and in_features % spec.group_size == 0
+    )
+
+
+# -- layouts ----------------------------------------------------------------------------------
 
 
 def pack_tile_np(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -90,103 +189,102 @@ def unpack_tile_np(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return np.ascontiguousarray(arr.transpose(0, 2, 1).reshape(tiles * TILE, cols))
 
 
-# --------------------------------------------------------------------------------------------
-# TE: a weight "view" W(n, k) -> float32 expression, used inside matmul / embedding computes.
-
-WeightFn = Callable[[Any, Any], Any]
-
-
-def _at(t: te.Tensor, n: Any, col: Any, packed: bool) -> Any:
-    """Element (row n, column col) of a stored (out, x) tensor, in MLC or tile16 layout."""
-    return t[n // TILE, col, n % TILE] if packed else t[n, col]
-
-
-def _nibble(q_weight: te.Tensor, n: Any, k: Any, packed: bool) -> Any:
-    """The stored 4-bit value (0..15, uint32) of weight (n, k)."""
-    word = _at(q_weight, n, k // ELEMS_PER_WORD, packed)
-    shift = (k % ELEMS_PER_WORD * NUM_BITS).astype("uint32")
-    return tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(0xF, "uint32"))
+def pack_words_np(stored: npt.NDArray[np.integer], bits: int) -> npt.NDArray[np.uint32]:
+    """Stored integers (rows, cols) in [0, 2**bits) -> uint32 words in the spec's layout."""
+    rows, cols = stored.shape
+    if bits == 4:
+        q = stored.astype(np.uint32).reshape(rows, cols // 8, 8)
+        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+        return np.bitwise_or.reduce(q << shifts, axis=2).astype(np.uint32)
+    # 8 bits: per chunk of 8, the even elements then the odd ones, 4 bytes a word.
+    b = stored.astype(np.uint8).reshape(rows, cols // 8, 4, 2).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(b).reshape(rows, cols // 4 * 4).view(np.uint32).copy()
 
 
-def weight_fn(
-    spec: QuantSpec, tensors: list[te.Tensor], act_dtype: str, packed: bool = False
-) -> WeightFn:
-    """Return W(n, k) as an expression of the stored tensors, in `act_dtype`."""
-    if not spec.is_group:
-        (w,) = tensors
-        if w.dtype == act_dtype:
-            return lambda n, k: _at(w, n, k, packed)
-        return lambda n, k: _at(w, n, k, packed).astype(act_dtype)
-    q_weight, q_scale = tensors
-    group = spec.group_size
-
-    def _deq(n: Any, k: Any) -> Any:
-        centered = _nibble(q_weight, n, k, packed).astype(act_dtype) - tirx.const(
-            MAX_INT, act_dtype
-        )
-        return centered * _at(q_scale, n, k // group, packed).astype(act_dtype)
-
-    return _deq
+def unpack_words_np(words: npt.NDArray[np.uint32], bits: int) -> npt.NDArray[np.uint8]:
+    """Inverse of `pack_words_np`: (rows, cols) stored integers as uint8."""
+    rows, n = words.shape
+    if bits == 4:
+        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+        nib = (words[:, :, None] >> shifts) & np.uint32(0xF)
+        return nib.reshape(rows, n * 8).astype(np.uint8)
+    b = np.ascontiguousarray(words).view(np.uint8).reshape(rows, n // 2, 2, 4)
+    return np.ascontiguousarray(b.transpose(0, 1, 3, 2)).reshape(rows, n * 4)
 
 
-def matmul_te(
-    spec: QuantSpec, act_dtype: str, out_features: int, cpu_layout: bool = False
-) -> Callable[..., te.Tensor]:
-    """TE function (x (b, s, K), *stored weights) -> (b, s, N) = x @ W.T, dequantised in the loop.
-
-    The reduction block is named "matmul" with block attr `mlctrio.kind = "matmul"` so the CPU
-    schedules find it even after FuseTIR merged epilogues into the same PrimFunc.
-
-    `cpu_layout` (group quantization, K % 8 == 0): dequantise through a separate "dequant" (N, K)
-    stage. The CPU schedule computes it per output tile (so every row of a batch reuses the tile)
-    and vectorises its 8 nibbles of one word (one broadcast word, shifts by <0, 4, ..., 28>, one
-    broadcast scale); the matmul then reads plain float32 like q0f32. Dequantising inside the
-    reduction instead made LLVM emit a gather per scale load (6x slower at batch 1).
-    """
-
-    def _simple(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
-        b, s, in_features = x.shape
-        w = weight_fn(spec, list(ws), act_dtype)
-        k = te.reduce_axis((0, in_features), name="k")
-        return te.compute(
-            (b, s, out_features),
-            lambda i, j, n: te.sum(x[i, j, k].astype(act_dtype) * w(n, k), axis=k),
-            name="matmul",
-            attrs={"mlctrio.kind": "matmul"},
-        )
-
-    def _staged(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
-        b, s, in_features = x.shape
-        w = weight_fn(spec, list(ws), act_dtype)
-        wd = te.compute(
-            (out_features, in_features), w, name="dequant", attrs={"mlctrio.kind": "dequant"}
-        )
-        k = te.reduce_axis((0, in_features), name="k")
-        return te.compute(
-            (b, s, out_features),
-            lambda i, j, n: te.sum(x[i, j, k].astype(act_dtype) * wd[n, k], axis=k),
-            name="matmul",
-            attrs={"mlctrio.kind": "matmul"},
-        )
-
-    def _f(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
-        in_features = int(x.shape[2])
-        if cpu_layout and spec.is_group and in_features % ELEMS_PER_WORD == 0:
-            return _staged(x, *ws)
-        return _simple(x, *ws)
-
-    return _f
+# -- numpy: quantize HF weights on load, and dequantize for the reference forward --------------
 
 
-def uses_int8(spec: QuantSpec, out_features: int, in_features: int) -> bool:
-    """Whether this linear layer takes int8 activations (int8_cpu.py) on a CPU with VNNI:
-    group-quantized, tile16 layout, whole groups."""
-    return (
-        spec.is_group
-        and spec.group_size == 32
-        and out_features % TILE == 0
-        and in_features % spec.group_size == 0
-    )
+def quantize_group_np(
+    w: npt.NDArray[np.floating], spec: QuantSpec
+) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.floating]]:
+    """Quantize a 2-D weight (rows, cols) along cols -> (q_weight, q_scale), symmetric:
+    scale = max|w| / qmax, stored = round(w / scale) + zero (4 bit: 7, 8 bit: 128)."""
+    rows, cols = w.shape
+    g = spec.group_size
+    groups = -(-cols // g)
+    # Like mlc-llm, a partial last group is padded (with zeros).
+    wf = np.zeros((rows, groups * g), np.float32)
+    wf[:, :cols] = w
+    wf = wf.reshape(rows, groups, g)
+    qmax = MAX_INT if spec.bits == 4 else 127
+    scale = (np.abs(wf).max(axis=2) / qmax).astype(spec.scale_dtype)
+    # Quantize against the scale as stored (possibly rounded to f16) so that dequantization is
+    # exactly the value the kernel computes; an all-zero group gets scale 0.
+    s32 = scale.astype(np.float32)[:, :, None]
+    safe = np.where(s32 == 0, 1.0, s32)
+    q = np.clip(np.round(wf / safe), -qmax, qmax) + spec.zero
+    return pack_words_np(q.reshape(rows, groups * g), spec.bits), scale
+
+
+def dequantize_group_np(
+    q_weight: npt.NDArray[np.uint32],
+    q_scale: npt.NDArray[np.floating],
+    group_size: int = 32,
+    cols: int | None = None,
+    *,
+    bits: int = 4,
+    zero: int = MAX_INT,
+    has_min: bool = False,
+) -> npt.NDArray[np.float32]:
+    """The float32 weight (rows, cols) of group-quantized storage, padding cut."""
+    stored = unpack_words_np(q_weight, bits).astype(np.float32)
+    scales = q_scale.astype(np.float32)
+    scale = np.repeat(scales[:, 0::2] if has_min else scales, group_size, axis=1)
+    if has_min:
+        out = stored * scale + np.repeat(scales[:, 1::2], group_size, axis=1)
+    else:
+        out = (stored - zero) * scale
+    out = out.astype(np.float32)
+    return out if cols is None else out[:, :cols]
+
+
+def quantize_weight_np(w: npt.NDArray[np.floating], spec: QuantSpec) -> list[npt.NDArray]:
+    """Stored arrays of a linear/embedding weight under `spec` (HF checkpoints; symmetric group
+    formats only: q4_1 and q4_0 come from GGUF files as they are)."""
+    if spec.is_group:
+        if spec.has_min or spec.zero not in (MAX_INT, 128):
+            raise ValueError(f"{spec.name} is read from GGUF files, not produced on load")
+        return list(quantize_group_np(w, spec))
+    if spec.kind == "bf16":
+        from mlctrio.models.formats import f32_to_bf16
+
+        return [f32_to_bf16(np.asarray(w, np.float32))]
+    return [np.ascontiguousarray(w, dtype=spec.weight_dtype)]
+
+
+def effective_weight_np(
+    stored: list[npt.NDArray], spec: QuantSpec, cols: int | None = None
+) -> npt.NDArray[np.float32]:
+    """The float32 weight the compiled kernel effectively multiplies by (for the reference)."""
+    if spec.is_group:
+        return dequantize_group_np(
+            stored[0], stored[1], spec.group_size, cols, bits=spec.bits, zero=spec.zero,
+            has_min=spec.has_min,
+        )  # fmt: skip
+    if spec.kind == "bf16":
+        return bf16_to_f32(stored[0])
+    return stored[0].astype(np.float32)
 
 
 def q8_activations_np(x: npt.NDArray[np.float32], group: int = 32) -> npt.NDArray[np.float32]:
@@ -199,232 +297,3 @@ def q8_activations_np(x: npt.NDArray[np.float32], group: int = 32) -> npt.NDArra
     q = np.rint(g * inv)
     out: npt.NDArray[np.float32] = (q * (amax / np.float32(127))).astype(np.float32)
     return out.reshape(shape)
-
-
-def _is_one_row(x: te.Tensor) -> bool:
-    return all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in x.shape[:2])
-
-
-def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor]:
-    """TE function (x (b, s, K), *weights in tile16 layout) -> (b, s, N / 16, 16) = x @ W.T.
-
-    The output keeps the tile split (the caller reshapes it to (b, s, N), a free view), so the
-    compute is an einsum over plain indices, which `pad_einsum` in the schedule needs. Three
-    forms, each a block with its own `mlctrio.kind` for schedules.py:
-
-    - "matmul_tile": float weights, or group-quantized ones dequantised by a "dequant" stage in
-      the same layout (the schedule computes it per output tile, shared by every row);
-    - "matmul_group" (group quantization, decode: one token per sequence, K a multiple of the
-      group): the scale taken out of each group's sum,
-      y[n] = sum_g scale[n, g] * (sum_{k in g} nibble[n, k] * x[k] - 7 * sum_{k in g} x[k]),
-      which leaves 3 vector ops per 16 weights (shift, and, convert) shared by the rows of a
-      block plus one FMA per row. A symbolic batch is padded to GROUP_ROWS rows ("x_pad",
-      "matmul_unpad" around it) so the row block has no tail.
-    """
-
-    def _tile(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
-        b, s, in_features = x.shape
-        k = te.reduce_axis((0, in_features), name="k")
-        out_shape = (b, s, ws[0].shape[0], TILE)
-        if not spec.is_group:
-            (w,) = ws
-
-            def _w(no: Any, kk: Any, ni: Any) -> Any:
-                return w[no, kk, ni] if w.dtype == act_dtype else w[no, kk, ni].astype(act_dtype)
-
-        else:
-            deq = weight_fn(spec, list(ws), act_dtype, packed=True)
-            wd = te.compute(
-                (ws[0].shape[0], in_features, TILE),
-                lambda no, kk, ni: deq(no * TILE + ni, kk),
-                name="dequant",
-                attrs={"mlctrio.kind": "dequant"},
-            )
-
-            def _w(no: Any, kk: Any, ni: Any) -> Any:
-                return wd[no, kk, ni]
-
-        return te.compute(
-            out_shape,
-            lambda i, j, no, ni: te.sum(x[i, j, k].astype(act_dtype) * _w(no, k, ni), axis=k),
-            name="matmul",
-            attrs={"mlctrio.kind": "matmul_tile"},
-        )
-
-    def _group(x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
-        b, s, in_features = x.shape
-        g = spec.group_size
-        groups = int(in_features) // g
-        padded = not _is_one_row(x)
-        if padded:  # decode (b, 1): rows padded to a multiple of GROUP_ROWS with zeros
-            rows = (b + GROUP_ROWS - 1) // GROUP_ROWS * GROUP_ROWS
-            x = te.compute(
-                (rows, s, in_features),
-                lambda i, j, k: tirx.if_then_else(i < b, x[i, j, k], tirx.const(0, x.dtype)),
-                name="x_pad",
-                attrs={"mlctrio.kind": "row_pad"},
-            )
-        kk = te.reduce_axis((0, g), name="kk")
-        gsum = te.compute(
-            (x.shape[0], s, q_weight.shape[0], TILE, groups),
-            lambda i, j, no, ni, gi: te.sum(
-                x[i, j, gi * g + kk]
-                * _nibble(q_weight, no * TILE + ni, gi * g + kk, True).astype(act_dtype),
-                axis=kk,
-            ),
-            name="group_dot",
-            attrs={"mlctrio.kind": "group_dot"},
-        )
-        kx = te.reduce_axis((0, g), name="kx")
-        xsum = te.compute(
-            (x.shape[0], s, groups),
-            lambda i, j, gi: te.sum(x[i, j, gi * g + kx], axis=kx),
-            name="group_xsum",
-            attrs={"mlctrio.kind": "group_xsum"},
-        )
-        gr = te.reduce_axis((0, groups), name="gr")
-        zero = tirx.const(MAX_INT, act_dtype)
-        y = te.compute(
-            (x.shape[0], s, q_weight.shape[0], TILE),
-            lambda i, j, no, ni: te.sum(
-                q_scale[no, gr, ni].astype(act_dtype)
-                * (gsum[i, j, no, ni, gr] - zero * xsum[i, j, gr]),
-                axis=gr,
-            ),
-            name="matmul",
-            attrs={"mlctrio.kind": "matmul_group"},
-        )
-        if not padded:
-            return y
-        return te.compute(
-            (b, s, q_weight.shape[0], TILE),
-            lambda i, j, no, ni: y[i, j, no, ni],
-            name="matmul_unpad",
-            attrs={"mlctrio.kind": "injective"},
-        )
-
-    def _f(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
-        in_features = int(x.shape[2])
-        one_step = isinstance(x.shape[1], tirx.IntImm) and int(x.shape[1]) == 1
-        if spec.is_group and one_step and in_features % spec.group_size == 0:
-            return _group(x, *ws)
-        return _tile(x, *ws)
-
-    return _f
-
-
-def embedding_te(
-    spec: QuantSpec, act_dtype: str, hidden: int, packed: bool = False
-) -> Callable[..., te.Tensor]:
-    """TE function (ids (n,), *stored table) -> (n, hidden) rows of the (dequantised) table."""
-
-    def _f(ids: te.Tensor, *ws: te.Tensor) -> te.Tensor:
-        w = weight_fn(spec, list(ws), act_dtype, packed)
-        return te.compute(
-            (ids.shape[0], hidden),
-            lambda i, j: w(ids[i], j),
-            name="embedding_take",
-            attrs={"mlctrio.kind": "injective"},
-        )
-
-    return _f
-
-
-def swiglu_te(intermediate: int) -> Callable[..., te.Tensor]:
-    """TE SwiGLU of a fused gate_up (b, s, 2 I) -> (b, s, I) = silu(gate) * up, with the
-    vectorisable fastmath.silu (relax's silu legalises to a per-element libm expf call)."""
-
-    def _f(gate_up: te.Tensor) -> te.Tensor:
-        b, s, _ = gate_up.shape
-        return te.compute(
-            (b, s, intermediate),
-            lambda i, j, h: silu(gate_up[i, j, h]) * gate_up[i, j, intermediate + h],
-            name="swiglu",
-            attrs={"mlctrio.kind": "injective"},
-        )
-
-    return _f
-
-
-def rms_norm_te(hidden: int, eps: float) -> Callable[..., te.Tensor]:
-    """TE RMSNorm over the last axis of x (b, s, hidden): x * rsqrt(mean(x^2) + eps) * weight."""
-
-    def _f(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
-        b, s, _ = x.shape
-        k = te.reduce_axis((0, hidden), name="k")
-        sumsq = te.compute(
-            (b, s),
-            lambda i, j: te.sum(x[i, j, k] * x[i, j, k], axis=k),
-            name="rms_sumsq",
-            attrs={"mlctrio.kind": "rms_sumsq"},
-        )
-        inv_n = tirx.const(1.0 / hidden, x.dtype)
-        return te.compute(
-            (b, s, hidden),
-            lambda i, j, h: (
-                x[i, j, h] * tirx.rsqrt(sumsq[i, j] * inv_n + tirx.const(eps, x.dtype)) * weight[h]
-            ),
-            name="rms_norm",
-            attrs={"mlctrio.kind": "rms_norm"},
-        )
-
-    return _f
-
-
-# --------------------------------------------------------------------------------------------
-# numpy: quantize HF weights on load, and dequantize for the reference forward.
-
-
-def quantize_group_np(
-    w: npt.NDArray[np.floating], spec: QuantSpec
-) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.floating]]:
-    """Quantize a 2-D weight (rows, cols) along cols -> (q_weight (rows, cols/8), q_scale)."""
-    rows, cols = w.shape
-    g = spec.group_size
-    groups = -(-cols // g)
-    # Like mlc-llm, a partial last group is padded (with zeros): q_weight has groups * g / 8 words.
-    wf = np.zeros((rows, groups * g), np.float32)
-    wf[:, :cols] = w
-    wf = wf.reshape(rows, groups, g)
-    scale = (np.abs(wf).max(axis=2) / MAX_INT).astype(spec.scale_dtype)
-    # Quantize against the scale as stored (possibly rounded to f16) so that dequantization is
-    # exactly the value the kernel computes; an all-zero group gets scale 0 and nibble 7.
-    s32 = scale.astype(np.float32)[:, :, None]
-    safe = np.where(s32 == 0, 1.0, s32)
-    q = np.clip(np.round(wf / safe) + MAX_INT, 0, 2 * MAX_INT).astype(np.uint32)
-    q = q.reshape(rows, groups * g // ELEMS_PER_WORD, ELEMS_PER_WORD)
-    shifts = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * NUM_BITS)[None, None, :]
-    packed = np.bitwise_or.reduce(q << shifts, axis=2).astype(np.uint32)
-    return packed, scale
-
-
-def dequantize_group_np(
-    q_weight: npt.NDArray[np.uint32],
-    q_scale: npt.NDArray[np.floating],
-    group_size: int = 32,
-    cols: int | None = None,
-) -> npt.NDArray[np.float32]:
-    """Inverse of `quantize_group_np` (up to rounding): float32 (rows, cols), padding cut."""
-    rows, words = q_weight.shape
-    shifts = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * NUM_BITS)[None, None, :]
-    nib = (q_weight[:, :, None] >> shifts) & np.uint32(0xF)
-    vals = nib.reshape(rows, words * ELEMS_PER_WORD).astype(np.float32) - MAX_INT
-    scale = np.repeat(q_scale.astype(np.float32), group_size, axis=1)
-    out = (vals * scale).astype(np.float32)
-    return out if cols is None else out[:, :cols]
-
-
-def quantize_weight_np(w: npt.NDArray[np.floating], spec: QuantSpec) -> list[npt.NDArray]:
-    """Stored arrays of a linear/embedding weight under `spec`: [weight] or [q_weight, q_scale]."""
-    if spec.is_group:
-        return list(quantize_group_np(w, spec))
-    return [np.ascontiguousarray(w, dtype=spec.weight_dtype)]
-
-
-def effective_weight_np(
-    stored: list[npt.NDArray], spec: QuantSpec, cols: int | None = None
-) -> npt.NDArray[np.float32]:
-    """The float32 weight the compiled kernel effectively multiplies by (for the reference)."""
-    if spec.is_group:
-        return dequantize_group_np(stored[0], stored[1], spec.group_size, cols)
-    return stored[0].astype(np.float32)

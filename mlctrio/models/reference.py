@@ -16,6 +16,8 @@ import numpy.typing as npt
 from mlctrio.models.llama import LlamaConfig
 from mlctrio.models.quantization import (
     QuantSpec,
+    Scheme,
+    as_scheme,
     effective_weight_np,
     q8_activations_np,
     uses_int8,
@@ -84,18 +86,24 @@ class ReferenceLlama:
         self,
         config: LlamaConfig,
         params: dict[str, np.ndarray],
-        spec: QuantSpec,
+        quantization: QuantSpec | Scheme | str,
         int8: bool = False,
     ):
         """`int8`: the compiled model multiplies group-quantized layers with int8 activations
         (a CPU with VNNI, models/int8_cpu.py); the reference then rounds those layers' inputs
         the same way."""
-        self.c, self.spec, self.int8 = config, spec, int8
+        self.c, self.int8 = config, int8
+        self.scheme = scheme = as_scheme(quantization)
         self.inv_freq = rope_inv_freq(config)
+        self.rounds_input: set[int] = set()  # ids of weights whose layer takes int8 inputs
 
         def lin(prefix: str, cols: int = config.hidden_size) -> F32:
-            names = ["q_weight", "q_scale"] if spec.is_group else ["weight"]
-            return effective_weight_np([params[f"{prefix}.{n}"] for n in names], spec, cols)
+            spec = scheme.spec_for(prefix)
+            stored = [params[f"{prefix}.{n}"] for n in spec.stored_names]
+            w = effective_weight_np(stored, spec, cols)
+            if int8 and uses_int8(spec, *w.shape):
+                self.rounds_input.add(id(w))
+            return w
 
         self.embed = lin("model.embed_tokens")
         self.lm_head = self.embed if config.tie_word_embeddings else lin("lm_head")
@@ -120,7 +128,7 @@ class ReferenceLlama:
         return RefKVCache(self.c.num_hidden_layers)
 
     def _linear(self, x: F32, w: F32) -> F32:
-        if self.int8 and uses_int8(self.spec, *w.shape):
+        if id(w) in self.rounds_input:
             x = q8_activations_np(x)
         return x @ w.T
 

@@ -25,7 +25,6 @@ from mlctrio.models.llama import LAYOUT_ATTR, LlamaConfig
 from mlctrio.models.quantization import (
     TILE,
     TILE16,
-    QuantSpec,
     get_quantization,
     pack_tile_np,
     quantize_weight_np,
@@ -71,12 +70,8 @@ def param_infos(
     from mlctrio.models.llama import LlamaForCausalLM
 
     target = host_cpu_target() if cpu else None
-    model = LlamaForCausalLM(config, get_quantization(quantization), target, act_dtype)
+    model = LlamaForCausalLM(config, quantization, target, act_dtype)
     return [ParamInfo.of(name, p) for name, p in model.named_parameters()]
-
-
-def _linear_names(spec: QuantSpec) -> list[str]:
-    return ["q_weight", "q_scale"] if spec.is_group else ["weight"]
 
 
 def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, npt.NDArray]:
@@ -85,7 +80,7 @@ def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, n
     out: dict[str, npt.NDArray] = {}
 
     def put_linear(prefix: str, w: npt.NDArray) -> None:
-        for name, arr in zip(_linear_names(spec), quantize_weight_np(w, spec), strict=True):
+        for name, arr in zip(spec.stored_names, quantize_weight_np(w, spec), strict=True):
             out[f"{prefix}.{name}"] = arr
 
     def plain(name: str) -> npt.NDArray:

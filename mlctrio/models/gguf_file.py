@@ -1,0 +1,240 @@
+"""A GGUF model file: its metadata, a LlamaConfig from it, and its weights under MLC names.
+
+    mlctrio serve model.gguf          (or a directory holding exactly one .gguf)
+
+Read with the `gguf` package (memory-mapped; llama.cpp's own reader). What comes from where:
+
+- architecture and hyper-parameters: `general.architecture` ("llama" — Llama 1-3, Mistral,
+  SmolLM — or "qwen2") and `<arch>.*` keys (block_count, embedding_length, feed_forward_length,
+  attention.head_count[_kv], attention.key_length, rope.freq_base, context_length, ...);
+- tied embeddings: no `output.weight` tensor;
+- weights: gguf_quants converts each tensor (exact for F32/F16/BF16/Q8_0/Q4_0/Q4_1); q, k, v are
+  fused into qkv_proj and gate, up into gate_up_proj, as mlc-llm's llama names them;
+- Q/K rows: llama.cpp's converter permuted the rows of every head of attn_q / attn_k from HF's
+  rotate-half RoPE layout to ggml's adjacent-pair layout (`LlamaModel.permute`) for the "llama"
+  architecture; the paged KV cache applies rotate-half RoPE, so the rows are put back
+  (`unpermute_rows`). Rows are independent in every GGUF type, so this is exact on the raw bytes.
+
+The tokenizer and chat template come from the same metadata (runtime/gguf_tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from mlctrio.errors import ModelLoadError
+from mlctrio.models.gguf_quants import ConvertedTensor, convert, fuse_rows
+from mlctrio.models.llama import LlamaConfig
+from mlctrio.models.quantization import QuantSpec, Scheme
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("llama", "qwen2")
+PERMUTED_QK = ("llama",)  # architectures whose converter permuted attn_q / attn_k rows
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+               "tokenizer.ggml.token_type")  # fmt: skip
+
+
+def find_gguf(path: str | Path) -> Path | None:
+    """The GGUF file `path` names: itself, or the one .gguf in a directory (None if neither)."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return p
+    if p.is_dir():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) > 1:
+            names = ", ".join(f.name for f in found)
+            raise ModelLoadError(f"{p} holds several GGUF files ({names}): name one of them")
+        return found[0] if found else None
+    return None
+
+
+@attrs.define
+class GGUFModel:
+    """An open GGUF file (memory-mapped)."""
+
+    path: Path
+    reader: Any
+    metadata: dict[str, Any]
+    _by_name: dict[str, Any] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> GGUFModel:
+        import gguf
+
+        path = Path(path)
+        try:
+            reader = gguf.GGUFReader(path)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
+        metadata = {}
+        for key, field in reader.fields.items():
+            try:
+                metadata[key] = field.contents()
+            except (ValueError, IndexError, TypeError):  # an unreadable optional field
+                log.warning("%s: skipping unreadable metadata key %s", path.name, key)
+        return cls(path, reader, metadata)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def summary(self) -> dict[str, Any]:
+        """The metadata without the tokenizer's big arrays (for logs and /debug/config)."""
+        return {k: v for k, v in self.metadata.items() if k not in _BIG_ARRAYS}
+
+    def tensor_types(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.reader.tensors:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return counts
+
+    def config(self) -> LlamaConfig:
+        arch = self.architecture
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path.name}: architecture {arch!r} is not supported "
+                f"(supported: {', '.join(ARCHITECTURES)})"
+            )
+        m = self.metadata
+
+        def key(name: str, default: Any = None) -> Any:
+            value = m.get(f"{arch}.{name}", default)
+            if value is None:
+                raise ModelLoadError(f"{self.path.name}: metadata key {arch}.{name} is missing")
+            return value
+
+        scaling = m.get(f"{arch}.rope.scaling.type")
+        if scaling not in (None, "none") or "rope_freqs.weight" in self._names():
+            raise ModelLoadError(f"{self.path.name}: RoPE scaling ({scaling}) is not supported yet")
+        heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+        tokens = m.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens is not None else int(key("vocab_size"))
+        cfg = {
+            "model_type": "qwen2" if arch == "qwen2" else "llama",
+            "hidden_size": hidden,
+            "intermediate_size": int(key("feed_forward_length")),
+            "num_hidden_layers": int(key("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+            "head_dim": int(key("attention.key_length", hidden // heads)),
+            "vocab_size": vocab,
+            "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(key("rope.freq_base", 10000.0)),
+            "tie_word_embeddings": "output.weight" not in self._names(),
+            "max_position_embeddings": int(key("context_length", 4096)),
+            "attention_bias": "blk.0.attn_q.bias" in self._names(),
+        }
+        return LlamaConfig.from_hf(cfg)
+
+    def _names(self) -> dict[str, Any]:
+        if self._by_name is None:
+            self._by_name = {t.name: t for t in self.reader.tensors}
+        return self._by_name
+
+    def _tensor(self, name: str) -> tuple[npt.NDArray[Any], str, int]:
+        t = self._names().get(name)
+        if t is None:
+            raise ModelLoadError(f"{self.path.name}: tensor {name} is missing")
+        cols = int(t.shape[0])  # ggml's ne0: elements per row
+        return np.asarray(t.data), t.tensor_type.name, cols
+
+    def weights(self) -> tuple[dict[str, npt.NDArray[Any]], Scheme]:
+        """All weights under MLC names, and the storage scheme they are in."""
+        c = self.config()
+        out: dict[str, npt.NDArray[Any]] = {}
+        specs: dict[str, QuantSpec] = {}
+        converted: list[ConvertedTensor] = []
+        for module, tensor in self._linear_tensors(c):
+            specs[module] = tensor.spec
+            converted.append(tensor)
+            for name, array in zip(tensor.spec.stored_names, tensor.arrays, strict=True):
+                out[f"{module}.{name}"] = array
+        for mlc_name, gguf_name in self._plain_tensors(c):
+            out[mlc_name] = self._float_vector(gguf_name)
+        if c.attention_bias:
+            for i in range(c.num_hidden_layers):
+                out[f"model.layers.{i}.self_attn.qkv_proj.bias"] = self._qkv_bias(c, i)
+        _log_conversions(self.path.name, converted)
+        default = max(specs.values(), key=list(specs.values()).count)
+        return out, Scheme(default, {m: s for m, s in specs.items() if s != default})
+
+    def _plain_tensors(self, c: LlamaConfig) -> Iterator[tuple[str, str]]:
+        yield "model.norm.weight", "output_norm.weight"
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}"
+            yield f"{p}.input_layernorm.weight", f"blk.{i}.attn_norm.weight"
+            yield f"{p}.post_attention_layernorm.weight", f"blk.{i}.ffn_norm.weight"
+
+    def _linear_tensors(self, c: LlamaConfig) -> Iterator[tuple[str, ConvertedTensor]]:
+        yield "model.embed_tokens", self._convert("token_embd.weight")
+        if not c.tie_word_embeddings:
+            yield "lm_head", self._convert("output.weight")
+        for i in range(c.num_hidden_layers):
+            p, b = f"model.layers.{i}", f"blk.{i}"
+            qkv = [
+                self._convert(f"{b}.attn_q.weight", c.num_attention_heads),
+                self._convert(f"{b}.attn_k.weight", c.num_key_value_heads),
+                self._convert(f"{b}.attn_v.weight"),
+            ]
+            yield f"{p}.self_attn.qkv_proj", fuse_rows(qkv, c.hidden_size)
+            yield f"{p}.self_attn.o_proj", self._convert(f"{b}.attn_output.weight")
+            gate_up = [self._convert(f"{b}.ffn_gate.weight"), self._convert(f"{b}.ffn_up.weight")]
+            yield f"{p}.mlp.gate_up_proj", fuse_rows(gate_up, c.hidden_size)
+            yield f"{p}.mlp.down_proj", self._convert(f"{b}.ffn_down.weight")
+
+    def _convert(self, name: str, heads: int | None = None) -> ConvertedTensor:
+        raw, type_name, cols = self._tensor(name)
+        raw = raw.reshape(raw.shape[0], -1) if raw.ndim == 2 else raw.reshape(-1, cols)
+        if heads is not None and self.architecture in PERMUTED_QK:
+            raw = unpermute_rows(raw, heads)
+        return convert(raw, type_name, cols)
+
+    def _float_vector(self, name: str) -> npt.NDArray[np.float32]:
+        raw, type_name, _ = self._tensor(name)
+        if type_name in ("F32", "F16"):
+            return np.asarray(raw, np.float32).reshape(-1)
+        import gguf
+
+        qtype = getattr(gguf.GGMLQuantizationType, type_name)
+        return np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(-1)
+
+    def _qkv_bias(self, c: LlamaConfig, layer: int) -> npt.NDArray[np.float32]:
+        heads = (c.num_attention_heads, c.num_key_value_heads, None)
+        parts = []
+        for x, h in zip("qkv", heads, strict=True):
+            bias = self._float_vector(f"blk.{layer}.attn_{x}.bias")
+            if h is not None and self.architecture in PERMUTED_QK:
+                bias = unpermute_rows(bias[:, None], h)[:, 0]
+            parts.append(bias)
+        return np.concatenate(parts)
+
+
+def unpermute_rows(w: npt.NDArray[Any], heads: int) -> npt.NDArray[Any]:
+    """Undo llama.cpp's `permute(w, heads)` on the rows of w (rows, ...): within each head, row
+    2j + i of ggml's layout goes back to row i * d/2 + j of HF's (i in {0, 1})."""
+    rows = w.shape[0]
+    half = rows // heads // 2
+    return np.ascontiguousarray(
+        w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def _log_conversions(name: str, tensors: list[ConvertedTensor]) -> None:
+    lossy: dict[tuple[str, str], list[ConvertedTensor]] = {}
+    for t in tensors:
+        if not t.lossless:
+            lossy.setdefault((t.source_type, t.spec.name), []).append(t)
+    for (source, target), group in sorted(lossy.items()):
+        log.warning(
+            "%s: %d %s tensors have no native kernel: converted on load to %s "
+            "(%.1f MB as stored; re-quantized, not bit-exact)",
+            name, len(group), source, target, sum(t.nbytes for t in group) / 1e6,
+        )  # fmt: skip

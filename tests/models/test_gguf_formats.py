@@ -1,0 +1,106 @@
+"""GGUF weight formats (q4_0, q4_1, q8_0, bf16, mixed per layer) through the compiled model.
+
+Weights are quantized with the `gguf` package's reference quantizers (llama.cpp's
+`quantize_row_*_ref`), converted to mlctrio's storage by gguf_quants, compiled, and the logits
+compared with the numpy reference multiplying by the same effective weights (ATOL as in
+test_tvm_model.py: float32 summation order is the only difference left). The conversion itself
+is checked to be bit-exact against gguf's dequantizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlctrio.models.compile import compile_model, host_cpu_target
+from mlctrio.models.gguf_quants import convert, quantize_to
+from mlctrio.models.llama import TINY, has_vnni
+from mlctrio.models.quantization import Scheme, effective_weight_np, get_quantization
+from mlctrio.models.reference import ReferenceLlama
+from mlctrio.models.weights import hf_to_mlc, mlc_to_params, random_hf_weights
+from mlctrio.runtime.tvm_runner import TVMRunner
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.slow
+ATOL = 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "BF16"])
+def test_conversion_is_bit_exact(qtype: str) -> None:
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((48, 96)) * 0.1).astype(np.float32)
+    raw = gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, qtype))
+    t = convert(raw, qtype, 96)
+    want = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype))
+    assert t.lossless
+    np.testing.assert_array_equal(effective_weight_np(t.arrays, t.spec, 96), want)
+
+
+def _scheme_weights(scheme: Scheme, seed: int) -> dict[str, np.ndarray]:
+    """TINY's random weights with every linear weight stored as `scheme` says."""
+    mlc = hf_to_mlc(TINY, random_hf_weights(TINY, seed=seed), "q0f32")
+    out = {}
+    for name, array in mlc.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and array.ndim == 2:
+            spec = scheme.spec_for(module)
+            for stored_name, stored in zip(
+                spec.stored_names, quantize_to(array, spec.name), strict=True
+            ):
+                out[f"{module}.{stored_name}"] = stored
+        else:
+            out[name] = array
+    return out
+
+
+SCHEMES = {
+    "q4_0": "q4_0",
+    "q4_1": "q4_1",
+    "q8_0": "q8_0",
+    "bf16": "q0bf16",
+    "mixed": "q4_1;model.embed_tokens=q8_0;model.layers.1.mlp.down_proj=q4_0"
+    ";model.layers.0.self_attn.qkv_proj=q0f16",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_compiled_matches_reference(name: str, request: pytest.FixtureRequest) -> None:
+    scheme = Scheme.parse(SCHEMES[name])
+    lib_dir = Path(request.config.cache.mkdir("mlctrio-lib"))
+    cm = compile_model(TINY, scheme.name, cache_dir=lib_dir)
+    weights = _scheme_weights(scheme, seed=5)
+    runner = TVMRunner(
+        cm.lib_path,
+        mlc_to_params(weights, cm.params),
+        TINY,
+        max_num_sequence=4,
+        max_total_seq_length=1024,
+        prefill_chunk_size=128,
+    )
+    ref = ReferenceLlama(TINY, weights, scheme, int8=has_vnni(host_cpu_target()))
+    cache = ref.new_cache()
+    rng = np.random.default_rng(0)
+    for seq in (0, 1, 2):
+        runner.add_sequence(seq)
+        cache.add_sequence(seq)
+    prompts = {s: rng.integers(0, TINY.vocab_size, n).tolist() for s, n in ((0, 37), (1, 5))}
+    batches = [
+        [(0, prompts[0]), (1, prompts[1])],  # ragged prefill
+        [(0, [3]), (1, [7])],  # batch decode
+        [(2, [11])],  # decode at batch 1 of a fresh sequence
+        [(0, [1]), (1, [2]), (2, [4])],
+    ]
+    for batch in batches:
+        got = runner.step(batch)
+        want = np.stack([ref.forward(cache, s, t)[-1] for s, t in batch])
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_specs_describe_their_storage() -> None:
+    assert get_quantization("q4_1").bytes_per_weight() == pytest.approx(20 / 32)  # as GGUF Q4_1
+    assert get_quantization("q8_0").bytes_per_weight() == pytest.approx(34 / 32)
+    assert Scheme.parse("q4_1;lm_head=q8_0").spec_for("lm_head").name == "q8_0"
+    with pytest.raises(ValueError, match="unknown quantization"):
+        Scheme.parse("q4_1;lm_head=q3_9")
