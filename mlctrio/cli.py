@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request: client, method, path, status, duration",
+    )
     _add_model_commands(sub)
     return parser
 
@@ -187,17 +192,35 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_timeout_s=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
+        access_log=args.access_log,
     )
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Libraries whose INFO lines are internals, not news for a person: one line per HTTP request
+# huggingface_hub makes (httpx), Hypercorn's "Running on" (we say "listening on" and "ready").
+QUIET_LOGGERS = ("httpx", "httpx2", "hypercorn.error")
+
+
+def configure_logging(level: str, *, logger: str = "") -> None:
+    """Our log format at `level` on stderr for `logger` (default the root) unless it has a
+    handler already; library chatter at WARNING unless the level is debug."""
+    target = logging.getLogger(logger)
+    if not target.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        target.addHandler(handler)
+    target.setLevel(level.upper())
+    if level.lower() != "debug":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        level = getattr(args, "log_level", "info")
-        logging.basicConfig(
-            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(getattr(args, "log_level", "info"))
         if args.command == "serve":
             config = config_from_args(args)
             from .serve import run

@@ -112,6 +112,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     max_body_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
+    access_log: bool = False  # one log line per request (--access-log, MLCTRIO_ACCESS_LOG=1)
     trace_buffer_size: int = 100_000
 
     @property

