@@ -10,14 +10,18 @@ Rules:
   character), which is what streaming generation sees, so the result does not depend on how the
   text was split into tokens.
 * Stop tokens (tokenizer EOS ids, chat-template stop ids, the request's stop_token_ids) end the
-  choice with "stop"; their text is never emitted. `ignore_eos` disables the EOS ids only.
-  The stop reason is the token id, except None for the tokenizer's own EOS (as vLLM reports it).
+  choice with "stop"; their text is never emitted. The stop reason is the token id, except None
+  for the tokenizer's own EOS (as vLLM reports it).
+* `ignore_eos` ignores every end-of-generation (EOG) token, as llama.cpp does: the EOS ids, the
+  template's stop ids and the special tokens llama.cpp marks EOG by name (`EOG_TOKEN_NAMES`) no
+  longer stop, and `banned_ids` lists them so the engine sets their logits to -inf (they are
+  never sampled). Only the request's own stop_token_ids still stop (and are not banned).
 * Reaching max_new_tokens ends the choice with "length", unless the same token also stopped it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -80,12 +84,26 @@ class StopMatcher:
         return best
 
 
+# llama.cpp (llama-vocab.cpp) marks special tokens with these texts as end-of-generation.
+EOG_TOKEN_NAMES = frozenset(
+    ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+     "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+     "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<｜end▁of▁sentence｜>")
+)  # fmt: skip
+
+
+def named_eog_ids(special_tokens: Mapping[int, str]) -> frozenset[int]:
+    """The ids among `special_tokens` (id -> text) that llama.cpp treats as end-of-generation."""
+    return frozenset(i for i, text in special_tokens.items() if text in EOG_TOKEN_NAMES)
+
+
 @attrs.frozen
 class StopTokens:
     """The stop-token rule for one request."""
 
     eos_ids: frozenset[int]
     other_ids: frozenset[int]
+    banned_ids: frozenset[int] = frozenset()  # ignore_eos: never to be sampled
 
     @classmethod
     def build(
@@ -95,10 +113,15 @@ class StopTokens:
         request_ids: Iterable[int],
         *,
         ignore_eos: bool,
+        eog_ids: Iterable[int] = (),
     ) -> StopTokens:
-        eos = frozenset(() if ignore_eos else eos_ids)
-        other = frozenset(template_ids) | frozenset(request_ids)
-        return cls(eos_ids=eos - other, other_ids=other)
+        """`eog_ids`: further end-of-generation ids, banned with ignore_eos (else ignored)."""
+        request = frozenset(request_ids)
+        if ignore_eos:
+            eog = frozenset(eos_ids) | frozenset(template_ids) | frozenset(eog_ids)
+            return cls(eos_ids=frozenset(), other_ids=request, banned_ids=eog - request)
+        other = frozenset(template_ids) | request
+        return cls(eos_ids=frozenset(eos_ids) - other, other_ids=other)
 
     def check(self, token_id: int) -> tuple[bool, int | None]:
         """(stops?, stop_reason) for a sampled token."""

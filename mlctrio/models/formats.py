@@ -444,8 +444,11 @@ def _hf_download(text: str, repo_id: str, revision: str | None, cache: Path) -> 
     """Download what a model needs from the Hub (or its HF_ENDPOINT stand-in) into `cache`."""
     import time
 
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    # huggingface_hub reads HF_HUB_OFFLINE once, when first imported; we promise to read it
+    # now (we only get here when it is unset), so its frozen copy must not veto the download.
+    constants.HF_HUB_OFFLINE = False
     endpoint = os.environ.get("HF_ENDPOINT") or None
     token = os.environ.get("HF_TOKEN") or None  # None: huggingface_hub's saved token, if any
     where = endpoint or "the Hugging Face Hub"

@@ -12,6 +12,11 @@ joined first, and tool-call `arguments` given as JSON strings are parsed (HF tem
 mapping, as in transformers/vLLM). A rendered prompt carries its own BOS text where the model
 wants one, so encode it with add_special_tokens=False (HFTokenizer drops a doubled BOS anyway).
 A template that rejects the messages (`raise_exception`) becomes an InvalidRequestError.
+
+A template that ignores `tools` or `tool_calls`, or fails on a None content, gets llama.cpp's
+polyfills (runtime/tool_prompt.py): the template is probed once per named template, and the
+tools, calls and results it cannot render are written into the messages in the model's
+tool-call format (`call_format`, found in the template source).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlctrio.engine.tokens import ChatTemplate, Tokenizer
 from mlctrio.errors import InvalidRequestError, ModelLoadError
+from mlctrio.protocol.tool_calls import ToolCallFormat
 from mlctrio.runtime.conv_template import (
     CONV_PRESETS,
     ConvTemplate,
@@ -37,6 +43,14 @@ from mlctrio.runtime.conv_template import (
     normalize_messages,
 )
 from mlctrio.runtime.tokenizer import read_optional_json
+from mlctrio.runtime.tool_prompt import (
+    TemplateCaps,
+    detect_call_format,
+    needs_caps,
+    non_null_content,
+    polyfill,
+    probe_caps,
+)
 
 __all__ = [
     "CONV_PRESETS",
@@ -88,6 +102,7 @@ class HFChatTemplate:
     stop_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
     _compiled: dict[str, jinja2.Template] = attrs.field(init=False, factory=dict)
+    _caps: dict[str, TemplateCaps] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if "default" not in self.templates:
@@ -98,6 +113,34 @@ class HFChatTemplate:
             except jinja2.TemplateError as exc:
                 raise ModelLoadError(f"chat template {name!r} does not compile: {exc}") from exc
 
+    @property
+    def call_format(self) -> ToolCallFormat:
+        """The model's tool-call format, as its template source shows it (hermes if unknown)."""
+        return detect_call_format(" ".join(self.templates.values()))
+
+    def caps(self, name: str = "default") -> TemplateCaps:
+        """What the named template renders (probed on first use, then cached)."""
+        caps = self._caps.get(name)
+        if caps is None:
+            caps = self._caps[name] = probe_caps(
+                lambda messages, tools: self._render(name, messages, tools, True)
+            )
+        return caps
+
+    def _render(
+        self,
+        name: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+    ) -> str:
+        return self._compiled[name].render(
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens,
+        )
+
     def render(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -107,12 +150,11 @@ class HFChatTemplate:
     ) -> str:
         name = "tool_use" if tools and "tool_use" in self._compiled else "default"
         try:
-            return self._compiled[name].render(
-                messages=normalize_messages(messages),
-                tools=_plain(list(tools)) if tools else None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
+            msgs = non_null_content(normalize_messages(messages))
+            plain_tools = _plain(list(tools)) if tools else None
+            if needs_caps(msgs, plain_tools):
+                msgs, plain_tools = polyfill(msgs, plain_tools, self.caps(name), self.call_format)
+            return self._render(name, msgs, plain_tools, add_generation_prompt)
         except InvalidRequestError:
             raise
         except jinja2.TemplateError as exc:

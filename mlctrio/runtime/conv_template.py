@@ -4,6 +4,11 @@ MLC's JSON, and `conv_template_from_config` builds a template from mlc-chat-conf
 `conv_template` and the model's tokenizer. `normalize_messages`, shared with the HF jinja
 templates, lives here too so that mlctrio.runtime.chat_template (which re-exports all of these)
 depends on this module and not the other way round.
+
+Tools and tool calls follow the model's tool-call format (`ConvTemplate.call_format`, the one the
+grammar forces and the parser reads): the tools are described as runtime/tool_prompt.py does for
+HF templates that ignore them, and calls are written in that format unless the template gives a
+`tool_call_template`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import attrs
 
 from mlctrio.engine.tokens import Tokenizer
 from mlctrio.errors import InvalidRequestError, ModelLoadError
+from mlctrio.protocol.tool_calls import ToolCallFormat
+from mlctrio.runtime.tool_prompt import detect_call_format, render_tool_calls, tools_system_prompt
 
 __all__ = [
     "CONV_PRESETS",
@@ -177,6 +184,11 @@ class ConvTemplate:
     stop_strings: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
 
+    @property
+    def call_format(self) -> ToolCallFormat:
+        """The model's tool-call format (from the tool-call template and the name)."""
+        return detect_call_format(self.tool_call_template, self.name)
+
     def _system(self, messages: list[dict[str, Any]], tools: Any) -> str:
         texts = [str(m.get("content") or "") for m in messages if m.get("role") in _SYSTEM_ROLES]
         system = "\n\n".join(texts) if texts else self.system_message
@@ -184,9 +196,8 @@ class ConvTemplate:
             _FUNCTIONS in t for t in (self.system_template, *self.role_templates.values())
         )
         if tools and not uses_placeholder:
-            listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-            intro = 'You may call these tools; answer with {"name": ..., "arguments": ...}:'
-            system = (f"{system}\n\n" if system else "") + f"{intro}\n{listed}"
+            described = tools_system_prompt(tools, self.call_format)
+            system = (f"{system}\n\n" if system else "") + described
         if not system and not self.render_empty_system:
             return ""
         return self.system_template.replace(_SYSTEM, system)
@@ -195,8 +206,11 @@ class ConvTemplate:
         text = msg.get("content")
         text = "" if text is None else str(text)
         calls = []
-        for call in msg.get("tool_calls") or []:
-            fn = call.get("function", call) if isinstance(call, dict) else {}
+        tool_calls = [c for c in msg.get("tool_calls") or [] if isinstance(c, dict)]
+        if tool_calls and self.tool_call_template == "{tool_call}":
+            calls.append(render_tool_calls(tool_calls, self.call_format))
+        for call in tool_calls if self.tool_call_template != "{tool_call}" else []:
+            fn = call.get("function", call)
             payload = {"name": fn.get("name"), "arguments": fn.get("arguments", {})}
             calls.append(
                 self.tool_call_template.replace(

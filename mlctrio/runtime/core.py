@@ -15,6 +15,8 @@ Rules:
 * A runner or sampler exception fails the requests of that batch (final record with `error`,
   finish_reason "error") and the engine lives on.
 * After each step the scheduler's page mirror equals the runner's cache (checked by the tests).
+* `ignore_eos`: every end-of-generation token (engine/stop.py) gets a -inf logit before
+  sampling (after the grammar mask), as in llama.cpp.
 * Prefix cache (`prefix_cache_mode="radix"`): a finished request's KV stays in the runner as a
   cached sequence, so an idle engine has `free_pages + num_cached_pages == total_pages`; `close()`
   removes cached sequences too. Output is the same with and without it; `Usage.cached_tokens`
@@ -30,12 +32,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 
 from ..config import EngineConfig
 from ..engine.request import Request
 from ..engine.runner import ModelRunner
 from ..engine.scheduler import BatchEntry, Scheduler, StepPlan
-from ..engine.stop import StopMatcher, StopTokens, finish_for_token
+from ..engine.stop import StopMatcher, StopTokens, finish_for_token, named_eog_ids
 from ..engine.tokens import IncrementalDetokenizer, Tokenizer
 from ..engine.types import (
     ChoiceDelta,
@@ -48,9 +51,18 @@ from ..engine.types import (
 )
 from ..errors import EngineError
 from .grammar import apply_bitmasks
-from .sampler import SampleOutput, Sampler, make_generator
+from .sampler import SampleOutput, Sampler, ban_tokens, make_generator
 
 log = logging.getLogger(__name__)
+
+
+def _special_eog_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The tokenizer's special tokens that llama.cpp treats as end-of-generation (by name)."""
+    specials = getattr(tokenizer, "special_token_ids", None)
+    id_to_token = getattr(tokenizer, "id_to_token", None)
+    if specials is None or id_to_token is None:
+        return frozenset()
+    return named_eog_ids({i: str(id_to_token(i)) for i in specials})
 
 
 @runtime_checkable
@@ -96,6 +108,7 @@ class _Tracked:
     req: Request
     choices: list[_Choice]
     stop_tokens: StopTokens
+    banned: npt.NDArray[np.int64] | None = None  # ignore_eos: logits set to -inf
     deltas: list[ChoiceDelta] = attrs.field(factory=list)  # this step's, flushed by _emit
     prefill_started: bool = False
     prefill_done: bool = False
@@ -123,6 +136,7 @@ class EngineCore:
         self.config = config
         self._clock = clock
         self._extra_stop_ids = tuple(extra_stop_token_ids)
+        self._eog_ids = _special_eog_ids(tokenizer)
         self._constraints = constraints
         self._hint = runner if isinstance(runner, PromptAwareRunner) else None
         self.scheduler = Scheduler(
@@ -179,8 +193,10 @@ class EngineCore:
             self._extra_stop_ids,
             params.stop_token_ids,
             ignore_eos=params.ignore_eos,
+            eog_ids=self._eog_ids,
         )
-        tracked = _Tracked(req, choices, stop_tokens)
+        banned = np.fromiter(sorted(stop_tokens.banned_ids), np.int64)
+        tracked = _Tracked(req, choices, stop_tokens, banned if banned.size else None)
         self._num_prompt_tokens_total += req.num_prompt_tokens
         if req.is_terminal:  # no room for a single token: "length" at once
             for i in range(params.n):
@@ -320,6 +336,9 @@ class EngineCore:
         if any(m is not None for m in matchers):
             # Grammar masks on the constrained rows only; unconstrained rows pay nothing.
             apply_bitmasks(selected, matchers)
+        banned = [self._tracked[e.request.request_id].banned for e, _, _ in rows]
+        if any(b is not None for b in banned):
+            ban_tokens(selected, banned)
         out = self._sampler.sample(
             selected,
             [e.request.spec.params for e, _, _ in rows],
@@ -343,7 +362,7 @@ class EngineCore:
         stopped_by_token = reason == "stop"
         if choice.matcher is not None and not stopped_by_token:
             choice.matcher.accept_token(token_id)
-            if reason is None and choice.matcher.is_stopped():
+            if reason is None and (choice.matcher.is_stopped() or choice.matcher.is_terminated()):
                 reason = "stop"  # the grammar is complete: this token's text still counts
         if stopped_by_token:  # a stop token: its text is not emitted
             text = self._final_text(choice)

@@ -41,7 +41,8 @@ import numpy.typing as npt
 
 from mlctrio.engine.types import SamplingParams, TokenLogprob, TopLogprob
 
-__all__ = ["SampleOutput", "Sampler", "apply_penalties", "make_generator", "penalize_row"]
+__all__ = ["SampleOutput", "Sampler", "apply_penalties", "ban_tokens", "make_generator"]
+__all__ += ["penalize_row"]
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -162,6 +163,25 @@ def apply_penalties(
     for i, p in enumerate(params):
         if _needs_penalties(p):
             penalize_row(logits[i], p, output_token_ids[i], prompt_token_ids[i])
+
+
+def ban_tokens(logits: FloatArray, banned: Sequence[IntArray | None]) -> None:
+    """Set to -inf, in place, the logits of row i's `banned[i]` ids (None: none), so they are
+    never sampled: ignore_eos bans every end-of-generation token, as llama.cpp does.
+
+    Ids beyond the row are skipped. A row that would be left with no finite logit (a grammar that
+    allows nothing but EOS) keeps its banned logits: the grammar's word wins.
+    """
+    width = logits.shape[1]
+    for i, ids in enumerate(banned):
+        if ids is None or ids.size == 0:
+            continue
+        ids = ids[ids < width]
+        row = logits[i]
+        saved = row[ids].copy()
+        row[ids] = -np.inf
+        if not np.isfinite(row.max()):
+            row[ids] = saved
 
 
 def _candidates(row: FloatArray, need_count: int, need_mass: float) -> IntArray:

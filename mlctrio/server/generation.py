@@ -103,6 +103,8 @@ def sampling_params(
                 f"stop_token_ids: token id {token_id} is outside the vocabulary.",
                 param="stop_token_ids",
             )
+    if req.ignore_eos:  # the template's stop ids end generation: ignored too (engine/stop.py)
+        template_stop_ids = ()
     stop = req.stop
     stops: tuple[str, ...] = (stop,) if isinstance(stop, str) else tuple(stop or ())
     temperature = 1.0 if req.temperature is None else req.temperature

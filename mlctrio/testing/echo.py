@@ -3,10 +3,11 @@
 `EchoRunner` is a `ModelRunner` with real page accounting and a trivially predictable model:
 
 * generation step i emits prompt token i (the prompt is echoed back one token per step), then the
-  tokenizer's EOS once the whole prompt has been echoed (and EOS forever after, for ignore_eos).
+  tokenizer's EOS once the whole prompt has been echoed. With ignore_eos the engine bans every
+  end-of-generation token; the fake then emits its filler token ("~", `FILLER`) in their place.
   So max_tokens < prompt length finishes with "length", a stop string inside the prompt with "stop".
-* The logits put all the mass on that token (0 for it, -1e4 for every other id), so any sampling
-  parameters (temperature, top_p, penalties, seeds) give the same echo.
+* The logits put all the mass on that token (0 for it, -1e3 for the filler, -1e4 for every other
+  id), so any sampling parameters (temperature, top_p, penalties, seeds) give the same echo.
 * "The prompt" is not a property of a token sequence: a chunked prefill, or the recompute of prompt
   + generated tokens after a preemption, looks exactly like generation to a runner. So the engine
   tells the fake through the optional `set_prompt_length(seq_id, n)` hook (`PromptAwareRunner` in
@@ -44,6 +45,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 _SPECIALS = (ENDOFTEXT, IM_START, IM_END)
 _MASKED_LOGIT = -1e4
+_FILLER_LOGIT = -1e3  # the runner-up: sampled only when the echoed token is banned
+FILLER = "~"
 
 
 class ByteDetokenizer:
@@ -165,9 +168,11 @@ class EchoRunner:
         max_num_sequence: int = 8,
         context_window_size: int = 2048,
         delay_s: float = 0.0,
+        filler_token_id: int | None = None,
     ) -> None:
         self._vocab_size = vocab_size
         self._eos = eos_token_id
+        self._filler = filler_token_id
         self._total_pages = total_pages
         self._page_size = page_size
         self._max_num_sequence = max_num_sequence
@@ -283,6 +288,8 @@ class EchoRunner:
                 seq.prompt_length = len(seq.tokens)
             next_ids[row] = self._next_token(seq)
         logits = np.full((len(batch), self._vocab_size), _MASKED_LOGIT, dtype=np.float32)
+        if self._filler is not None:
+            logits[:, self._filler] = _FILLER_LOGIT
         logits[np.arange(len(batch)), next_ids] = 0.0
         return logits
 
@@ -337,6 +344,7 @@ def build_echo_core(
     runner = EchoRunner(
         vocab_size=tokenizer.vocab_size,
         eos_token_id=tokenizer.eos_token_ids[0],
+        filler_token_id=tokenizer.encode(FILLER)[0],
         total_pages=total_pages,
         max_num_sequence=max_num_sequence,
         context_window_size=context_window_size,

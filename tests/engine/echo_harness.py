@@ -11,7 +11,14 @@ import attrs
 from mlctrio.engine.pages import PagePool
 from mlctrio.engine.types import RequestOutput, SamplingParams
 from mlctrio.runtime.core import EngineCore
-from mlctrio.testing.echo import ByteTokenizer, EchoRunner, RawChatTemplate
+from mlctrio.testing.echo import (
+    ENDOFTEXT,
+    FILLER,
+    IM_END,
+    ByteTokenizer,
+    EchoRunner,
+    RawChatTemplate,
+)
 
 
 @attrs.frozen
@@ -27,9 +34,16 @@ def expected_echo(
 ) -> Expected:
     """What one choice must produce, computed the slow obvious way (whole-text search)."""
     eos = tokenizer.eos_token_ids[0]
-    stop_ids = set(RawChatTemplate().stop_token_ids) | set(params.stop_token_ids)
-    if not params.ignore_eos:
-        stop_ids.add(eos)
+    template_ids = set(RawChatTemplate().stop_token_ids)
+    # ignore_eos: every end-of-generation token is banned and the fake's filler comes instead;
+    # only the request's own stop ids still stop.
+    banned: set[int] = set()
+    stop_ids = template_ids | set(params.stop_token_ids) | {eos}
+    if params.ignore_eos:
+        eog = {eos, *template_ids, *(tokenizer.special_id(t) for t in (ENDOFTEXT, IM_END))}
+        banned = eog - set(params.stop_token_ids)
+        stop_ids = set(params.stop_token_ids)
+    filler = tokenizer.encode(FILLER)[0]
     limit = len(prompt) + 10**6 if params.max_tokens is None else params.max_tokens
     limit = min(limit, window - len(prompt))
     detok = tokenizer.detokenizer(params.skip_special_tokens)
@@ -45,6 +59,8 @@ def expected_echo(
 
     for i in range(limit):
         token = prompt[i] if i < len(prompt) else eos
+        if token in banned:
+            token = filler
         if token in stop_ids:
             text += detok.flush()
             hit = cut(text)

@@ -7,7 +7,9 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlctrio.engine.stop import StopMatcher, StopTokens, finish_for_token
+from mlctrio.engine.stop import StopMatcher, StopTokens, finish_for_token, named_eog_ids
+from mlctrio.engine.types import GenerationRequest, SamplingParams
+from mlctrio.testing.echo import ENDOFTEXT, IM_END, ByteTokenizer, build_echo_core
 
 alphabet = st.sampled_from("abc世\n")
 texts = st.text(alphabet, max_size=30)
@@ -82,9 +84,29 @@ def test_stop_tokens_and_ignore_eos() -> None:
     assert rule.check(7) == (True, 7)
     assert rule.check(9) == (True, 9)
     assert rule.check(3) == (False, None)
-    ignoring = StopTokens.build([2], [7], [], ignore_eos=True)
+    assert rule.banned_ids == frozenset()
+
+
+def test_ignore_eos_ignores_and_bans_every_end_of_generation_token() -> None:
+    # As llama.cpp: EOS, the template's stop ids and named EOG tokens neither stop nor get
+    # sampled; only the request's own stop_token_ids still stop.
+    ignoring = StopTokens.build([2], [7], [9], ignore_eos=True, eog_ids=[0, 2])
     assert ignoring.check(2) == (False, None)
-    assert ignoring.check(7) == (True, 7)
+    assert ignoring.check(7) == (False, None)
+    assert ignoring.check(0) == (False, None)
+    assert ignoring.check(9) == (True, 9)
+    assert ignoring.banned_ids == {0, 2, 7}
+    # a request that names an EOG id as its own stop token keeps it: it stops, is not banned
+    explicit = StopTokens.build([2], [7], [7], ignore_eos=True)
+    assert explicit.check(7) == (True, 7) and explicit.banned_ids == {2}
+    # without ignore_eos the extra EOG ids change nothing
+    assert StopTokens.build([2], [7], [], ignore_eos=False, eog_ids=[0]).check(0) == (False, None)
+
+
+def test_named_eog_ids_follow_llama_cpp() -> None:
+    specials = {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>", 5: "<file_sep>",
+                9: "<|eot_id|>", 10: "<end_of_turn>"}  # fmt: skip
+    assert named_eog_ids(specials) == {0, 2, 9, 10}
 
 
 def test_finish_for_token_prefers_stop_over_length() -> None:
@@ -92,3 +114,38 @@ def test_finish_for_token_prefers_stop_over_length() -> None:
     assert finish_for_token(rule, 2, 5, 5) == ("stop", None)
     assert finish_for_token(rule, 3, 5, 5) == ("length", None)
     assert finish_for_token(rule, 3, 4, 5) == (None, None)
+
+
+def _run_echo(text: str, **params: object) -> tuple[list[int], str | None]:
+    """(generated token ids, finish_reason) of one greedy echo request."""
+    core, tok, _ = build_echo_core()
+    request = GenerationRequest(
+        "r", tuple(tok.encode(text)), SamplingParams(temperature=0.0, **params)
+    )  # type: ignore[arg-type]
+    core.add_request(request)
+    ids: list[int] = []
+    reason = None
+    while core.has_work():
+        for record in core.step():
+            for delta in record.deltas:
+                ids += delta.token_ids
+                reason = delta.finish_reason or reason
+    return ids, reason
+
+
+def test_ignore_eos_in_the_engine_never_samples_an_end_of_generation_token() -> None:
+    tok = ByteTokenizer()
+    eos, im_end = tok.special_id(ENDOFTEXT), tok.special_id(IM_END)
+    # The echo reaches the template's stop token (<|im_end|>) and stops there ...
+    ids, reason = _run_echo(f"ab{IM_END}cd", max_tokens=10)
+    assert (ids, reason) == ([*b"ab", im_end], "stop")
+    # ... with ignore_eos it is banned (the echo's favourite becomes the lowest id) and so is EOS
+    ids, reason = _run_echo(f"ab{IM_END}cd", max_tokens=10, ignore_eos=True)
+    assert reason == "length" and len(ids) == 10
+    assert ids[:2] == [*b"ab"] and ids[3:5] == [*b"cd"]
+    assert eos not in ids and im_end not in ids
+    # a stop token the request names itself still stops
+    ids, reason = _run_echo(
+        f"ab{IM_END}cd", max_tokens=10, ignore_eos=True, stop_token_ids=(im_end,)
+    )
+    assert (ids, reason) == ([*b"ab", im_end], "stop")

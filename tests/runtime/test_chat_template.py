@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import gguf
 import pytest
 
 from mlctrio.errors import InvalidRequestError, ModelLoadError
@@ -19,6 +20,7 @@ from mlctrio.runtime.chat_template import (
     conv_template_from_config,
     load_chat_template,
 )
+from mlctrio.runtime.tool_prompt import TemplateCaps
 
 
 @attrs.define
@@ -107,8 +109,31 @@ def test_qwen2_preset_with_tools() -> None:
     assert list(t.stop_strings) == ["<|endoftext|>", "<|im_end|>"]
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     rendered = t.render(messages[:1], tools=tools)
-    assert '{"type": "function", "function": {"name": "weather"' in rendered
+    assert '"name": "weather"' in rendered and t.call_format == "hermes"
+    assert '<tool_call>\n{"name": "tool_name", "arguments": {"arg1": "some_value"}}' in rendered
     assert rendered.index("weather") < rendered.index("<|im_start|>user")
+
+
+def test_conv_presets_write_calls_in_the_format_the_parser_reads() -> None:
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    turn: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    chatml = conv_template_from_config("chatml", QWEN)
+    assert chatml.call_format == "hermes"
+    assert chatml.render(turn, add_generation_prompt=False).endswith(
+        '<|im_start|>assistant\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}'
+        "\n</tool_call><|im_end|>\n"
+    )
+    llama = conv_template_from_config("llama-3", LLAMA3)
+    assert llama.call_format == "llama3_json"
+    assert llama.render(turn, add_generation_prompt=False).endswith(
+        '{"name": "weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+    )
+    mistral = conv_template_from_config("mistral", MISTRAL)
+    assert mistral.call_format == "mistral"
+    assert '[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Paris"}}]' in mistral.render(
+        [{"role": "user", "content": "?"}, *turn], add_generation_prompt=False
+    )
 
 
 def test_llama3_preset_bos_once() -> None:
@@ -284,3 +309,80 @@ def test_load_conv_template_then_chatml(tmp_path: Path) -> None:
     empty.mkdir()
     fallback = load_chat_template(empty, QWEN)
     assert isinstance(fallback, ConvTemplate) and fallback.name == "chatml"
+
+
+# -- templates that know nothing of tools (SmolLM2's chatml) --------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}, "strict": None}}  # fmt: skip
+HISTORY: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf: Path) -> HFChatTemplate:
+    source = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"].contents()
+    return HFChatTemplate({"default": source}, special_tokens=SPECIALS, stop_token_ids=[2])
+
+
+def test_probes_tell_what_a_template_renders(smollm2: HFChatTemplate) -> None:
+    assert smollm2.caps() == TemplateCaps(
+        renders_tools=False, renders_tool_calls=False, renders_tool_responses=True
+    )
+    assert smollm2.call_format == "hermes"
+    demo = HFChatTemplate({"default": CHAT_TEMPLATE}, special_tokens=SPECIALS)
+    assert demo.caps() == TemplateCaps()
+
+
+def test_smollm2_renders_tool_history_with_null_content(smollm2: HFChatTemplate) -> None:
+    assert smollm2.render(HISTORY) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>tool\n18C<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # content next to the calls stays, before them
+    said = [{**HISTORY[1], "content": "Checking."}]
+    assert "<|im_start|>assistant\nChecking.\n<tool_call>\n" in smollm2.render(said)
+
+
+def test_smollm2_gets_the_tools_in_a_system_message(smollm2: HFChatTemplate) -> None:
+    plain = smollm2.render(HISTORY[:1])
+    assert "named SmolLM" in plain and "get_weather" not in plain
+    out = smollm2.render(HISTORY[:1], tools=[TOOL])
+    assert out.startswith(
+        "<|im_start|>system\nYou can call any of the following tools to satisfy the user's "
+        'requests: [\n  {\n    "type": "function",\n    "function": {\n      "name": "get_weather",'
+    )
+    assert "strict" not in out  # null fields of the parsed request are not shown
+    assert out.endswith(
+        "To call a tool, reply with exactly this syntax (one call per tool):\n\n<tool_call>\n"
+        '{"name": "tool_name", "arguments": {"arg1": "some_value"}}\n</tool_call>\n\n'
+        "Otherwise, answer the user directly.<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with_system = smollm2.render([{"role": "system", "content": "Be brief."}, *HISTORY[:1]],
+                                 tools=[TOOL])  # fmt: skip
+    assert with_system.startswith("<|im_start|>system\nBe brief.\n\nYou can call any of")
+    assert with_system.count("<|im_start|>system") == 1
+
+
+def test_tool_results_become_user_turns_where_the_template_rejects_them() -> None:
+    strict = HFChatTemplate({"default": (
+        "{% for m in messages %}{% if m.role not in ['user', 'assistant', 'system'] %}"
+        "{{ raise_exception('roles: user/assistant') }}{% endif %}"
+        "[{{ m.role }}]{{ m.content }}{% endfor %}"
+    )})  # fmt: skip
+    assert strict.caps().renders_tool_responses is False
+    assert strict.render(HISTORY, add_generation_prompt=False) == (
+        "[user]Weather in Paris?"
+        '[assistant]<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call>[user]<tool_response>\n18C\n</tool_response>"
+    )

@@ -169,11 +169,12 @@ def test_logprobs_carry_token_strings_and_bytes() -> None:
     assert first.bytes == (0xC3,) and first.token == "\ufffd"  # half a character
     assert first.logprob == pytest.approx(0.0)
     assert len(first.top_logprobs) == 2 and first.top_logprobs[0].token_id == first.token_id
-    # With ignore_eos the EOS is content like any token and keeps its entry.
+    # With ignore_eos the EOS is banned (never sampled): the fake's runner-up, "~", follows.
     submit(core, tok, "lp2", "a", logprobs=True, max_tokens=3, ignore_eos=True)
     steps = drain(core)
     entries = [lp for s in steps for r in s for d in r.deltas for lp in (d.logprobs or ())]
-    assert [e.token for e in entries] == ["a", "<|endoftext|>", "<|endoftext|>"]
+    assert [e.token for e in entries] == ["a", "~", "~"]
+    assert all(e.token_id not in tok.eos_token_ids for e in entries)
 
 
 def test_add_validation_and_close() -> None:

@@ -21,6 +21,7 @@ from mlctrio.runtime.sampler import (
     SampleOutput,
     Sampler,
     apply_penalties,
+    ban_tokens,
     make_generator,
     penalize_row,
 )
@@ -424,3 +425,17 @@ def test_token_logprob_builds_the_engine_value() -> None:
         (1, "\ufffd", (0xC3,)),
     ]
     assert value.top_logprobs[1].logprob == pytest.approx(np.log(0.3), abs=1e-6)
+
+
+def test_ban_tokens_sets_banned_logits_to_minus_inf_except_where_nothing_would_be_left() -> None:
+    logits = np.zeros((3, 8), np.float32)
+    logits[1, :] = -np.inf
+    logits[1, 2] = 5.0  # a grammar that allows only token 2 (EOS)
+    ban_tokens(logits, [np.array([2, 5, 99]), np.array([2]), None])
+    assert np.isneginf(logits[0, [2, 5]]).all() and np.isfinite(np.delete(logits[0], [2, 5])).all()
+    assert logits[1, 2] == 5.0  # kept: banning it would leave no token at all
+    assert (logits[2] == 0).all()
+    out = Sampler(8).sample(
+        logits[:1], [SamplingParams(temperature=1.0)], [make_generator(0, 0)], [[]], [[]]
+    )
+    assert int(out.token_ids[0]) not in (2, 5)

@@ -22,6 +22,8 @@ from mlctrio.protocol.tool_calls import (
     new_call_id,
     parse_tool_calls,
 )
+from mlctrio.runtime.tool_prompt import render_tool_calls, tools_system_prompt
+from mlctrio.server.tools import ToolOutput
 
 FORMATS: tuple[ToolCallFormat, ...] = ("hermes", "llama3_json", "mistral")
 START = {"hermes": "<tool_call>", "llama3_json": "{", "mistral": "[TOOL_CALLS]"}
@@ -180,3 +182,38 @@ def test_call_ids() -> None:
     assert len(ids) == 100
     for call_id in ids:
         assert call_id.startswith("call_") and len(call_id) == 29 and call_id[5:].isalnum()
+
+
+@pytest.mark.parametrize("call_format", FORMATS)
+def test_calls_written_into_a_prompt_parse_back(call_format: ToolCallFormat) -> None:
+    # What a template without tool_calls support shows the model (runtime/tool_prompt.py) is
+    # exactly what the parser reads back: the model sees its own format in the history.
+    calls = [
+        {"id": "a", "type": "function",
+         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "b", "type": "function", "function": {"name": "now", "arguments": {}}},
+    ]  # fmt: skip
+    text = render_tool_calls(calls, call_format)
+    parsed = parse_tool_calls(text, call_format)
+    assert parsed.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in parsed.tool_calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("now", {}),
+    ]
+    example = tools_system_prompt([{"type": "function", "function": {"name": "f"}}], call_format)
+    assert text.split("get_weather")[0] in example  # the prompt shows the same syntax
+
+
+def test_auto_parses_a_call_when_written_and_content_otherwise() -> None:
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    whole = ToolOutput.whole(call, "hermes", "stop")
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+    (parsed,) = whole["message"]["tool_calls"]
+    assert parsed["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    plain = ToolOutput.whole("Paris is sunny today.", "hermes", "stop")
+    assert plain == {
+        "message": {"role": "assistant", "content": "Paris is sunny today.", "refusal": None},
+        "finish_reason": "stop",
+    }
+    cut = ToolOutput.whole("<tool_call>\n", "hermes", "length")  # max_tokens inside a call
+    assert cut["finish_reason"] == "length" and "tool_calls" not in cut["message"]
