@@ -39,6 +39,7 @@ from .service import AsyncEngine, EngineState, stop_engine
 _VALUE_FLAGS = (
     "model_lib",
     "quantization",
+    "activations",
     "device",
     "mode",
     "overrides",

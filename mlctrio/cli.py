@@ -12,7 +12,11 @@ from pathlib import Path
 from .config import EngineOverrides, ServerConfig
 from .errors import ConfigError, MlctrioError
 
-DEFAULT_MODEL = "demo://small"
+DEFAULT_MODEL = "embedded://SmolLM2-135M-Instruct"
+# Mirrors models.quantization.HF_QUANTIZATIONS / ACTIVATIONS (the CLI does not import tvm-side
+# modules at startup; tests/runtime check that the lists agree).
+HF_QUANTIZATIONS = ("q0f32", "q0f16", "q4f16_1", "q4f32_1", "q8f16_1", "q8f32_1")
+ACTIVATIONS = ("auto", "f32", "q8")
 
 
 def _json_list(flag: str):  # type: ignore[no-untyped-def]
@@ -43,15 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         default=DEFAULT_MODEL,
-        help="model directory, HF://org/name, demo://tiny|small or mock://echo "
-        f"(default: {DEFAULT_MODEL}, generated and compiled on first use)",
+        help="a GGUF file, a model directory, HF://org/name, embedded://NAME, demo://tiny|small "
+        f"or mock://echo (default: {DEFAULT_MODEL}, fetched once with pip, then cached)",
     )
     serve.add_argument("--model-lib", default=None, help="a compiled model library (.so)")
     serve.add_argument(
         "--quantization",
         default=None,
-        choices=["q0f32", "q0f16", "q4f16_1", "q4f32_1"],
-        help="quantize an HF checkpoint on load (default q0f32; MLC artifacts keep theirs)",
+        choices=HF_QUANTIZATIONS,
+        help="quantize an HF checkpoint on load (default q0f32; q8f*_1 is near-lossless 8 bit; "
+        "GGUF files and MLC artifacts keep theirs)",
+    )
+    serve.add_argument(
+        "--activations",
+        choices=ACTIVATIONS,
+        default="auto",
+        help="how quantized layers take their inputs: f32 (exact), q8 (int8 per 32 like "
+        "llama.cpp, faster prefill on AVX512-VNNI); auto: f32 for GGUF files, q8 otherwise",
     )
     serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
     serve.add_argument("--host", default="127.0.0.1")
@@ -173,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model,
         model_lib=args.model_lib,
         quantization=args.quantization,
+        activations=args.activations,
         device=args.device,
         host=args.host,
         port=args.port,

@@ -93,6 +93,7 @@ class ServerConfig:
     model: str
     model_lib: str | None = None
     quantization: str | None = None  # for HF checkpoints; an MLC artifact says its own
+    activations: str = "auto"  # f32 | q8 | auto: see models/quantization.py
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -130,7 +131,10 @@ def cache_root() -> Path:
 def default_served_name(model: str) -> str:
     """The model id clients send when --served-model-name is not given: the model string as
     given, without a mock:// URL's options (so `mock://echo?delay_ms=5` is served as
-    `mock://echo`)."""
+    `mock://echo`) and without the embedded:// scheme (`embedded://SmolLM2-135M-Instruct` is
+    served as `SmolLM2-135M-Instruct`)."""
     if model.startswith("mock://"):
         return model.split("?", 1)[0]
+    if model.startswith("embedded://"):
+        return model[len("embedded://") :]
     return model

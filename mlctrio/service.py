@@ -96,6 +96,11 @@ class ModelInfo:
     #: has no grammar support (e.g. mock://echo) and constraints are refused.
     check_constraint: Callable[[OutputConstraint], None] | None = None
     tool_call_format: str = "hermes"
+    #: parallel_tool_calls when a request leaves it unset: True (OpenAI's default) for templates
+    #: that render tools themselves; False where mlctrio injects the tool prompt (the model was
+    #: not trained to call tools, let alone several: small ones repeat one call until max_tokens;
+    #: llama.cpp's default is False too).
+    parallel_tool_calls: bool = True
     #: The engine's admission limits (n vs max_num_sequence, prompt vs window and KV cache),
     #: checked before a request is submitted so a refusal is a 400 before any stream starts.
     limits: EngineLimits | None = None

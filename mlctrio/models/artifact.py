@@ -1,7 +1,9 @@
-"""A model directory: a Hugging Face checkpoint or an MLC artifact, opened the same way.
+"""A model: a Hugging Face checkpoint, an MLC artifact or a GGUF file, opened the same way.
 
-    HF   config.json + *.safetensors (single or sharded) + tokenizer files
-    MLC  mlc-chat-config.json + tensor-cache.json / ndarray-cache.json + params_shard_*.bin
+    HF    config.json + *.safetensors (single or sharded) + tokenizer files
+    MLC   mlc-chat-config.json + tensor-cache.json / ndarray-cache.json + params_shard_*.bin
+    GGUF  one .gguf file (or a directory holding one): config, tokenizer, template and weights
+          all in the file (gguf_file.py); the weights keep the file's formats
 
 `open_artifact` reads the config, `load_params` the weights (memory-mapped; quantized on load when
 an HF checkpoint is served with a quantization), and `convert_weight` / `gen_config` write the MLC
@@ -22,10 +24,11 @@ import numpy.typing as npt
 from ..errors import ModelLoadError
 from . import formats
 from .llama import LlamaConfig
+from .quantization import HF_QUANTIZATIONS, Scheme
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("q0f32", "q0f16", "q4f16_1", "q4f32_1")
+QUANTIZATIONS = HF_QUANTIZATIONS
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -45,10 +48,11 @@ _MLC_TO_HF_KEYS = {"position_embedding_base": "rope_theta"}
 @attrs.frozen
 class ModelArtifact:
     path: Path
-    format: Literal["hf", "mlc"]
+    format: Literal["hf", "mlc", "gguf"]
     config: LlamaConfig
-    quantization: str
+    quantization: str  # a QuantSpec name, or a Scheme name for GGUF files
     raw_config: Mapping[str, Any]
+    gguf: Any = None  # the open gguf_file.GGUFModel of a GGUF artifact
 
 
 def _llama_config(cfg: Mapping[str, Any], where: Path) -> LlamaConfig:
@@ -58,12 +62,21 @@ def _llama_config(cfg: Mapping[str, Any], where: Path) -> LlamaConfig:
         raise ModelLoadError(f"{where}: unsupported or incomplete model config: {exc}") from exc
 
 
-def open_artifact(path: str | Path, quantization: str | None = None) -> ModelArtifact:
-    """Open a model directory. `quantization` applies to HF checkpoints (default q0f32); an MLC
-    artifact is already quantized and must not be asked for a different one."""
+def open_artifact(
+    path: str | Path, quantization: str | None = None, activations: str = "auto"
+) -> ModelArtifact:
+    """Open a model. `quantization` applies to HF checkpoints (default q0f32); an MLC artifact
+    or a GGUF file is already quantized and must not be asked for a different one.
+    `activations` (quantization.ACTIVATIONS) is how group-quantized layers take their inputs;
+    "auto" means f32 for GGUF files (exact, see quantization.py) and q8 where VNNI otherwise."""
     root = Path(path)
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"unknown quantization {quantization!r} (known: {QUANTIZATIONS})")
+    from .gguf_file import find_gguf
+
+    gguf_path = find_gguf(root)
+    if gguf_path is not None:
+        return _open_gguf(gguf_path, quantization, activations)
     if (root / formats.MLC_CHAT_CONFIG).exists():
         chat = formats.read_mlc_chat_config(root)
         stored = str(chat.get("quantization", "q0f32"))
@@ -77,20 +90,45 @@ def open_artifact(path: str | Path, quantization: str | None = None) -> ModelArt
         model_cfg.setdefault("model_type", chat.get("model_type", "llama"))
         if "context_window_size" in chat:
             model_cfg["context_window_size"] = chat["context_window_size"]
-        return ModelArtifact(root, "mlc", _llama_config(model_cfg, root), stored, chat)
+        config = _llama_config(model_cfg, root)
+        return ModelArtifact(root, "mlc", config, _with_activations(stored, activations), chat)
     if (root / "config.json").exists():
         cfg = formats.read_json_object(root / "config.json")
-        return ModelArtifact(root, "hf", _llama_config(cfg, root), quantization or "q0f32", cfg)
+        quant = _with_activations(quantization or "q0f32", activations)
+        return ModelArtifact(root, "hf", _llama_config(cfg, root), quant, cfg)
     raise ModelLoadError(
         f"{root} is neither a Hugging Face checkpoint (config.json) nor an MLC artifact "
         f"({formats.MLC_CHAT_CONFIG})"
     )
 
 
+def _with_activations(quantization: str, activations: str) -> str:
+    if activations == "auto":
+        return quantization
+    return Scheme.parse(quantization).with_activations(activations).name
+
+
+def _open_gguf(path: Path, quantization: str | None, activations: str) -> ModelArtifact:
+    from .gguf_file import GGUFModel
+
+    if quantization is not None:
+        raise ModelLoadError(
+            f"{path.name} is a GGUF file: its weights keep the file's formats, so --quantization "
+            "does not apply (make another file with llama-quantize instead)"
+        )
+    model = GGUFModel.open(path)
+    config = model.config()
+    scheme = model.scheme().with_activations("f32" if activations == "auto" else activations)
+    return ModelArtifact(path, "gguf", config, scheme.name, model.summary(), model)
+
+
 def load_mlc_named(art: ModelArtifact) -> dict[str, npt.NDArray[Any]]:
     """The weights under MLC names (fused, quantized as the artifact says)."""
     from .weights import hf_to_mlc
 
+    if art.format == "gguf":
+        log.info("loading GGUF weights from %s (%s)", art.path, art.gguf.tensor_types())
+        return dict(art.gguf.weights())
     if art.format == "mlc":
         params, _ = formats.read_mlc_params(art.path)
         return params

@@ -30,9 +30,9 @@ import numpy as np
 import numpy.typing as npt
 
 from mlctrio.errors import ModelLoadError
-from mlctrio.models.gguf_quants import ConvertedTensor, convert, fuse_rows
+from mlctrio.models.gguf_quants import ConvertedTensor, convert, fuse_rows, stored_spec, widest
 from mlctrio.models.llama import LlamaConfig
-from mlctrio.models.quantization import QuantSpec, Scheme
+from mlctrio.models.quantization import QuantSpec, Scheme, get_quantization
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,24 @@ class GGUFModel:
         cols = int(t.shape[0])  # ggml's ne0: elements per row
         return np.asarray(t.data), t.tensor_type.name, cols
 
-    def weights(self) -> tuple[dict[str, npt.NDArray[Any]], Scheme]:
-        """All weights under MLC names, and the storage scheme they are in."""
+    def scheme(self) -> Scheme:
+        """The storage scheme of the weights, from the tensor types alone (no conversion)."""
+        c = self.config()
+        specs: dict[str, QuantSpec] = {}
+        for module, parts in self._linear_sources(c):
+            types = [self._names()[name].tensor_type.name for name, _ in parts]
+            specs[module] = widest([get_quantization(stored_spec(t)) for t in types])
+        default = max(specs.values(), key=list(specs.values()).count)
+        return Scheme(default, {m: s for m, s in specs.items() if s != default})
+
+    def weights(self) -> dict[str, npt.NDArray[Any]]:
+        """All weights under MLC names, stored as `scheme()` says."""
         c = self.config()
         out: dict[str, npt.NDArray[Any]] = {}
-        specs: dict[str, QuantSpec] = {}
         converted: list[ConvertedTensor] = []
-        for module, tensor in self._linear_tensors(c):
-            specs[module] = tensor.spec
+        for module, parts in self._linear_sources(c):
+            tensors = [self._convert(name, heads) for name, heads in parts]
+            tensor = tensors[0] if len(tensors) == 1 else fuse_rows(tensors, c.hidden_size)
             converted.append(tensor)
             for name, array in zip(tensor.spec.stored_names, tensor.arrays, strict=True):
                 out[f"{module}.{name}"] = array
@@ -163,8 +173,7 @@ class GGUFModel:
             for i in range(c.num_hidden_layers):
                 out[f"model.layers.{i}.self_attn.qkv_proj.bias"] = self._qkv_bias(c, i)
         _log_conversions(self.path.name, converted)
-        default = max(specs.values(), key=list(specs.values()).count)
-        return out, Scheme(default, {m: s for m, s in specs.items() if s != default})
+        return out
 
     def _plain_tensors(self, c: LlamaConfig) -> Iterator[tuple[str, str]]:
         yield "model.norm.weight", "output_norm.weight"
@@ -173,22 +182,27 @@ class GGUFModel:
             yield f"{p}.input_layernorm.weight", f"blk.{i}.attn_norm.weight"
             yield f"{p}.post_attention_layernorm.weight", f"blk.{i}.ffn_norm.weight"
 
-    def _linear_tensors(self, c: LlamaConfig) -> Iterator[tuple[str, ConvertedTensor]]:
-        yield "model.embed_tokens", self._convert("token_embd.weight")
+    def _linear_sources(self, c: LlamaConfig) -> Iterator[tuple[str, list[tuple[str, int | None]]]]:
+        """(MLC module, [(GGUF tensor, heads to un-permute by or None)]) of every linear."""
+        yield "model.embed_tokens", [("token_embd.weight", None)]
         if not c.tie_word_embeddings:
-            yield "lm_head", self._convert("output.weight")
+            yield "lm_head", [("output.weight", None)]
         for i in range(c.num_hidden_layers):
             p, b = f"model.layers.{i}", f"blk.{i}"
-            qkv = [
-                self._convert(f"{b}.attn_q.weight", c.num_attention_heads),
-                self._convert(f"{b}.attn_k.weight", c.num_key_value_heads),
-                self._convert(f"{b}.attn_v.weight"),
-            ]
-            yield f"{p}.self_attn.qkv_proj", fuse_rows(qkv, c.hidden_size)
-            yield f"{p}.self_attn.o_proj", self._convert(f"{b}.attn_output.weight")
-            gate_up = [self._convert(f"{b}.ffn_gate.weight"), self._convert(f"{b}.ffn_up.weight")]
-            yield f"{p}.mlp.gate_up_proj", fuse_rows(gate_up, c.hidden_size)
-            yield f"{p}.mlp.down_proj", self._convert(f"{b}.ffn_down.weight")
+            yield (
+                f"{p}.self_attn.qkv_proj",
+                [
+                    (f"{b}.attn_q.weight", c.num_attention_heads),
+                    (f"{b}.attn_k.weight", c.num_key_value_heads),
+                    (f"{b}.attn_v.weight", None),
+                ],
+            )
+            yield f"{p}.self_attn.o_proj", [(f"{b}.attn_output.weight", None)]
+            yield (
+                f"{p}.mlp.gate_up_proj",
+                [(f"{b}.ffn_gate.weight", None), (f"{b}.ffn_up.weight", None)],
+            )
+            yield f"{p}.mlp.down_proj", [(f"{b}.ffn_down.weight", None)]
 
     def _convert(self, name: str, heads: int | None = None) -> ConvertedTensor:
         raw, type_name, cols = self._tensor(name)

@@ -110,6 +110,13 @@ def quantize_to(w: npt.NDArray[np.floating], spec_name: str) -> list[npt.NDArray
     return _EXACT[spec_name.upper()](raw)
 
 
+def stored_spec(type_name: str) -> str:
+    """The spec a GGUF type is stored as (natively or after conversion)."""
+    if type_name in NATIVE:
+        return NATIVE[type_name]
+    return "q4_1" if type_name in TO_Q4_1 else "q8_0"
+
+
 def convert(raw: npt.NDArray[Any], type_name: str, cols: int) -> ConvertedTensor:
     """A GGUF tensor's data (rows, bytes per row) -> stored arrays. `cols`: elements per row."""
     if type_name in ("F32", "F16"):
@@ -124,7 +131,7 @@ def convert(raw: npt.NDArray[Any], type_name: str, cols: int) -> ConvertedTensor
     gguf = _gguf()
     qtype = getattr(gguf.GGMLQuantizationType, type_name)
     w = gguf.quants.dequantize(np.ascontiguousarray(raw), qtype).reshape(raw.shape[0], cols)
-    target = "q4_1" if type_name in TO_Q4_1 else "q8_0"
+    target = stored_spec(type_name)
     return ConvertedTensor(get_quantization(target), quantize_to(w, target), type_name, False)
 
 

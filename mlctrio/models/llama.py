@@ -311,7 +311,7 @@ class LlamaForCausalLM(nn.Module):
             head_spec = scheme.spec_for("lm_head")
             self.lm_head = QLinear(config.hidden_size, config.vocab_size, head_spec, act_dtype)
         if target is not None and target.kind.name == "llvm":
-            vnni = has_vnni(target)
+            vnni = has_vnni(target) and scheme.activations != "f32"
             for _, module in _named_modules(self):
                 if isinstance(module, QEmbedding):  # tile16 only where it is also the lm_head
                     module.use_cpu_layout(tile16=config.tie_word_embeddings, vnni=vnni)

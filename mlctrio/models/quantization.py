@@ -26,6 +26,13 @@ quantization *name* is then a scheme, "BASE;module=spec;module=spec" (`Scheme.pa
 module is an nn.Module path such as `model.embed_tokens` or `model.layers.3.mlp.down_proj`. The
 name is part of the compile-cache key.
 
+A scheme also says how group-quantized layers take their activations (`act=`, ACTIVATIONS):
+"q8" quantizes them to int8 per group of 32 and multiplies with VNNI (int8_cpu.py; llama.cpp's
+q8_0 / q8_1 vec-dot types; about 2x faster prefill), "f32" keeps them float (exact arithmetic on
+the stored weights, so a result does not hinge on float summation order, which int8 rounding of
+a model with outlier activations turns into different greedy tokens), "auto" is q8 on CPUs with
+AVX512-VNNI. docs/discussion/0006 has the measurements.
+
 On the CPU, linear weights whose output features split into tiles of 16 are re-laid out at load
 time ("tile16", `pack_tile_np`): (out, x) -> (out / 16, x, 16). Files keep their own layout.
 """
@@ -123,29 +130,47 @@ def get_quantization(name: str) -> QuantSpec:
         raise ValueError(f"unknown quantization {name!r}; known: {sorted(QUANTIZATIONS)}") from None
 
 
+ACTIVATIONS = ("auto", "f32", "q8")
+
+
 @attrs.frozen
 class Scheme:
-    """The storage format of every weight of a model: a default plus per-module overrides."""
+    """The storage format of every weight of a model (a default plus per-module overrides), and
+    how group-quantized layers take their activations (ACTIVATIONS)."""
 
     default: QuantSpec
     overrides: Mapping[str, QuantSpec] = attrs.field(factory=dict, hash=False)
+    activations: str = attrs.field(default="auto")
+
+    @activations.validator
+    def _check(self, _attribute: object, value: str) -> None:
+        if value not in ACTIVATIONS:
+            raise ValueError(f"activations {value!r}: expected one of {ACTIVATIONS}")
 
     @classmethod
     def parse(cls, name: str) -> Scheme:
-        """ "q4_1" or "q4_1;model.embed_tokens=q8_0;..." (ValueError for unknown formats)."""
+        """ "q4_1" or "q4_1;model.embed_tokens=q8_0;act=f32" (ValueError for unknown names)."""
         base, *items = (part.strip() for part in name.split(";"))
-        overrides = {}
+        overrides, activations = {}, "auto"
         for item in filter(None, items):
             module, sep, spec = item.partition("=")
             if not sep:
                 raise ValueError(f"quantization scheme item {item!r} is not module=format")
-            overrides[module.strip()] = get_quantization(spec.strip())
-        return cls(get_quantization(base), overrides)
+            if module.strip() == "act":
+                activations = spec.strip()
+            else:
+                overrides[module.strip()] = get_quantization(spec.strip())
+        return cls(get_quantization(base), overrides, activations)
 
     @property
     def name(self) -> str:
         items = [f"{m}={s.name}" for m, s in sorted(self.overrides.items()) if s != self.default]
+        if self.activations != "auto":
+            items.append(f"act={self.activations}")
         return ";".join([self.default.name, *items])
+
+    def with_activations(self, activations: str) -> Scheme:
+        return attrs.evolve(self, activations=activations)
 
     def spec_for(self, module: str) -> QuantSpec:
         return self.overrides.get(module, self.default)

@@ -25,7 +25,7 @@ from mlctrio.models.llama import LAYOUT_ATTR, LlamaConfig
 from mlctrio.models.quantization import (
     TILE,
     TILE16,
-    get_quantization,
+    as_scheme,
     pack_tile_np,
     quantize_weight_np,
 )
@@ -76,7 +76,7 @@ def param_infos(
 
 def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, npt.NDArray]:
     """Fuse (q,k,v) and (gate,up), quantize linear weights and the embedding; MLC names, dtypes."""
-    spec = get_quantization(quantization)
+    spec = as_scheme(quantization).default  # HF checkpoints: one format for every weight
     out: dict[str, npt.NDArray] = {}
 
     def put_linear(prefix: str, w: npt.NDArray) -> None:

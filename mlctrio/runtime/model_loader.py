@@ -18,12 +18,14 @@ from ..config import ServerConfig
 from ..errors import ConfigError, ModelLoadError
 from ..models import formats
 from ..models.artifact import ModelArtifact, load_params, open_artifact
+from ..models.fetch import EMBEDDED_SCHEME, ensure_embedded
 from ..service import ModelInfo
 from ..sizing import ModelFootprint, resolve_engine_config
 from .chat_template import load_chat_template
 from .constraints import ConstraintCompiler
 from .core import EngineCore
 from .tokenizer import load_tokenizer
+from .tool_prompt import detect_call_format
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,10 @@ DEMO_SCHEME = "demo://"
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local directory for `demo://tiny|small`, `HF://org/name` or a path."""
+    """A local path for `embedded://NAME` (fetched on first use), `demo://tiny|small`,
+    `HF://org/name` (downloaded when not cached) or a path (directory or GGUF file)."""
+    if model.startswith(EMBEDDED_SCHEME):
+        return ensure_embedded(model)
     if model.startswith(DEMO_SCHEME):
         from ..models.demo import PRESETS, ensure_demo_model
 
@@ -58,14 +63,24 @@ def footprint(art: ModelArtifact, param_infos: list[Any]) -> ModelFootprint:
 def detect_tool_call_format(template: Any) -> str:
     """The model's tool-call text format, from its chat template (hermes when unknown)."""
     sources = " ".join(getattr(template, "templates", {}).values())
-    name = str(getattr(template, "name", ""))
-    if "[TOOL_CALLS]" in sources or name.startswith("mistral"):
-        return "mistral"
-    if "<tool_call>" in sources:
-        return "hermes"
-    if "<|python_tag|>" in sources or "ipython" in sources or name.startswith("llama-3"):
-        return "llama3_json"
-    return "hermes"
+    return detect_call_format(sources, str(getattr(template, "name", "")))
+
+
+def renders_tools(template: Any) -> bool:
+    """Whether the chat template renders `tools` itself (else mlctrio injects the tool prompt)."""
+    caps = getattr(template, "caps", None)
+    return bool(caps().renders_tools) if caps is not None else True
+
+
+def tokenizer_and_template(art: ModelArtifact) -> tuple[Any, Any]:
+    """The tokenizer and chat template: from a GGUF file's metadata, else the model directory."""
+    if art.format == "gguf":
+        from .gguf_tokenizer import chat_template_from_gguf, tokenizer_from_gguf
+
+        tokenizer = tokenizer_from_gguf(art.gguf.metadata)
+        return tokenizer, chat_template_from_gguf(art.gguf.metadata, tokenizer)
+    tokenizer = load_tokenizer(art.path)
+    return tokenizer, load_chat_template(art.path, tokenizer)
 
 
 def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
@@ -74,10 +89,9 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
     from .tvm_runner import TVMRunner
 
     path = resolve_model_dir(config.model)
-    art = open_artifact(path, config.quantization)
+    art = open_artifact(path, config.quantization, config.activations)
     log.info("model %s: %s format, %s, %s", config.model, art.format, art.quantization, art.config)
-    tokenizer = load_tokenizer(path)
-    template = load_chat_template(path, tokenizer)
+    tokenizer, template = tokenizer_and_template(art)
     if config.device == "cuda":
         # The CUDA library compiles from the same definition (`mlctrio compile --device cuda`),
         # but the runner drives the KV cache and weights on the CPU: refuse rather than ignore.
@@ -136,6 +150,7 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         check_constraint=constraints.check,
         limits=core.scheduler.limits,
         tool_call_format=detect_tool_call_format(template),
+        parallel_tool_calls=renders_tools(template),
         config={
             **attrs.asdict(engine_config),
             "model_path": str(path),

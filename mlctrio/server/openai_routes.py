@@ -36,7 +36,7 @@ def register_openai_routes(app: QuartTrio, state: ServerState) -> None:
         req = parse_chat_request(await read_json())
         state.check_model(req.model)
         info = state.model_info()
-        constraint = tools.output_constraint(req, info.tool_call_format)
+        constraint = tools.output_constraint(req, info.tool_call_format, info.parallel_tool_calls)
         if constraint is not None:
             if info.check_constraint is None:
                 raise InvalidRequestError(

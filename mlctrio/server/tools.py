@@ -29,7 +29,11 @@ def tool_mode(req: ChatCompletionRequest) -> bool:
     return bool(req.tools) and req.tool_choice != "none"
 
 
-def output_constraint(req: ChatCompletionRequest, call_format: str) -> OutputConstraint | None:
+def output_constraint(
+    req: ChatCompletionRequest, call_format: str, parallel_default: bool = True
+) -> OutputConstraint | None:
+    """The engine constraint for a request; `parallel_default` is parallel_tool_calls when the
+    request does not set it (service.ModelInfo.parallel_tool_calls)."""
     fmt = req.response_format
     constrained_format = isinstance(fmt, ResponseFormatJsonObject | ResponseFormatJsonSchema)
     if tool_mode(req):
@@ -46,7 +50,9 @@ def output_constraint(req: ChatCompletionRequest, call_format: str) -> OutputCon
             kind="tools",
             tools=json.dumps([to_json(t) for t in req.tools]),
             tool_choice=choice,
-            parallel=req.parallel_tool_calls is not False,
+            parallel=parallel_default
+            if req.parallel_tool_calls is None
+            else req.parallel_tool_calls,
             call_format=call_format,
         )
     if isinstance(fmt, ResponseFormatJsonSchema):

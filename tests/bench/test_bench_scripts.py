@@ -184,3 +184,218 @@ def test_decode_weight_bytes_leave_out_an_untied_embedding() -> None:
     assert decode_weight_bytes(sizes, TINY) == 1030  # the table is read one row at a time
     tied = attrs.evolve(TINY, tie_word_embeddings=True)
     assert decode_weight_bytes(sizes[:2], tied) == 1030  # tied: the table is the output head
+
+
+# -- argument parsing and pure helpers of compare.py, gguf_parity.py, llama_cpp.py (no servers) --
+
+
+def test_compare_gguf_arguments(tmp_path: Path) -> None:
+    from bench import compare
+
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    args = compare.parse_args(["--gguf", str(gguf), "--concurrency", "1,4,16"])
+    assert args.gguf == gguf and args.gguf_type is None and args.activations is None
+    assert compare.llama_parallel(args) == 16  # one slot per concurrent request
+    assert compare.resolve_gguf(args) == gguf  # as is: no llama-quantize without --gguf-type
+    stem, title = compare.run_names(args, ["mlctrio[Q4_1]", "llama.cpp[Q4_1]"])
+    assert stem == "compare-SmolLM2-135M-Instruct.Q4_1-as-is-default"
+    assert title.startswith("SmolLM2-135M-Instruct.Q4_1: mlctrio[Q4_1] vs llama.cpp[Q4_1], 2 ")
+
+    args = compare.parse_args(
+        ["--gguf", str(gguf), "--gguf-type", "Q8_0", "--activations", "q8", "--parallel", "2"]
+    )
+    assert compare.llama_parallel(args) == 2
+    stem, title = compare.run_names(args, ["a", "b"])
+    assert stem == "compare-SmolLM2-135M-Instruct.Q4_1-Q8_0-q8"
+    assert "-> Q8_0" in title
+
+    demo = compare.parse_args(["--concurrency", "1,32"])
+    assert demo.gguf is None and compare.llama_parallel(demo) == 8  # the demo default is kept
+    assert compare.resolve_gguf(demo) is None
+    assert compare.run_names(demo, ["a"])[0] == "compare-small-f32"
+
+
+@pytest.mark.parametrize("flag", [["--gguf-type", "F32"], ["--activations", "q8"]])
+def test_compare_gguf_options_need_gguf(flag: list[str]) -> None:
+    from bench import compare
+
+    with pytest.raises(SystemExit):
+        compare.parse_args(flag)
+
+
+def test_gguf_label() -> None:
+    from bench.compare import gguf_label
+
+    assert gguf_label(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "Q4_1"
+    assert gguf_label(Path("x-b179c9523d0e.F32.gguf")) == "F32"
+    assert gguf_label(Path("model.gguf")) == "gguf"
+    assert gguf_label(Path("v1.5-model.gguf")) == "gguf"
+
+
+def test_mlctrio_serve_cmd() -> None:
+    from bench._common import mlctrio_serve_cmd
+
+    cmd = mlctrio_serve_cmd(Path("/m/x.gguf"), "{port}", ["--activations", "q8"])
+    assert cmd[1:5] == ["-m", "mlctrio", "serve", "/m/x.gguf"]
+    assert cmd[cmd.index("--port") + 1] == "{port}"
+    assert cmd[cmd.index("--mode") + 1] == "server"
+    assert cmd[-2:] == ["--activations", "q8"]
+
+
+def test_gguf_parity_arguments(tmp_path: Path) -> None:
+    from bench.gguf_parity import parse_args
+
+    args = parse_args([str(tmp_path / "m.gguf")])
+    assert args.mlctrio_extra == [] and args.tokens == 32 and args.gguf_type is None
+    args = parse_args(
+        ["m.gguf", "--type", "F32", "--activations", "q8", "--mlctrio-args", "--max-num-seqs 2"]
+    )
+    assert args.gguf_type == "F32"
+    assert args.mlctrio_extra == ["--activations", "q8", "--max-num-seqs", "2"]
+
+
+def test_tokenization_check() -> None:
+    from bench.gguf_parity import check_tokenization
+
+    checks = check_tokenization(
+        ["ab", "abc", "xy"],
+        lambda t: [ord(c) for c in t],
+        lambda t: [ord(c) for c in t.replace("y", "z")],
+    )
+    assert [c.ok for c in checks] == [True, True, False]
+    assert checks[2].first_difference == 1
+    assert check_tokenization(["a"], lambda t: [0], lambda t: [1])[0].first_difference == 0
+    assert check_tokenization(["a"], lambda t: [0], lambda t: [0, 1])[0].first_difference == 1
+
+
+def test_divergence_verdicts() -> None:
+    from bench.gguf_parity import divergence
+
+    tops = [{"a": -0.1, "b": -2.0}, {"c": -0.69, "d": -0.70}]
+    assert divergence(["a", "c"], tops, ["a", "c"], tops, 0.05) == (None, None, None, "identical")
+    # step 1: mlctrio picks c, llama.cpp d; 0.01 nats apart in both: a near-tie
+    their = [{"a": -0.1, "b": -2.0}, {"d": -0.68, "c": -0.70}]
+    step, ours_gap, theirs_gap, verdict = divergence(["a", "c"], tops, ["a", "d"], their, 0.05)
+    assert (step, verdict) == (1, "near-tie")
+    assert ours_gap == pytest.approx(0.01) and theirs_gap == pytest.approx(0.02)
+    # the same divergence with a real gap on one side
+    assert divergence(["a", "c"], tops, ["a", "d"], their, 0.015)[3] == "differs"
+    # the other's choice is not in a server's top list: its gap is unknown, not a tie
+    assert divergence(["b"], [{"b": -0.5}], ["a"], [{"a": -0.1, "b": -0.2}], 1.0) == (
+        0,
+        None,
+        pytest.approx(0.1),
+        "differs",
+    )
+    assert divergence(["a"], tops, ["a", "c"], tops, 0.05) == (1, None, None, "differs")
+
+
+def test_greedy_rows_and_token_texts() -> None:
+    from bench.gguf_parity import GreedyCheck, greedy_rows, token_texts
+
+    vocab = {0: b"a", 1: b" b", 2: b"\xe2", 3: "é".encode()}
+    assert token_texts(vocab.__getitem__, 4) == ["a", " b", "\ufffd", "é"]
+    same = GreedyCheck("p", 3, ["a"], ["a"])
+    tie = GreedyCheck("q" * 50, 4, ["a", "b"], ["a", "c"], 1, 0.01, None, "differs")
+    rows = greedy_rows([same, tie])
+    assert rows[0]["result"] == "identical" and rows[0]["first diff"] == "-"
+    assert rows[1]["mlctrio / llama.cpp token"] == "'b' / 'c'"
+    assert rows[1]["mlctrio gap"] == "0.0100" and rows[1]["llama.cpp gap"] == "absent"
+    assert str(rows[1]["prompt"]).endswith("...")
+
+
+def _fake_build_tree(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[list[str]]:
+    """A cache with llama-server built (marker from before llama-quantize), cmake recorded."""
+    from bench import llama_cpp
+
+    monkeypatch.setenv("MLCTRIO_CACHE_DIR", str(root))
+    monkeypatch.delenv("MLCTRIO_LLAMA_SERVER", raising=False)
+    monkeypatch.delenv("MLCTRIO_LLAMA_QUANTIZE", raising=False)
+    build = llama_cpp.cache_dir() / "build"
+    (build / "bin").mkdir(parents=True)
+    (build / "CMakeCache.txt").write_text("")
+    (build / "bin" / "llama-server").write_text("")
+    (llama_cpp.cache_dir() / "build.ok").write_text(
+        json.dumps({"flags": list(llama_cpp.CMAKE_FLAGS), "targets": ["llama-server"]})
+    )
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: object, *, cwd: object = None) -> None:
+        calls.append(list(cmd))
+        if "--target" in cmd:
+            for target in cmd[cmd.index("--target") + 1 :]:
+                (build / "bin" / target).write_text("")
+
+    monkeypatch.setattr(llama_cpp, "_run_logged", fake_run)
+    return calls
+
+
+def test_a_missing_llama_cpp_target_is_built_incrementally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import llama_cpp
+
+    calls = _fake_build_tree(monkeypatch, tmp_path)
+    assert llama_cpp.find_llama_server() is not None
+    assert llama_cpp.find_llama_binary("llama-quantize") is None  # not in the marker
+    quantize = llama_cpp.ensure_llama_binary("llama-quantize")
+    assert quantize.name == "llama-quantize"
+    (cmd,) = calls  # no configure, no llama-server rebuild: only the missing target
+    assert cmd[:2] == ["cmake", "--build"] and cmd[cmd.index("--target") + 1 :] == [
+        "llama-quantize"
+    ]
+    marker = json.loads((llama_cpp.cache_dir() / "build.ok").read_text())
+    assert marker["targets"] == ["llama-server", "llama-quantize"]
+    assert llama_cpp.find_llama_binary("llama-quantize") == quantize
+    assert llama_cpp.ensure_llama_binary("llama-quantize") == quantize and len(calls) == 1
+
+
+def test_other_flags_rebuild_every_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import llama_cpp
+
+    calls = _fake_build_tree(monkeypatch, tmp_path)
+    (llama_cpp.cache_dir() / "src").mkdir()
+    (llama_cpp.cache_dir() / "src" / "CMakeLists.txt").write_text("")
+    (llama_cpp.cache_dir() / "build.ok").write_text(json.dumps({"flags": ["-DOLD=1"]}))
+    assert llama_cpp.find_llama_server() is None
+    llama_cpp.ensure_llama_binary("llama-quantize")
+    configure, build = calls
+    assert configure[:2] == ["cmake", "-S"]
+    assert build[build.index("--target") + 1 :] == list(llama_cpp.BUILD_TARGETS)
+
+
+def test_quantized_gguf_is_cached_by_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import llama_cpp
+
+    monkeypatch.setenv("MLCTRIO_CACHE_DIR", str(tmp_path / "cache"))
+    log = tmp_path / "calls"
+    fake = tmp_path / "llama-quantize"  # copies SRC to DEST and notes its arguments
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\ncp "$2" "$3"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("MLCTRIO_LLAMA_QUANTIZE", str(fake))
+    src = tmp_path / "m.Q4_1.gguf"
+    src.write_bytes(b"weights")
+    out = llama_cpp.cached_quantized_gguf(src, "q8_0")
+    sha = llama_cpp.file_sha256(src)
+    assert out == tmp_path / "cache" / "gguf" / f"m.Q4_1-{sha[:12]}.Q8_0.gguf"
+    assert out.read_bytes() == b"weights"
+    assert llama_cpp.cached_quantized_gguf(src, "Q8_0") == out  # cached: not run again
+    (args,) = log.read_text().splitlines()
+    assert args.startswith(f"--allow-requantize {src} ") and args.endswith(" Q8_0 2")
+    src.write_bytes(b"other weights")  # new content, new file
+    assert llama_cpp.cached_quantized_gguf(src, "Q8_0") != out
+    assert not list((tmp_path / "cache" / "gguf").glob("*.tmp*"))
+
+
+def test_failed_quantize_leaves_no_file(tmp_path: Path) -> None:
+    from bench import llama_cpp
+
+    fake = tmp_path / "llama-quantize"
+    fake.write_text('#!/bin/sh\necho "unknown type" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    dest = tmp_path / "out.gguf"
+    with pytest.raises(RuntimeError, match="unknown type"):
+        llama_cpp.quantize_gguf(tmp_path / "in.gguf", dest, "Q9", binary=fake)
+    assert list(tmp_path.iterdir()) == [fake]

@@ -5,6 +5,12 @@ checks that llama.cpp's greedy tokens equal mlctrio's for a few prompts, and tha
 tokenizer splits text exactly like mlctrio's. It is skipped (the only skip here) when llama-server
 is not built: `python bench/llama_cpp.py` builds it once into ~/.cache/mlctrio/llama.cpp.
 
+The SmolLM2 test runs part (a) of bench/gguf_parity.py, tokenization parity, on the real
+SmolLM2-135M-Instruct Q4_1 file: mlctrio's tokenizer built from the file (what `mlctrio serve
+FILE.gguf` and its /tokenize route use) against llama-server's /tokenize on the same file, for
+every text of gguf_parity.TOKENIZE_TEXTS (code, unicode, CJK, emoji, whitespace, special tokens).
+It is skipped with the same rule.
+
 The file-level tests (round trip, Q/K permutation against RoPE, pre-tokenizer names) need only the
 `gguf` package.
 
@@ -240,3 +246,47 @@ def test_a_cached_llama_server_built_with_other_flags_is_not_used(
     assert llama_cpp.find_llama_server() is None
     marker.write_text(json.dumps({"flags": list(llama_cpp.CMAKE_FLAGS)}))
     assert llama_cpp.find_llama_server() == binary
+
+
+# -- SmolLM2's GGUF: bench/gguf_parity.py's tokenization parity ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_llama_server(smollm2_gguf: Path) -> Iterator[str]:
+    binary = llama_cpp.find_llama_server()
+    if binary is None:
+        pytest.skip(
+            "llama-server is not built: run `python bench/llama_cpp.py` once (builds llama.cpp "
+            f"into {llama_cpp.cache_dir()}, ~15-30 min on 2 cores) or set $MLCTRIO_LLAMA_SERVER"
+        )
+    with llama_cpp.open_llama_server(
+        smollm2_gguf, binary=binary, threads=2, ctx_per_slot=512
+    ) as server:
+        yield server.url
+
+
+def test_smollm2_tokenization_matches_llama_server(
+    smollm2_gguf: Path, smollm2_llama_server: str
+) -> None:
+    from bench.gguf_parity import TOKENIZE_TEXTS, check_tokenization
+    from mlctrio.models.gguf_file import GGUFModel
+    from mlctrio.runtime.gguf_tokenizer import tokenizer_from_gguf
+
+    tokenizer = tokenizer_from_gguf(GGUFModel.open(smollm2_gguf).metadata)
+    checks = check_tokenization(
+        TOKENIZE_TEXTS,
+        lambda text: tokenizer.encode(text, add_special_tokens=False),
+        lambda text: llama_cpp.tokenize(smollm2_llama_server, text),
+    )
+    bad = [c for c in checks if not c.ok]
+    assert not bad, "\n".join(
+        f"{c.text!r}: first difference at {c.first_difference}\n  mlctrio   {c.mlctrio}\n"
+        f"  llama.cpp {c.llama}"
+        for c in bad
+    )
+    # the special-token strings became single control tokens on both sides
+    chat = next(c for c in checks if c.text.startswith("<|im_start|>user"))
+    assert (
+        len(chat.llama) == 10
+        and chat.llama[0] == tokenizer.encode("<|im_start|>", add_special_tokens=False)[0]
+    )

@@ -79,7 +79,11 @@ class ServerHandle:
             assert not self.thread.is_alive(), "server thread did not stop"
 
 
-def start_server(config: ServerConfig, ping_interval_s: float = 10.0) -> ServerHandle:
+def start_server(
+    config: ServerConfig, ping_interval_s: float = 10.0, load_timeout_s: float = 10.0
+) -> ServerHandle:
+    """Serve `config` in a thread; return once /health says ready (the model is loaded: a real
+    model that compiles on first use needs a `load_timeout_s` of minutes)."""
     handle = ServerHandle(config)
     ready = threading.Event()
 
@@ -106,7 +110,7 @@ def start_server(config: ServerConfig, ping_interval_s: float = 10.0) -> ServerH
         raise handle.error
     assert handle.running is not None
     with httpx.Client(base_url=handle.url) as client:
-        handle.wait_until(lambda: client.get("/health").status_code == 200)
+        handle.wait_until(lambda: client.get("/health").status_code == 200, load_timeout_s)
     return handle
 
 
