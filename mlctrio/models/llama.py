@@ -335,8 +335,8 @@ class LlamaForCausalLM(nn.Module):
 
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache):
         h = self._forward(input_embeds, paged_kv_cache)
-        # Positions are validated by the runner: take() with out-of-range indices segfaults.
-        h = op.take(h, logit_positions, axis=1)
+        # The runner validates positions too; the gather clamps, so a bad one cannot segfault.
+        h = _take_positions(h, logit_positions)
         return self._logits(h), paged_kv_cache
 
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
@@ -466,6 +466,25 @@ def _last_position(h: Tensor) -> Tensor:
         )
 
     return op.tensor_expr_op(_index, "index", [h])
+
+
+def _take_positions(h: Tensor, positions: Tensor) -> Tensor:
+    """h[:, positions, :] as a TE op, each position clamped into [0, seq_len): relax's take in
+    its default "fast" mode reads out of bounds on a bad index (and warns at every compile)."""
+    from tvm import te
+
+    def _gather(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
+        b, s, d = x.shape
+        n = pos.shape[0]
+
+        def at(i: Any, j: Any, k: Any) -> Any:
+            last = (s - 1).astype("int64")
+            p = tirx.max(tirx.min(pos[j].astype("int64"), last), tirx.const(0, "int64"))
+            return x[i, p, k]
+
+        return te.compute((b, n, d), at, name="take_positions", attrs={"mlctrio.kind": "injective"})
+
+    return op.tensor_expr_op(_gather, "take_positions", [h, positions])
 
 
 def _shape_expr(values: list[int]) -> Any:

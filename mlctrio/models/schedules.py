@@ -34,8 +34,9 @@ from mlctrio.models.quantization import ELEMS_PER_WORD, GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
-# 10-14: tile16, int8 q4, swiglu; 17-18: rope; 19: tidy; 21-22: batch-decode K chunks
-SCHEDULE_VERSION = "cpu-22"
+# 10-14: tile16, int8 q4, swiglu; 17-18: rope; 19: tidy; 21-22: batch-decode K chunks;
+# 23: GGUF formats (8-bit, scale + min, zero points) in the int8 kernels, clamped logit gather
+SCHEDULE_VERSION = "cpu-23"
 FOREIGN_ATTR = "mlctrio.foreign"
 # What a schedule primitive raises when it does not apply (ScheduleError is a RuntimeError; FFI
 # argument checks raise ValueError / TypeError).
