@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-QUANT_CHOICES = ["q0f32", "q0f16", "q4f16_1", "q4f32_1"]
+QUANT_CHOICES = list(HF_QUANTIZATIONS)
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -107,9 +107,11 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     demo.add_argument("out", type=Path)
     demo.add_argument("--preset", choices=["tiny", "small"], default="tiny")
     demo.add_argument("--seed", type=int, default=0)
-    convert = sub.add_parser("convert-weight", help="HF checkpoint -> MLC weights")
-    convert.add_argument("model", help="HF checkpoint directory or HF://org/name")
-    convert.add_argument("--quantization", required=True, choices=QUANT_CHOICES)
+    convert = sub.add_parser("convert-weight", help="HF checkpoint or GGUF file -> MLC weights")
+    convert.add_argument("model", help="HF checkpoint directory, HF://org/name or a GGUF file")
+    convert.add_argument(
+        "--quantization", default=None, choices=QUANT_CHOICES, help="required for HF checkpoints"
+    )
     convert.add_argument("-o", "--output", type=Path, required=True)
     convert.add_argument("--conv-template", default=None)
     gen = sub.add_parser("gen-config", help="write mlc-chat-config.json for an HF checkpoint")
@@ -139,6 +141,17 @@ def run_model_command(args: argparse.Namespace) -> int:
 
     path = resolve_model_dir(args.model)
     if args.command == "convert-weight":
+        from .models.gguf_file import find_gguf
+
+        if find_gguf(path) is not None:
+            if args.quantization is not None:
+                raise ConfigError("a GGUF file keeps its own formats: drop --quantization")
+            from .runtime.gguf_export import convert_gguf
+
+            print(convert_gguf(path, args.output))
+            return 0
+        if args.quantization is None:
+            raise ConfigError("convert-weight: --quantization is required for HF checkpoints")
         print(
             convert_weight(path, args.quantization, args.output, conv_template=args.conv_template)
         )
