@@ -242,13 +242,18 @@ def unpermute_rows(w: npt.NDArray[Any], heads: int) -> npt.NDArray[Any]:
 
 
 def _log_conversions(name: str, tensors: list[ConvertedTensor]) -> None:
-    lossy: dict[tuple[str, str], list[ConvertedTensor]] = {}
+    """One line per (GGUF type -> stored format) that is not stored as it is in the file."""
+    groups: dict[tuple[str, str, bool], list[ConvertedTensor]] = {}
     for t in tensors:
-        if not t.lossless:
-            lossy.setdefault((t.source_type, t.spec.name), []).append(t)
-    for (source, target), group in sorted(lossy.items()):
-        log.warning(
-            "%s: %d %s tensors have no native kernel: converted on load to %s "
-            "(%.1f MB as stored; re-quantized, not bit-exact)",
-            name, len(group), source, target, sum(t.nbytes for t in group) / 1e6,
+        if t.source_type.upper() != t.spec.name.upper() and not t.spec.name.startswith("q0"):
+            groups.setdefault((t.source_type, t.spec.name, t.lossless), []).append(t)
+    for (source, target, lossless), group in sorted(groups.items()):
+        stored, given = sum(t.nbytes for t in group), sum(t.source_nbytes for t in group)
+        how = "exactly, wider" if lossless else "re-quantized, not bit-exact"
+        log.log(
+            logging.INFO if lossless else logging.WARNING,
+            "%s: %d %s tensors have no kernel of their own: stored as %s (%s): %.1f MB in "
+            "memory for %.1f MB in the file (%+.1f MB)",
+            name, len(group), source, target, how, stored / 1e6, given / 1e6,
+            (stored - given) / 1e6,
         )  # fmt: skip

@@ -7,6 +7,7 @@ kernel exists, converted where none does.
 | Q8_0 | q8_0 | block (f16 d, int8 q[32]) -> scale d, stored q + 128: bit-exact |
 | Q4_0 | q4_0 | block (f16 d, 16 bytes) -> the 32 nibbles re-packed, scale d: bit-exact |
 | Q4_1 | q4_1 | block (f16 d, f16 m, 16 bytes) -> nibbles re-packed, (d, m): bit-exact |
+| Q5_0 | q8_0 | block (f16 d, 32 high bits, 16 bytes) -> q - 16 as int8, scale d: exact |
 | Q4_K, Q3_K, Q2_K, IQ4_* | q4_1 | dequantized, re-quantized per 32 with llama.cpp's Q4_1 |
 | anything else (Q5_*, Q6_K, IQ*) | q8_0 | dequantized, re-quantized per 32 with llama.cpp's Q8_0 |
 
@@ -36,7 +37,7 @@ from mlctrio.models.quantization import (
 
 QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 NATIVE = {"F32": "q0f32", "F16": "q0f16", "BF16": "q0bf16", "Q8_0": "q8_0", "Q4_0": "q4_0",
-          "Q4_1": "q4_1"}  # fmt: skip
+          "Q4_1": "q4_1", "Q5_0": "q8_0"}  # fmt: skip
 TO_Q4_1 = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
 # Width order when parts of a fused weight (q, k, v or gate, up) differ: the widest wins.
 WIDTH = ("q0f32", "q0bf16", "q0f16", "q8_0", "q4_1", "q4_0")
@@ -50,6 +51,7 @@ class ConvertedTensor:
     arrays: list[npt.NDArray[Any]]
     source_type: str  # the GGUF type it came from
     lossless: bool
+    source_nbytes: int = 0  # bytes of the GGUF data it came from
 
     @property
     def nbytes(self) -> int:
@@ -82,13 +84,24 @@ def from_q4_0(raw: npt.NDArray[np.uint8]) -> list[npt.NDArray[Any]]:
     return [pack_words_np(_nibbles(b[:, :, 2:]), 4), _f16(b, 0).copy()]
 
 
+def from_q5_0(raw: npt.NDArray[np.uint8]) -> list[npt.NDArray[Any]]:
+    """Q5_0 -> q8_0, exactly: value (q - 16) * d with q < 32 is an int8 times the same d."""
+    b = _blocks(raw, 2 + 4 + QK // 2)
+    high = np.ascontiguousarray(b[:, :, 2:6]).view("<u4")  # (rows, blocks, 1): bit j of q_j
+    bits = ((high >> np.arange(QK, dtype=np.uint32)) & 1).astype(np.uint8).reshape(b.shape[0], -1)
+    q = _nibbles(b[:, :, 6:]) | (bits << 4)
+    stored = q + np.uint8(128 - 16)  # int8 q - 16, stored + 128
+    return [pack_words_np(stored, 8), _f16(b, 0).copy()]
+
+
 def from_q4_1(raw: npt.NDArray[np.uint8]) -> list[npt.NDArray[Any]]:
     b = _blocks(raw, 4 + QK // 2)
     scale_min = np.stack([_f16(b, 0), _f16(b, 2)], axis=2).reshape(b.shape[0], -1)
     return [pack_words_np(_nibbles(b[:, :, 4:]), 4), scale_min]
 
 
-_EXACT = {"Q8_0": from_q8_0, "Q4_0": from_q4_0, "Q4_1": from_q4_1}
+_EXACT = {"Q8_0": from_q8_0, "Q4_0": from_q4_0, "Q4_1": from_q4_1, "Q5_0": from_q5_0}
+_QUANTIZERS = {"q8_0": from_q8_0, "q4_0": from_q4_0, "q4_1": from_q4_1}  # spec -> its reader
 
 
 def _gguf() -> Any:
@@ -102,12 +115,12 @@ def quantize_to(w: npt.NDArray[np.floating], spec_name: str) -> list[npt.NDArray
     package's reference quantizers (llama.cpp's `quantize_row_*_ref`)."""
     if spec_name in ("q0f32", "q0f16"):
         return [np.ascontiguousarray(w, dtype=get_quantization(spec_name).weight_dtype)]
-    if spec_name.upper() not in _EXACT:  # mlctrio's own formats (q0bf16, q4f32_1, q8f16_1, ...)
+    if spec_name not in _QUANTIZERS:  # mlctrio's own formats (q0bf16, q4f32_1, q8f16_1, ...)
         return quantize_weight_np(w, get_quantization(spec_name))
     gguf = _gguf()
     qtype = getattr(gguf.GGMLQuantizationType, spec_name.upper())
     raw = gguf.quants.quantize(np.ascontiguousarray(w, np.float32), qtype)
-    return _EXACT[spec_name.upper()](raw)
+    return _QUANTIZERS[spec_name](raw)
 
 
 def stored_spec(type_name: str) -> str:
@@ -119,20 +132,22 @@ def stored_spec(type_name: str) -> str:
 
 def convert(raw: npt.NDArray[Any], type_name: str, cols: int) -> ConvertedTensor:
     """A GGUF tensor's data (rows, bytes per row) -> stored arrays. `cols`: elements per row."""
+    size = int(raw.nbytes)
     if type_name in ("F32", "F16"):
         spec = get_quantization(NATIVE[type_name])
-        return ConvertedTensor(spec, [np.ascontiguousarray(raw)], type_name, True)
+        return ConvertedTensor(spec, [np.ascontiguousarray(raw)], type_name, True, size)
     if type_name == "BF16":
         bits = np.ascontiguousarray(raw).view(np.uint16).reshape(raw.shape[0], cols)
-        return ConvertedTensor(get_quantization("q0bf16"), [bits], type_name, True)
+        return ConvertedTensor(get_quantization("q0bf16"), [bits], type_name, True, size)
     if type_name in _EXACT:
         spec = get_quantization(NATIVE[type_name])
-        return ConvertedTensor(spec, _EXACT[type_name](raw), type_name, True)
+        return ConvertedTensor(spec, _EXACT[type_name](raw), type_name, True, size)
     gguf = _gguf()
     qtype = getattr(gguf.GGMLQuantizationType, type_name)
     w = gguf.quants.dequantize(np.ascontiguousarray(raw), qtype).reshape(raw.shape[0], cols)
     target = stored_spec(type_name)
-    return ConvertedTensor(get_quantization(target), quantize_to(w, target), type_name, False)
+    stored = quantize_to(w, target)
+    return ConvertedTensor(get_quantization(target), stored, type_name, False, size)
 
 
 def widest(specs: list[QuantSpec]) -> QuantSpec:
@@ -151,4 +166,5 @@ def fuse_rows(parts: list[ConvertedTensor], cols: int) -> ConvertedTensor:
     fused = [np.concatenate(group, axis=0) for group in zip(*arrays, strict=True)]
     lossless = all(p.lossless for p in parts) and all(same)
     sources = "+".join(sorted({p.source_type for p in parts}))
-    return ConvertedTensor(target, fused, sources, lossless)
+    size = sum(p.source_nbytes for p in parts)
+    return ConvertedTensor(target, fused, sources, lossless, size)

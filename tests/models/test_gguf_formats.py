@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 ATOL = 1e-4
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "BF16"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "BF16"])
 def test_conversion_is_bit_exact(qtype: str) -> None:
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((48, 96)) * 0.1).astype(np.float32)
