@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` namespace pac
 from bench._common import best_time, prefill_tok_s, print_table
 from mlctrio.models import attention_cpu
 from mlctrio.models.compile import compile_model
-from mlctrio.models.llama import SMALL, TINY, LlamaConfig
+from mlctrio.models.llama_config import SMALL, TINY, LlamaConfig
 from mlctrio.models.weights import hf_to_mlc, mlc_to_params, random_hf_weights
 from mlctrio.runtime.tvm_runner import TVMRunner
 

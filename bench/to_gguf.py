@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlctrio.models import formats
-from mlctrio.models.llama import LlamaConfig
+from mlctrio.models.llama_config import LlamaConfig
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = 32  # weights per q8_0 / q4_0 block (one scale each)

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from ..errors import ModelLoadError
 from . import formats
-from .llama import LlamaConfig
+from .llama_config import LlamaConfig
 from .quantization import HF_QUANTIZATIONS, Scheme
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ import tvm
 from tvm.target import Target
 
 from mlctrio.config import cache_root
-from mlctrio.models.llama import LlamaConfig, LlamaForCausalLM
+from mlctrio.models.llama import LlamaForCausalLM
+from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.quantization import as_scheme
 from mlctrio.models.schedules import SCHEDULE_VERSION, cpu_schedule_pass, tag_foreign_pass
 from mlctrio.models.weights import ParamInfo

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from mlctrio.errors import ModelLoadError
 from mlctrio.models.gguf_quants import ConvertedTensor, convert, fuse_rows, stored_spec, widest
-from mlctrio.models.llama import LlamaConfig
+from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.quantization import QuantSpec, Scheme, get_quantization
 
 log = logging.getLogger(__name__)

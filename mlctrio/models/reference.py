@@ -13,7 +13,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from mlctrio.models.llama import LlamaConfig
+from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.quantization import (
     QuantSpec,
     Scheme,

@@ -21,7 +21,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from mlctrio.models.llama import LAYOUT_ATTR, LlamaConfig
+from mlctrio.models.llama import LAYOUT_ATTR
+from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.quantization import (
     TILE,
     TILE16,

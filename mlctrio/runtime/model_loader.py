@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import ServerConfig
 from ..errors import ConfigError, ModelLoadError
-from ..models import formats
+from ..models import hub
 from ..models.artifact import ModelArtifact, load_params, open_artifact
 from ..models.fetch import EMBEDDED_SCHEME, ensure_embedded
 from ..service import ModelInfo
@@ -44,7 +44,7 @@ def resolve_model_dir(model: str) -> Path:
         if preset not in PRESETS:
             raise ConfigError(f"unknown demo preset {preset!r} (known: {sorted(PRESETS)})")
         return ensure_demo_model(preset)
-    return formats.resolve_model_path(model)
+    return hub.resolve_model_path(model)
 
 
 def footprint(art: ModelArtifact, param_infos: list[Any]) -> ModelFootprint:

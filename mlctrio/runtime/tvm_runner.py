@@ -30,7 +30,7 @@ from tvm import relax
 
 from mlctrio.engine.runner import LaunchHook
 from mlctrio.errors import EngineError, ModelLoadError
-from mlctrio.models.llama import LlamaConfig
+from mlctrio.models.llama_config import LlamaConfig
 
 log = logging.getLogger(__name__)
 

@@ -174,7 +174,7 @@ def test_engine_direct_measurement_runs() -> None:
 
 def test_decode_weight_bytes_leave_out_an_untied_embedding() -> None:
     from bench.runtime import decode_weight_bytes
-    from mlctrio.models.llama import TINY
+    from mlctrio.models.llama_config import TINY
 
     sizes = [
         ("model.embed_tokens.weight", 1000),

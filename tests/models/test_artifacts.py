@@ -175,7 +175,7 @@ def test_impossible_settings_fail_clearly() -> None:
 def test_cuda_library_compiles_from_the_same_definition(tmp_path: Path) -> None:
     """No GPU here: compile (nvcc/NVRTC through TVM) and check the library's entry points.
     Running it is tested only where a GPU exists."""
-    from mlctrio.models.llama import TINY
+    from mlctrio.models.llama_config import TINY
 
     compiled = compile_model(TINY, "q4f16_1", target="cuda", cache_dir=tmp_path)
     data = compiled.lib_path.read_bytes()

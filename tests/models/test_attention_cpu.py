@@ -18,7 +18,7 @@ import tvm
 
 from mlctrio.models import attention_cpu as ac
 from mlctrio.models.compile import build_irmodule, host_cpu_target
-from mlctrio.models.llama import TINY
+from mlctrio.models.llama_config import TINY
 
 pytestmark = pytest.mark.slow
 

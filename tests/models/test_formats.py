@@ -21,12 +21,12 @@ from mlctrio.models.formats import (
     read_mlc_chat_config,
     read_mlc_params,
     read_safetensors,
-    resolve_model_path,
     write_mlc_chat_config,
     write_mlc_params,
     write_safetensors,
     write_safetensors_sharded,
 )
+from mlctrio.models.hub import resolve_model_path
 
 
 def _tensors(seed: int = 0) -> dict[str, np.ndarray]:

@@ -16,7 +16,8 @@ import pytest
 
 from mlctrio.models.compile import compile_model, host_cpu_target
 from mlctrio.models.gguf_quants import convert, quantize_to
-from mlctrio.models.llama import TINY, has_vnni
+from mlctrio.models.llama import has_vnni
+from mlctrio.models.llama_config import TINY
 from mlctrio.models.quantization import Scheme, effective_weight_np, get_quantization
 from mlctrio.models.reference import ReferenceLlama
 from mlctrio.models.weights import hf_to_mlc, mlc_to_params, random_hf_weights

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from mlctrio.errors import ModelLoadError
-from mlctrio.models.formats import read_safetensors, resolve_model_path, write_safetensors
+from mlctrio.models.formats import read_safetensors, write_safetensors
+from mlctrio.models.hub import resolve_model_path
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -126,9 +127,9 @@ def test_downloads_only_what_a_model_needs_then_works_offline(
 ) -> None:
     hub.repos["org/tiny"] = _checkpoint(tmp_path)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    with caplog.at_level(logging.INFO, logger="mlctrio.models.formats"):
+    with caplog.at_level(logging.INFO, logger="mlctrio.models.hub"):
         folder = resolve_model_path("HF://org/tiny")
-    messages = [r.getMessage() for r in caplog.records if r.name == "mlctrio.models.formats"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "mlctrio.models.hub"]
     assert messages[0].startswith(f"downloading HF://org/tiny from {hub.url}: 4 files")
     assert any(
         m.startswith("downloading HF://org/tiny: ") and m.endswith("(100%)") for m in messages

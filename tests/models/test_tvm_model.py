@@ -23,7 +23,8 @@ from tvm.target import Target
 
 from mlctrio.errors import EngineError
 from mlctrio.models.compile import CompiledModel, compile_model, host_cpu_target
-from mlctrio.models.llama import TINY, LlamaConfig, has_vnni
+from mlctrio.models.llama import has_vnni
+from mlctrio.models.llama_config import TINY, LlamaConfig
 from mlctrio.models.quantization import get_quantization
 from mlctrio.models.reference import ReferenceLlama, RefKVCache
 from mlctrio.models.weights import hf_to_mlc, mlc_to_params, param_infos, random_hf_weights

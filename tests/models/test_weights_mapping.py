@@ -6,7 +6,7 @@ import attrs
 import numpy as np
 import pytest
 
-from mlctrio.models.llama import TINY, LlamaConfig
+from mlctrio.models.llama_config import TINY, LlamaConfig
 from mlctrio.models.quantization import (
     TILE16,
     dequantize_group_np,
