@@ -165,8 +165,8 @@ class Scheme:
     @property
     def name(self) -> str:
         items = [f"{m}={s.name}" for m, s in sorted(self.overrides.items()) if s != self.default]
-        if self.activations != "auto":
-            items.append(f"act={self.activations}")
+        if self.activations != "auto" and any(spec.is_group for spec in self.specs):
+            items.append(f"act={self.activations}")  # (float weights take float inputs anyway)
         return ";".join([self.default.name, *items])
 
     def with_activations(self, activations: str) -> Scheme:

@@ -61,6 +61,8 @@ SCHEMES = {
     "q4_1": "q4_1",
     "q8_0": "q8_0",
     "bf16": "q0bf16",
+    "q8f32_1": "q8f32_1",  # HF checkpoints quantized on load to 8 bit (same kernel as q8_0)
+    "q4_1_f32_act": "q4_1;act=f32",  # GGUF files' default: float activations on a VNNI CPU
     "mixed": "q4_1;model.embed_tokens=q8_0;model.layers.1.mlp.down_proj=q4_0"
     ";model.layers.0.self_attn.qkv_proj=q0f16",
 }
@@ -80,7 +82,8 @@ def test_compiled_matches_reference(name: str, request: pytest.FixtureRequest) -
         max_total_seq_length=1024,
         prefill_chunk_size=128,
     )
-    ref = ReferenceLlama(TINY, weights, scheme, int8=has_vnni(host_cpu_target()))
+    int8 = has_vnni(host_cpu_target()) and scheme.activations != "f32"
+    ref = ReferenceLlama(TINY, weights, scheme, int8=int8)
     cache = ref.new_cache()
     rng = np.random.default_rng(0)
     for seq in (0, 1, 2):
