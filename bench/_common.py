@@ -1,5 +1,6 @@
-"""Shared by the bench scripts (and tests): a `mlctrio serve` subprocess on a free loopback port,
-best-of-N timing, the prefill measurement of the runtime benchmarks, a table printer."""
+"""Shared by the bench scripts (and tests): a `mlctrio serve` subprocess on a free loopback port
+(and its command line), best-of-N timing, the prefill measurement of the runtime benchmarks, a
+table printer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,6 +78,17 @@ def open_mlctrio_server(
             yield url
         finally:
             _stop(proc)
+
+
+def mlctrio_serve_cmd(
+    model: str | Path, port: int | str, extra: Sequence[str] = (), *, mode: str = "server"
+) -> list[str]:
+    """`python -m mlctrio serve MODEL --mode MODE --port PORT --log-level warning *extra` (MODEL: a
+    GGUF file, a directory, demo://...; "{port}" may stand for a port picked later)."""
+    return [
+        sys.executable, "-m", "mlctrio", "serve", str(model), "--mode", mode,
+        "--port", str(port), "--log-level", "warning", *extra,
+    ]  # fmt: skip
 
 
 def print_table(

@@ -2,6 +2,8 @@
 
     python bench/compare.py --model small --quant f32
     python bench/compare.py --model small --quant q4 --concurrency 1,4,8,16 --output-tokens 64
+    python bench/compare.py --gguf FILE.gguf                        # any GGUF, both servers
+    python bench/compare.py --gguf FILE.gguf --gguf-type Q8_0 --activations q8
 
 For each server in turn (only one is ever running, so they never compete for the cores):
 
@@ -22,7 +24,14 @@ Results go to JSON (every round, the table's best round per level, the ratios, l
 llama-server version) and a PNG. `--repeat N` runs N rounds that alternate the servers and keeps,
 per server and level, the round with the best output throughput (the least disturbed one).
 
-Quantization presets (`--quant`):
+`--gguf FILE` serves one GGUF file on both sides instead (no conversion, `--model`/`--quant`
+ignored): `mlctrio serve FILE --mode server` (with `--activations` when given: q8 is llama.cpp-style
+int8 activations) and `llama-server -m FILE` with the same `--threads`, as many slots as the highest
+concurrency level (unless `--parallel` says otherwise) and each slot's context sized for one
+request. `--gguf-type T` first makes FILE's T version with llama-quantize (bench/llama_cpp.py,
+cached), e.g. Q8_0 or F32 from a Q4_1 file.
+
+Quantization presets (`--quant`, demo models):
 
     f32: mlctrio q0f32     vs GGUF f32   (the same numbers on both sides)
     q8:  mlctrio q0f32     vs GGUF q8_0  (mlctrio has no 8-bit format: not like for like)
@@ -38,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import signal
@@ -54,6 +62,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import llama_cpp
+from bench._common import mlctrio_serve_cmd
+from bench.compare_report import best_runs, comparison_rows, plot, ratios, round_ratio_lines
 from bench.serve import LoadConfig, LoadResult, format_table, run_sweep
 from bench.to_gguf import cached_gguf
 
@@ -77,39 +87,60 @@ def _model_ref(model: str) -> str:
     return f"demo://{model}" if model in ("tiny", "small") else model
 
 
+def gguf_label(gguf: Path) -> str:
+    """The type in a GGUF file name ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "Q4_1"), else "gguf"."""
+    stem = gguf.name.removesuffix(".gguf")
+    suffix = stem.rsplit(".", 1)[-1] if "." in stem else ""
+    return suffix if suffix and suffix[0] in "QFBI" and len(suffix) <= 8 else "gguf"
+
+
+def resolve_gguf(args: argparse.Namespace) -> Path | None:
+    """--gguf, requantized by llama-quantize when --gguf-type asks for it; None without --gguf."""
+    if args.gguf is None:
+        return None
+    if args.gguf_type:
+        return llama_cpp.cached_quantized_gguf(args.gguf, args.gguf_type)
+    return Path(args.gguf)
+
+
+def llama_parallel(args: argparse.Namespace) -> int:
+    """llama-server's slots: --parallel, else the highest concurrency (--gguf) or 8 (demo)."""
+    if args.parallel is not None:
+        return int(args.parallel)
+    return max(args.concurrency) if args.gguf is not None else 8
+
+
 def build_targets(args: argparse.Namespace) -> list[Target]:
     """The servers to run, in order, with their command lines."""
-    from mlctrio.runtime.model_loader import resolve_model_dir
-
-    mlc_quant, gguf_type = QUANT_PRESETS[args.quant]
-    mlc_quant = args.mlc_quant or mlc_quant
-    model_dir = resolve_model_dir(_model_ref(args.model))
     threads = str(args.threads)
     # Pin every thread pool we know of, so "2 threads" means the same on each side.
     thread_env = {"TVM_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
     ctx_per_slot = max(512, args.prompt_tokens + args.output_tokens + 64)
     targets: list[Target] = []
     wanted = set(args.servers)
-    if "mlctrio" in wanted:
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlctrio",
-            "serve",
-            str(model_dir),
-            "--mode",
-            "server",
-            "--quantization",
-            mlc_quant,
-            "--port",
-            "{port}",
-            "--log-level",
-            "warning",
-        ]
+    gguf = resolve_gguf(args)
+    if gguf is not None:
+        gguf_type = gguf_label(gguf)
+        print(f"GGUF: {gguf}", flush=True)
+    else:
+        mlc_quant, gguf_type = QUANT_PRESETS[args.quant]
+        mlc_quant = args.mlc_quant or mlc_quant
+    if "mlctrio" in wanted and gguf is not None:
+        extra = ["--activations", args.activations] if args.activations else []
         if args.mlctrio_overrides:
-            cmd += ["--overrides", args.mlctrio_overrides]
+            extra += ["--overrides", args.mlctrio_overrides]
+        name = f"mlctrio[{gguf_type}{'/' + args.activations if args.activations else ''}]"
+        targets.append(Target(name, mlctrio_serve_cmd(gguf, "{port}", extra), thread_env))
+    elif "mlctrio" in wanted:
+        from mlctrio.runtime.model_loader import resolve_model_dir
+
+        model_dir = resolve_model_dir(_model_ref(args.model))
+        extra = ["--quantization", mlc_quant]
+        if args.mlctrio_overrides:
+            extra += ["--overrides", args.mlctrio_overrides]
+        cmd = mlctrio_serve_cmd(model_dir, "{port}", extra)
         targets.append(Target(f"mlctrio[{mlc_quant}]", cmd, thread_env))
-    if "llama.cpp" in wanted or "llama-cpp-python" in wanted:
+    if gguf is None and ("llama.cpp" in wanted or "llama-cpp-python" in wanted):
         gguf = cached_gguf(_model_ref(args.model), gguf_type)
         print(f"GGUF: {gguf}", flush=True)
     if "llama.cpp" in wanted:
@@ -119,7 +150,7 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
             gguf,
             "{port}",
             threads=args.threads,
-            parallel=args.parallel,
+            parallel=llama_parallel(args),
             ctx_per_slot=ctx_per_slot,
         )
         targets.append(Target(f"llama.cpp[{gguf_type}]", cmd, thread_env))
@@ -224,106 +255,6 @@ def run_target(target: Target, configs: Sequence[LoadConfig], log_dir: Path) -> 
     }
 
 
-# -- report ------------------------------------------------------------------------------------
-
-_COLUMNS = (
-    ("out tok/s", lambda r: r.output_throughput, 1.0),
-    ("TTFT p50", lambda r: r.summary("ttft").p50, 1e3),
-    ("TTFT p99", lambda r: r.summary("ttft").p99, 1e3),
-    ("TPOT p50", lambda r: r.summary("tpot").p50, 1e3),
-    ("TPOT p99", lambda r: r.summary("tpot").p99, 1e3),
-)
-
-
-def _fmt(x: float, scale: float) -> str:
-    return "-" if math.isnan(x) else f"{x * scale:.1f}"
-
-
-def comparison_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """One row per (metric, concurrency): the metric for every server, then the ratio
-    mlctrio / llama.cpp, plus failed requests (a level with failures is less comparable)."""
-    names = [run["name"] for run in runs]
-    base = next((i for i, n in enumerate(names) if n.startswith("llama.cpp")), None)
-    ours = next((i for i, n in enumerate(names) if n.startswith("mlctrio")), None)
-    with_ratio = base is not None and ours is not None
-    header = ["metric", "conc", *names, *(["mlctrio/llama.cpp"] if with_ratio else []), "failed"]
-    rows = []
-    levels = [r.config.concurrency for r in runs[0]["results"]]
-    for col, get, scale in _COLUMNS:
-        unit = "" if col.startswith("out") else " (ms)"
-        for li, conc in enumerate(levels):
-            results = [run["results"][li] for run in runs]
-            values = [get(r) for r in results]
-            row = [col + unit, str(conc), *(_fmt(v, scale) for v in values)]
-            if with_ratio:
-                b, o = values[base], values[ours]  # type: ignore[index]
-                row.append("-" if not (b and o) or math.isnan(b + o) else f"{o / b:.2f}")
-            row.append("/".join(str(r.num_failed) for r in results))
-            rows.append(row)
-    return header, rows
-
-
-def best_runs(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per server and concurrency level, the round with the highest output throughput: on a
-    shared machine the least disturbed run is the closest to what the server can do (the same
-    rule as bench/runtime.py's best-of-N). Every round stays in the JSON."""
-    best = []
-    for i, first in enumerate(rounds[0]):
-        results = [
-            max((rnd[i]["results"][li] for rnd in rounds), key=lambda r: r.output_throughput)
-            for li in range(len(first["results"]))
-        ]
-        best.append({**first, "results": results})
-    return best
-
-
-def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """mlctrio / llama.cpp per concurrency and metric, for the JSON."""
-    names = [run["name"] for run in runs]
-    try:
-        base = next(r for r, n in zip(runs, names, strict=True) if n.startswith("llama.cpp"))
-        ours = next(r for r, n in zip(runs, names, strict=True) if n.startswith("mlctrio"))
-    except StopIteration:
-        return []
-    out = []
-    for rb, ro in zip(base["results"], ours["results"], strict=True):
-        entry: dict[str, Any] = {"concurrency": rb.config.concurrency}
-        for col, get, _ in _COLUMNS:
-            b, o = get(rb), get(ro)
-            entry[col] = None if not b or math.isnan(b + o) else o / b
-        out.append(entry)
-    return out
-
-
-def plot(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Throughput and latency percentiles against concurrency, one line per server."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return False
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
-    panels = [*_COLUMNS, ("E2E p50", lambda r: r.summary("e2e").p50, 1e3)]
-    for ax, (col, get, scale) in zip(axes.flat, panels, strict=True):
-        for run in runs:
-            conc = [r.config.concurrency for r in run["results"]]
-            ax.plot(conc, [get(r) * scale for r in run["results"]], "o-", label=run["name"])
-        ax.set_title(col + ("" if col.startswith("out") else " (ms, log scale)"))
-        if not col.startswith("out"):
-            ax.set_yscale("log")  # the servers can be orders of magnitude apart
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 def _int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -335,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="small", help="tiny, small (demo presets) or a path")
     p.add_argument("--quant", choices=sorted(QUANT_PRESETS), default="f32")
     p.add_argument("--mlc-quant", help="override mlctrio's quantization (e.g. q0f16)")
+    p.add_argument("--gguf", type=Path, help="serve this GGUF file on both sides (see above)")
+    p.add_argument("--gguf-type", help="with --gguf: llama-quantize it to this type first (Q8_0)")
+    p.add_argument("--activations", help="with --gguf: mlctrio serve --activations (e.g. q8)")
     p.add_argument(
         "--servers",
         default=",".join(SERVERS),
@@ -352,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=2, help="discarded requests before each level")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parallel", type=int, default=8, help="llama-server slots (-np)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="llama-server slots (-np); default 8, with --gguf the highest --concurrency",
+    )
     p.add_argument("--mlctrio-overrides", help='passed as --overrides, e.g. "max_num_sequence=8"')
     p.add_argument("--max-time", type=float, default=900.0, help="hard stop per level, s")
     p.add_argument(
@@ -362,8 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_names(args: argparse.Namespace, names: Sequence[str]) -> tuple[str, str]:
+    """(file stem, title) of a run: the model or GGUF file, the servers, the load."""
+    if args.gguf is not None:
+        what = Path(args.gguf).name.removesuffix(".gguf")
+        stem = f"compare-{what}-{args.gguf_type or 'as-is'}-{args.activations or 'default'}"
+        what += f" -> {args.gguf_type}" if args.gguf_type else ""
+    else:
+        what, stem = args.model, f"compare-{Path(args.model).name}-{args.quant}"
+    title = (
+        f"{what}: {' vs '.join(names)}, {args.threads} threads, "
+        f"prompt {args.prompt_tokens} tok, output {args.output_tokens} tok"
+    )
+    return stem, title
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.gguf is None and (args.gguf_type or args.activations):
+        p.error("--gguf-type and --activations need --gguf")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
         raise SystemExit(f"unknown servers {sorted(unknown)}; known: {SERVERS}")
@@ -395,18 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     runs = best_runs(rounds)
 
-    stem = f"compare-{Path(args.model).name}-{args.quant}"
+    stem, title = run_names(args, [t.name for t in targets])
     header, rows = comparison_rows(runs)
-    mlc_quant, gguf_type = QUANT_PRESETS[args.quant]
-    title = (
-        f"{args.model}: mlctrio {args.mlc_quant or mlc_quant} vs GGUF {gguf_type}, "
-        f"{args.threads} threads, prompt {args.prompt_tokens} tok, output {args.output_tokens} tok"
-    )
     print(
         f"\n{title}\n(latencies in ms; ratio = mlctrio / llama.cpp: tok/s > 1 and latency < 1 "
         "favour mlctrio)"
     )
     print(format_table(header, rows, markdown=False))
+    if len(rounds) > 1:
+        print("\n".join(round_ratio_lines(rounds)))
     meta = {
         "title": title,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

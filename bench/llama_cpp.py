@@ -1,7 +1,9 @@
-"""llama.cpp for the comparison benchmarks: build `llama-server` once, run it, ask it for tokens.
+"""llama.cpp for the comparison benchmarks: build `llama-server` and `llama-quantize` once, run
+them, ask the server for tokens.
 
     python bench/llama_cpp.py                 # build (or find) llama-server, print its path
     python bench/llama_cpp.py --version 0.3.36
+    python bench/llama_cpp.py --quantize FILE.gguf --type Q8_0   # print the cached Q8_0 file
 
 `ensure_llama_server()` returns a `llama-server` binary, from (in this order):
 
@@ -16,6 +18,20 @@
 `find_llama_server()` does 1-2 only (tests use it to skip rather than build). The sources and
 the build live only in the cache, never in the repository.
 
+Every binary in BUILD_TARGETS is found the same way (`find_llama_binary(name)`; for
+`llama-quantize`, $MLCTRIO_LLAMA_QUANTIZE overrides the cache). `build.ok` lists the cmake flags
+and the targets built with them; a target is "cached" only when its binary exists *and* the marker
+lists it under the current flags. A missing target in an existing build tree configured with the
+same flags is built incrementally (`cmake --build build --target NAME`, minutes: the libraries are
+already compiled) and added to the marker; any other case (no tree, other flags) configures and
+builds every target.
+
+`quantize_gguf(src, dest, type)` runs `llama-quantize --allow-requantize` (a source that is
+already quantized, e.g. SmolLM2's Q4_1, is dequantized and requantized: the result's weights are
+the source's rounded again, not the original checkpoint's); `cached_quantized_gguf(src, type)`
+keeps the result at `<cache>/gguf/<stem>-<sha256[:12] of src>.<TYPE>.gguf`, written to a temporary
+name and renamed, so a half-written file is never found.
+
 `LlamaServer` / `open_server` run a server on a loopback port and stop it by PID; `greedy_tokens`
 asks llama-server's native `/completion` endpoint for greedy continuations of a token-id prompt,
 with the top log-probabilities of every step (to tell a real mismatch from a near-tie).
@@ -26,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -66,7 +83,9 @@ CMAKE_FLAGS = (
     f"-DCMAKE_C_FLAGS={NO_AMX}",
     f"-DCMAKE_CXX_FLAGS={NO_AMX}",
 )
-BUILD_TARGETS = ("llama-server",)
+BUILD_TARGETS = ("llama-server", "llama-quantize")
+# $ENV naming a binary built elsewhere, per target
+BINARY_ENV = {"llama-server": "MLCTRIO_LLAMA_SERVER", "llama-quantize": "MLCTRIO_LLAMA_QUANTIZE"}
 
 
 def _cache_root() -> Path:
@@ -82,23 +101,37 @@ def _built_binary(version: str, name: str = "llama-server") -> Path:
     return cache_dir(version) / "build" / "bin" / name
 
 
-def find_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path | None:
-    """$MLCTRIO_LLAMA_SERVER or the cached build; None when neither exists (nothing is built)."""
-    env = os.environ.get("MLCTRIO_LLAMA_SERVER")
+def _marker_targets(version: str) -> tuple[str, ...]:
+    """The targets `build.ok` says were built with the current CMAKE_FLAGS; () when the marker is
+    missing, unreadable or from other flags. A marker older than the "targets" key stands for
+    llama-server alone (the only target then)."""
+    marker = cache_dir(version) / "build.ok"
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        data = json.loads(marker.read_text())
+        if data.get("flags") == list(CMAKE_FLAGS):
+            return tuple(data.get("targets") or ("llama-server",))
+    return ()
+
+
+def find_llama_binary(name: str, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path | None:
+    """`name`'s $ENV override (BINARY_ENV) or its cached build; None when neither exists."""
+    env = os.environ.get(BINARY_ENV.get(name, ""), "")
     if env:
         path = Path(env).expanduser()
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise FileNotFoundError(f"$MLCTRIO_LLAMA_SERVER={env} is not an executable file")
+            raise FileNotFoundError(f"${BINARY_ENV[name]}={env} is not an executable file")
         return path
-    built = _built_binary(version)
-    # The marker is written after a successful build: a binary without it may be half-linked,
-    # and one built with other flags is rebuilt (cmake reconfigures the same build tree).
-    marker = cache_dir(version) / "build.ok"
-    if built.is_file() and marker.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            if json.loads(marker.read_text()).get("flags") == list(CMAKE_FLAGS):
-                return built
+    built = _built_binary(version, name)
+    # The marker is written after a successful build: a binary it does not list may be
+    # half-linked, and one built with other flags is rebuilt (cmake reconfigures the same tree).
+    if built.is_file() and name in _marker_targets(version):
+        return built
     return None
+
+
+def find_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path | None:
+    """$MLCTRIO_LLAMA_SERVER or the cached build; None when neither exists (nothing is built)."""
+    return find_llama_binary("llama-server", version)
 
 
 def _say(message: str) -> None:
@@ -162,50 +195,75 @@ def _fetch_sources(version: str, dest: Path, log: IO[str]) -> None:
         shutil.move(str(Path(tmp) / "src"), dest)
 
 
-def build_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
-    """Download llama.cpp's sources (if needed) and build llama-server into the cache."""
+def _write_marker(version: str, targets: Sequence[str]) -> None:
+    (cache_dir(version) / "build.ok").write_text(
+        json.dumps({"version": version, "flags": CMAKE_FLAGS, "targets": list(targets)}) + "\n"
+    )
+
+
+def _cmake_build(root: Path, targets: Sequence[str], jobs: int, log: IO[str]) -> None:
+    build = ["cmake", "--build", str(root / "build"), "--config", "Release", f"-j{jobs}"]
+    _run_logged([*build, "--target", *targets], log)
+
+
+def build_llama_cpp(
+    version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2, targets: Sequence[str] = BUILD_TARGETS
+) -> None:
+    """Build `targets` into the cache: incrementally in a tree already configured with CMAKE_FLAGS
+    (only the missing targets; what is built stays), else sources (if needed), configure, and every
+    target of BUILD_TARGETS plus `targets`."""
     root = cache_dir(version)
     root.mkdir(parents=True, exist_ok=True)
+    built = _marker_targets(version)
+    missing = [t for t in targets if t not in built or not _built_binary(version, t).is_file()]
+    if not missing:
+        return
     with open(root / "build.log", "a") as log:
-        src = root / "src"
-        if not (src / "CMakeLists.txt").is_file():
-            shutil.rmtree(src, ignore_errors=True)
-            _fetch_sources(version, src, log)
-        _say(f"configuring {src} (log: {log.name})")
-        _run_logged(["cmake", "-S", str(src), "-B", str(root / "build"), *CMAKE_FLAGS], log)
-        _say(f"building {', '.join(BUILD_TARGETS)} with -j{jobs}: ~15-30 min on 2 cores, once")
         start = time.monotonic()
-        _run_logged(
-            [
-                "cmake",
-                "--build",
-                str(root / "build"),
-                "--config",
-                "Release",
-                f"-j{jobs}",
-                "--target",
-                *BUILD_TARGETS,
-            ],
-            log,
-        )
-        (root / "build.ok").write_text(
-            json.dumps({"version": version, "flags": CMAKE_FLAGS, "targets": BUILD_TARGETS}) + "\n"
-        )
+        if built and (root / "build" / "CMakeCache.txt").is_file():
+            _say(f"building {', '.join(missing)} in {root / 'build'} (incremental, -j{jobs})")
+            _cmake_build(root, missing, jobs, log)
+            _write_marker(version, [*built, *missing])
+        else:
+            src = root / "src"
+            if not (src / "CMakeLists.txt").is_file():
+                shutil.rmtree(src, ignore_errors=True)
+                _fetch_sources(version, src, log)
+            _say(f"configuring {src} (log: {log.name})")
+            _run_logged(["cmake", "-S", str(src), "-B", str(root / "build"), *CMAKE_FLAGS], log)
+            everything = list(dict.fromkeys([*BUILD_TARGETS, *targets]))
+            _say(f"building {', '.join(everything)} with -j{jobs}: ~15-30 min on 2 cores, once")
+            _cmake_build(root, everything, jobs, log)
+            _write_marker(version, everything)
         _say(f"built in {time.monotonic() - start:.0f} s")
+
+
+def build_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
+    """Download llama.cpp's sources (if needed) and build llama-server into the cache."""
+    build_llama_cpp(version, jobs, ("llama-server",))
     return _built_binary(version)
 
 
-def ensure_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
-    """A llama-server binary: found (see the module docstring), else built once into the cache."""
-    found = find_llama_server(version)
+def ensure_llama_binary(name: str, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
+    """A llama.cpp binary (one of BUILD_TARGETS): found, else built once into the cache (under a
+    file lock: another process may be building the same tree)."""
+    found = find_llama_binary(name, version)
     if found is not None:
         return found
     cache_dir(version).mkdir(parents=True, exist_ok=True)
     with open(cache_dir(version) / ".lock", "w") as lock:
         _say("waiting for the build lock" if _locked(lock) else "took the build lock")
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building: wait for it
-        found = find_llama_server(version)
-        return found if found is not None else build_llama_server(version, jobs)
+        found = find_llama_binary(name, version)
+        if found is None:
+            build_llama_cpp(version, jobs, (name,))
+            found = _built_binary(version, name)
+        return found
+
+
+def ensure_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Path:
+    """A llama-server binary: found (see the module docstring), else built once into the cache."""
+    return ensure_llama_binary("llama-server", version, jobs)
 
 
 def _locked(lock: IO[str]) -> bool:
@@ -225,6 +283,62 @@ def llama_server_version(binary: Path) -> str:
     )
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version")]
     return lines[0] if lines else "unknown"
+
+
+# -- llama-quantize ------------------------------------------------------------------------------
+
+# llama-quantize's type names (its QUANT_OPTIONS) that the benchmarks use; any other name it knows
+# works too, these are only checked for spelling.
+QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K_M")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def quantized_name(src: Path, qtype: str, sha256: str) -> str:
+    """`<stem>-<sha256[:12]>.<TYPE>.gguf`: the source's content, not its path, keys the file."""
+    return f"{src.name.removesuffix('.gguf')}-{sha256[:12]}.{qtype.upper()}.gguf"
+
+
+def quantize_gguf(
+    src: Path, dest: Path, qtype: str, *, threads: int = 2, binary: Path | None = None
+) -> Path:
+    """`llama-quantize --allow-requantize SRC DEST TYPE THREADS`; DEST appears only when done."""
+    binary = binary or ensure_llama_binary("llama-quantize")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    cmd = [str(binary), "--allow-requantize", str(src), str(tmp), qtype.upper(), str(threads)]
+    _say(f"quantizing {src.name} to {qtype.upper()}: {dest}")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            tail = (out.stdout + out.stderr)[-3000:]
+            raise RuntimeError(f"llama-quantize failed (exit {out.returncode}):\n{tail}")
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def cached_quantized_gguf(src: Path, qtype: str, *, threads: int = 2) -> Path:
+    """`src` requantized to `qtype` with llama-quantize, once: under `<cache>/gguf/` (see the
+    module docstring), made under a file lock so two processes do not both write it."""
+    src = Path(src).resolve()
+    root = cache_root() / "gguf"
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / quantized_name(src, qtype, file_sha256(src))
+    if dest.is_file():
+        return dest
+    with open(root / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not dest.is_file():
+            quantize_gguf(src, dest, qtype, threads=threads)
+    return dest
 
 
 # -- running servers ---------------------------------------------------------------------------
@@ -429,11 +543,11 @@ def greedy_tokens(
     return GreedyResult(tokens, tops)
 
 
-def tokenize(url: str, text: str) -> list[int]:
-    """llama-server's own tokenization of `text` (no special tokens added)."""
-    response = httpx.post(
-        url + "/tokenize", json={"content": text, "add_special": False}, timeout=30
-    )
+def tokenize(url: str, text: str, *, parse_special: bool = True) -> list[int]:
+    """llama-server's own tokenization of `text` (no BOS/EOS added; with `parse_special`, special
+    token strings such as "<|im_end|>" become their ids, as in chat prompts)."""
+    body = {"content": text, "add_special": False, "parse_special": parse_special}
+    response = httpx.post(url + "/tokenize", json=body, timeout=30)
     response.raise_for_status()
     return [int(t["id"]) if isinstance(t, dict) else int(t) for t in response.json()["tokens"]]
 
@@ -442,7 +556,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build (once) or find llama.cpp's llama-server.")
     p.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION, help="llama-cpp-python sdist")
     p.add_argument("-j", "--jobs", type=int, default=2)
+    p.add_argument("--quantize", type=Path, metavar="GGUF", help="requantize this file (cached)")
+    p.add_argument("--type", default="Q8_0", help=f"with --quantize: e.g. {', '.join(QUANT_TYPES)}")
     args = p.parse_args(argv)
+    if args.quantize is not None:
+        ensure_llama_binary("llama-quantize", args.version, args.jobs)
+        print(cached_quantized_gguf(args.quantize, args.type))
+        return 0
     binary = ensure_llama_server(args.version, args.jobs)
     print(binary)
     print(llama_server_version(binary))

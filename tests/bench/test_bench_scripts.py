@@ -399,3 +399,14 @@ def test_failed_quantize_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="unknown type"):
         llama_cpp.quantize_gguf(tmp_path / "in.gguf", dest, "Q9", binary=fake)
     assert list(tmp_path.iterdir()) == [fake]
+
+
+def test_max_logprob_diff() -> None:
+    from bench.gguf_parity import max_logprob_diff
+
+    # step 0: one normalisation shift (0.3) for every token: no spread
+    ours = [{"a": -0.1, "b": -2.0, "c": -5.0}, {"c": -0.5, "d": -1.0, "\ufffd": -1.0}]
+    theirs = [{"a": -0.4, "b": -2.3, "z": -1.0}, {"c": -0.2, "d": -1.5, "\ufffd": -9.0}]
+    assert max_logprob_diff(ours, theirs, 1) == pytest.approx(0.0)
+    assert max_logprob_diff(ours, theirs, 2) == pytest.approx(0.8)  # byte-token text skipped
+    assert max_logprob_diff([{"a": 0.0}], [{"a": -1.0, "b": 0.0}], 1) is None  # one shared
