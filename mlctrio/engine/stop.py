@@ -84,12 +84,15 @@ class StopMatcher:
         return best
 
 
-# llama.cpp (llama-vocab.cpp) marks special tokens with these texts as end-of-generation.
+# llama.cpp (llama_vocab::impl::load in llama-vocab.cpp) marks special tokens with these texts
+# as end-of-generation; runtime/gguf_tokenizer.py builds a GGUF file's EOG set from the same list.
 EOG_TOKEN_NAMES = frozenset(
-    ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-     "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-     "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<｜end▁of▁sentence｜>")
-)  # fmt: skip
+    """
+    <|eot_id|> <|im_end|> <|end|> <|return|> <|call|> <|flush|> <|calls|> <end_of_turn>
+    <|endoftext|> </s> <|eom_id|> <EOT> _<EOT> [EOT] [EOS] <|end_of_text|>
+    <end_of_utterance> <eos> <turn|> <|tool_response> <｜end▁of▁sentence｜> [e~[
+    """.split()
+)
 
 
 def named_eog_ids(special_tokens: Mapping[int, str]) -> frozenset[int]:

@@ -35,6 +35,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, processors
 
+from mlctrio.engine.stop import EOG_TOKEN_NAMES
 from mlctrio.engine.tokens import ChatTemplate
 from mlctrio.errors import ModelLoadError
 from mlctrio.runtime.chat_template import HFChatTemplate, conv_template_from_config
@@ -51,13 +52,7 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPM_SPACE = "\u2581"
 
 # Token texts llama.cpp treats as end of generation (and forces to control type).
-EOG_TEXTS = frozenset(
-    """
-    <|eot_id|> <|im_end|> <|end|> <|return|> <|call|> <|flush|> <|calls|> <end_of_turn>
-    <|endoftext|> </s> <|eom_id|> <EOT> _<EOT> [EOT] [EOS] <|end_of_text|>
-    <end_of_utterance> <eos> <turn|> <|tool_response> <｜end▁of▁sentence｜> [e~[
-    """.split()
-)
+EOG_TEXTS = EOG_TOKEN_NAMES  # llama.cpp's end-of-generation token texts (engine/stop.py)
 # FIM pad / repo / file-separator tokens, also end of generation in llama.cpp.
 _FIM_EOG_TEXTS = (
     ("fim_pad", ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")),

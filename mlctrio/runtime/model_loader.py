@@ -83,15 +83,13 @@ def tokenizer_and_template(art: ModelArtifact) -> tuple[Any, Any]:
     return tokenizer, load_chat_template(art.path, tokenizer)
 
 
-def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
+def model_library(
+    config: ServerConfig, art: ModelArtifact
+) -> tuple[Path, list[Any], dict[str, Any]]:
+    """(library, its param infos, how it was obtained): --model-lib, else compiled or cached."""
     from ..models.compile import compile_model
     from ..models.weights import param_infos
-    from .tvm_runner import TVMRunner
 
-    path = resolve_model_dir(config.model)
-    art = open_artifact(path, config.quantization, config.activations)
-    log.info("model %s: %s format, %s, %s", config.model, art.format, art.quantization, art.config)
-    tokenizer, template = tokenizer_and_template(art)
     if config.device == "cuda":
         # The CUDA library compiles from the same definition (`mlctrio compile --device cuda`),
         # but the runner drives the KV cache and weights on the CPU: refuse rather than ignore.
@@ -99,20 +97,27 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
     if config.device not in ("auto", "cpu", "llvm"):
         raise ConfigError(f"--device {config.device!r}: expected auto or cpu")
     if config.model_lib is not None:
-        lib: Path = Path(config.model_lib)
+        lib = Path(config.model_lib)
         if not lib.exists():
             raise ModelLoadError(f"--model-lib {lib} does not exist")
-        infos = param_infos(art.config, art.quantization)
-        compile_info: dict[str, Any] = {"library": str(lib), "source": "--model-lib"}
         log.info("using model library %s", lib)
-    else:
-        compiled = compile_model(art.config, art.quantization)
-        lib, infos = compiled.lib_path, compiled.params
-        compile_info = {
-            "library": str(lib),
-            "source": "cache" if compiled.cache_hit else "compiled",
-            "compile_s": round(compiled.compile_s, 2),
-        }
+        infos = param_infos(art.config, art.quantization)
+        return lib, infos, {"library": str(lib), "source": "--model-lib"}
+    compiled = compile_model(art.config, art.quantization)
+    source = "cache" if compiled.cache_hit else "compiled"
+    info = {"library": str(compiled.lib_path), "source": source,
+            "compile_s": round(compiled.compile_s, 2)}  # fmt: skip
+    return compiled.lib_path, compiled.params, info
+
+
+def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
+    from .tvm_runner import TVMRunner
+
+    path = resolve_model_dir(config.model)
+    art = open_artifact(path, config.quantization, config.activations)
+    log.info("model %s: %s format, %s, %s", config.model, art.format, art.quantization, art.config)
+    tokenizer, template = tokenizer_and_template(art)
+    lib, infos, compile_info = model_library(config, art)
     engine_config, estimate = resolve_engine_config(config, footprint(art, infos))
     if engine_config.prefill_chunk_size < engine_config.max_num_sequence:
         raise ConfigError(
