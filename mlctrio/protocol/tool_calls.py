@@ -20,7 +20,8 @@ Rules:
   text until their object closes. Keys in another order, or arguments that are not an object,
   are parsed when the call's object closes and sent in one delta (arguments re-serialised).
 - A call cut off by the end of the text (max_tokens) keeps the arguments that arrived (not
-  valid JSON); one cut off before its name completed is dropped.
+  valid JSON); one cut off before its name completed is dropped; an end marker cut off after a
+  complete call is dropped too (it is markup, never content).
 - Text that breaks the format (say `<tool_call>oops`) ends tool-call parsing: from the broken
   call on, everything is content. `</tool_call>` inside a hermes argument string ends the call.
 """
@@ -369,6 +370,11 @@ class ToolCallStreamParser:
                 return self._end_group()
             return False
         fmt, char = self._fmt, stripped[0]
+        if final and fmt.end and fmt.end.startswith(stripped) and not closed:
+            # The end marker cut off by the end of the text (max_tokens): markup, not content.
+            self._consume(len(stripped))
+            self._raw, self._state = "", "after_group"
+            return False
         if fmt.separator and char == fmt.separator:
             self._raw += self._consume(1)
             self._state = "lead"

@@ -168,6 +168,25 @@ def test_truncated_calls() -> None:
     assert summary(nameless) == ("Hi", []) and nameless.finish_reason("stop") == "stop"
 
 
+def test_end_marker_cut_after_a_complete_call_is_dropped() -> None:
+    """max_tokens inside `</tool_call>` after a complete call: the call stands, no markup leaks
+    into content, whatever the cut and however the text streams."""
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n'
+    for cut in range(len("</tool_call>")):
+        text = call + "</tool_call>"[:cut]
+        parsed = parse_tool_calls(text, "hermes")
+        assert parsed.content is None, (cut, parsed.content)
+        assert [(c.function.name, c.function.arguments) for c in parsed.tool_calls] == [
+            ("f", '{"a": 1}')
+        ]
+        parser = ToolCallStreamParser("hermes")
+        deltas = [parser.push(ch) for ch in text] + [parser.finish()]
+        assert not "".join(d.content for d in deltas)
+    # A genuine second call is still parsed after a complete first one.
+    two = parse_tool_calls(call + "</tool_call>\n" + call + "</tool_call>", "hermes")
+    assert len(two.tool_calls) == 2 and two.content is None
+
+
 def test_broken_call_becomes_content() -> None:
     broken = parse_tool_calls("a <tool_call>oops</tool_call> b", "hermes")
     assert summary(broken) == ("a <tool_call>oops</tool_call> b", [])
