@@ -9,10 +9,8 @@ tests/data/gguf_tokenize_golden.json when it was produced by llama.cpp's llama-t
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import pydoc_data.topics
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from mlctrio.runtime.chat_template import ConvTemplate, HFChatTemplate
 from mlctrio.runtime.gguf_pretokenizers import _REGEXES, pre_tokenizer_spec
 from mlctrio.runtime.gguf_tokenizer import chat_template_from_gguf, tokenizer_from_gguf
 from mlctrio.runtime.tokenizer import HFTokenizer
+from tests.spm_training import train_spm
 
 DATA = Path(__file__).parent.parent / "data"
 LLAMA_VOCAB_CPP = Path("/root/.cache/mlctrio/llama.cpp/0.3.36/src/src/llama-vocab.cpp")
@@ -313,27 +312,14 @@ def test_token_types_and_eog() -> None:
 
 @pytest.fixture(scope="module")
 def spm_model() -> sentencepiece.SentencePieceProcessor:
-    text = "\n".join(list(pydoc_data.topics.topics.values())[:60])
-    text += "\n日本語のテキスト。中文文本。emoji 🎉 test 12345.\n" * 20
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()),
-        model_writer=model,
+    proto = train_spm(
+        topics=60,
         vocab_size=800,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=0.9995,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
         user_defined_symbols=["<tool>"],
-        minloglevel=2,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
         add_dummy_prefix=True,
         split_digits=False,
     )
-    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    return sentencepiece.SentencePieceProcessor(model_proto=proto)
 
 
 def _spm_meta(sp: sentencepiece.SentencePieceProcessor) -> dict[str, Any]:

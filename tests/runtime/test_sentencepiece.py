@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import io
-import pydoc_data.topics
 from pathlib import Path
 
 import pytest
-import sentencepiece
 
 from mlctrio.runtime.tokenizer import load_tokenizer
+from tests.spm_training import train_spm
 
 
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("spm")
-    text = "\n".join(list(pydoc_data.topics.topics.values())[:80])
-    text += "\n日本語のテキスト。中文文本。emoji 🎉 test.\n" * 20
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()),
-        model_writer=model,
-        vocab_size=600,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=0.9995,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        minloglevel=2,
-        # As Llama's tokenizer.model: no NFKC folding, spaces kept, so decode(encode(x)) == x.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-    )
-    (root / "tokenizer.model").write_bytes(model.getvalue())
+    # Llama's tokenizer.model: no dummy prefix (the tests add the space themselves).
+    proto = train_spm(topics=80, vocab_size=600, add_dummy_prefix=False)
+    (root / "tokenizer.model").write_bytes(proto)
     (root / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
     return root
 
