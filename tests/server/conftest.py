@@ -181,7 +181,8 @@ def demo_server() -> Iterator[ServerHandle]:
                 max_num_sequence=16, max_total_seq_length=16384, prefill_chunk_size=256
             ),
             enable_debug=True,
-        )
+        ),
+        load_timeout_s=600,  # a machine without the compile cache generates and compiles first
     )
     yield handle
     handle.stop()
