@@ -61,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import llama_cpp
+from bench import llama_cpp, llama_server
 from bench._common import mlctrio_serve_cmd
 from bench.compare_report import best_runs, comparison_rows, plot, ratios, round_ratio_lines
 from bench.serve import LoadConfig, LoadResult, format_table, run_sweep
@@ -145,7 +145,7 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
         print(f"GGUF: {gguf}", flush=True)
     if "llama.cpp" in wanted:
         binary = llama_cpp.ensure_llama_server()
-        cmd = llama_cpp.llama_server_cmd(
+        cmd = llama_server.llama_server_cmd(
             binary,
             gguf,
             "{port}",
@@ -204,11 +204,11 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def run_target(target: Target, configs: Sequence[LoadConfig], log_dir: Path) -> dict[str, Any]:
     """Start one server, run one closed loop per config (concurrency level), stop the server
     (by PID, also on error or Ctrl-C)."""
-    port = llama_cpp.free_port()
+    port = llama_server.free_port()
     cmd = [arg.replace("{port}", str(port)) for arg in target.cmd]
     print(f"\n== {target.name}: {' '.join(cmd)}", flush=True)
     start = time.monotonic()
-    server = llama_cpp.start_server(
+    server = llama_server.start_server(
         target.name.split("[")[0],
         cmd,
         port,

@@ -51,7 +51,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import llama_cpp
+from bench import llama_cpp, llama_server
 from bench._common import mlctrio_serve_cmd, print_table
 
 TOKENIZE_TEXTS = (
@@ -266,10 +266,10 @@ def _first_model(url: str) -> str:
 
 @contextmanager
 def open_mlctrio(gguf: Path, threads: int, extra: Sequence[str]) -> Iterator[str]:
-    port = llama_cpp.free_port()
+    port = llama_server.free_port()
     cmd = mlctrio_serve_cmd(gguf, port, extra)
     env = {"TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    server = llama_cpp.start_server("mlctrio", cmd, port, env=env, startup_timeout_s=1800)
+    server = llama_server.start_server("mlctrio", cmd, port, env=env, startup_timeout_s=1800)
     try:
         yield server.url
     finally:
@@ -281,7 +281,7 @@ def run_parity(args: argparse.Namespace, gguf: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         t0 = time.monotonic()
         llama = stack.enter_context(
-            llama_cpp.open_llama_server(
+            llama_server.open_llama_server(
                 gguf, threads=args.threads, ctx_per_slot=1024, extra=shlex.split(args.llama_args)
             )
         ).url
@@ -291,13 +291,13 @@ def run_parity(args: argparse.Namespace, gguf: Path) -> dict[str, Any]:
         tok = check_tokenization(
             TOKENIZE_TEXTS,
             lambda t: mlctrio_tokenize(ours, model, t),
-            lambda t: llama_cpp.tokenize(llama, t),
+            lambda t: llama_server.tokenize(llama, t),
         )
         greedy = []
         for prompt in GREEDY_PROMPTS:
-            ids = llama_cpp.tokenize(llama, prompt)
+            ids = llama_server.tokenize(llama, prompt)
             our_toks, our_tops = mlctrio_greedy(ours, model, ids, args.tokens, args.top)
-            res = llama_cpp.greedy_tokens(llama, ids, args.tokens, n_probs=args.top)
+            res = llama_server.greedy_tokens(llama, ids, args.tokens, n_probs=args.top)
             their_toks = [vocab[t] for t in res.tokens]
             their_tops = [{vocab[i]: lp for i, lp in step} for step in res.top_logprobs]
             step, mg, lg, verdict = divergence(

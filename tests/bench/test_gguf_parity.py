@@ -33,6 +33,7 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the bench extra (pip install gguf) is not installed")
 
 from bench import llama_cpp  # noqa: E402
+from bench import llama_server as run  # noqa: E402
 from bench.to_gguf import convert, permute_qk, pre_tokenizer_name  # noqa: E402
 from mlctrio.models.demo import ensure_demo_model  # noqa: E402
 from mlctrio.models.formats import read_safetensors  # noqa: E402
@@ -162,7 +163,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     out = convert(
         "demo://tiny", tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", verbose=False
     )
-    with llama_cpp.open_llama_server(out, binary=binary, threads=2, ctx_per_slot=512) as server:
+    with run.open_llama_server(out, binary=binary, threads=2, ctx_per_slot=512) as server:
         yield server.url
 
 
@@ -206,10 +207,10 @@ def test_llama_cpp_greedy_matches_mlctrio(
     core, tokenizer = mlctrio_core
     ids = tokenizer.encode(prompt, add_special_tokens=False)  # type: ignore[attr-defined]
     # The GGUF tokenizer is the same tokenizer: same ids for the same text.
-    assert llama_cpp.tokenize(llama_server, prompt) == ids
+    assert run.tokenize(llama_server, prompt) == ids
 
     ours, our_tops = _mlctrio_greedy(core, ids)
-    theirs = llama_cpp.greedy_tokens(llama_server, ids, N_TOKENS, n_probs=TOP)
+    theirs = run.greedy_tokens(llama_server, ids, N_TOKENS, n_probs=TOP)
     assert len(ours) == len(theirs.tokens) == N_TOKENS
     if ours == theirs.tokens:
         return
@@ -259,9 +260,7 @@ def smollm2_llama_server(smollm2_gguf: Path) -> Iterator[str]:
             "llama-server is not built: run `python bench/llama_cpp.py` once (builds llama.cpp "
             f"into {llama_cpp.cache_dir()}, ~15-30 min on 2 cores) or set $MLCTRIO_LLAMA_SERVER"
         )
-    with llama_cpp.open_llama_server(
-        smollm2_gguf, binary=binary, threads=2, ctx_per_slot=512
-    ) as server:
+    with run.open_llama_server(smollm2_gguf, binary=binary, threads=2, ctx_per_slot=512) as server:
         yield server.url
 
 
@@ -276,7 +275,7 @@ def test_smollm2_tokenization_matches_llama_server(
     checks = check_tokenization(
         TOKENIZE_TEXTS,
         lambda text: tokenizer.encode(text, add_special_tokens=False),
-        lambda text: llama_cpp.tokenize(smollm2_llama_server, text),
+        lambda text: run.tokenize(smollm2_llama_server, text),
     )
     bad = [c for c in checks if not c.ok]
     assert not bad, "\n".join(
