@@ -1,4 +1,5 @@
-"""A small SentencePiece BPE model trained in memory, for the tokenizer tests.
+"""A small SentencePiece BPE model trained in memory, and its GGUF tokenizer metadata, for the
+tokenizer tests (and tests/data/make_spm_gguf_golden.py, which writes it as a GGUF file).
 
 Trained on Python's own help topics plus CJK and emoji lines, with byte fallback and the identity
 normalizer (as Llama's tokenizer.model: no NFKC folding, spaces kept, decode(encode(x)) == x).
@@ -36,3 +37,25 @@ def train_spm(*, topics: int, vocab_size: int, **options: Any) -> bytes:
         sentence_iterator=iter(text.splitlines()), model_writer=model, **settings
     )
     return model.getvalue()
+
+
+def spm_gguf_meta(sp: Any, user_defined: tuple[str, ...] = ("<tool>",)) -> dict[str, Any]:
+    """The "llama" tokenizer metadata a GGUF file would carry for this SentencePiece model:
+    pieces, scores and llama.cpp token types (2 unknown, 3 control, 6 byte, 4 user-defined)."""
+    n = sp.get_piece_size()
+
+    def kind(i: int) -> int:
+        for test, value in ((sp.is_unknown, 2), (sp.is_control, 3), (sp.is_byte, 6)):
+            if test(i):
+                return value
+        return 4 if sp.id_to_piece(i) in user_defined else 1
+
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+        "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+    }

@@ -3,9 +3,7 @@ tensors) and spm_tokenize_golden.json: llama.cpp's ids for it. Needs the `tok` p
 make_gguf_tokenize_golden.py compiles (pass its path): python make_spm_gguf_golden.py TOK
 """
 
-import io
 import json
-import pydoc_data.topics
 import random
 import subprocess
 import sys
@@ -15,47 +13,13 @@ import gguf
 import sentencepiece
 
 HERE = Path(__file__).parent
-text = (
-    "\n".join(list(pydoc_data.topics.topics.values())[:60])
-    + "\n日本語のテキスト。中文文本。emoji 🎉 test 12345.\n" * 20
-)
-model = io.BytesIO()
-sentencepiece.SentencePieceTrainer.train(
-    sentence_iterator=iter(text.splitlines()),
-    model_writer=model,
-    vocab_size=800,
-    model_type="bpe",
-    byte_fallback=True,
-    character_coverage=0.9995,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    user_defined_symbols=["<tool>"],
-    minloglevel=2,
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=True,
-)
-sp = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
-n = sp.get_piece_size()
+sys.path.insert(0, str(HERE.parent.parent))  # the repository root: `tests` is a package
 
+from tests.spm_training import spm_gguf_meta, train_spm  # noqa: E402
 
-def kind(i):
-    for t, v in ((sp.is_unknown, 2), (sp.is_control, 3), (sp.is_byte, 6)):
-        if t(i):
-            return v
-    return 4 if sp.id_to_piece(i) == "<tool>" else 1
-
-
-meta = {
-    "tokenizer.ggml.model": "llama",
-    "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
-    "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
-    "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
-    "tokenizer.ggml.bos_token_id": 1,
-    "tokenizer.ggml.eos_token_id": 2,
-    "tokenizer.ggml.unknown_token_id": 0,
-}
+proto = train_spm(topics=60, vocab_size=800, user_defined_symbols=["<tool>"], add_dummy_prefix=True)
+sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+meta = spm_gguf_meta(sp)
 w = gguf.GGUFWriter(str(HERE / "spm_tiny.gguf"), "llama")
 w.add_block_count(1)
 w.add_context_length(64)

@@ -24,7 +24,7 @@ from mlctrio.runtime.chat_template import ConvTemplate, HFChatTemplate
 from mlctrio.runtime.gguf_pretokenizers import _REGEXES, pre_tokenizer_spec
 from mlctrio.runtime.gguf_tokenizer import chat_template_from_gguf, tokenizer_from_gguf
 from mlctrio.runtime.tokenizer import HFTokenizer
-from tests.spm_training import train_spm
+from tests.spm_training import spm_gguf_meta, train_spm
 
 DATA = Path(__file__).parent.parent / "data"
 LLAMA_VOCAB_CPP = Path("/root/.cache/mlctrio/llama.cpp/0.3.36/src/src/llama-vocab.cpp")
@@ -323,23 +323,7 @@ def spm_model() -> sentencepiece.SentencePieceProcessor:
 
 
 def _spm_meta(sp: sentencepiece.SentencePieceProcessor) -> dict[str, Any]:
-    n = sp.get_piece_size()
-
-    def kind(i: int) -> int:
-        for test, value in ((sp.is_unknown, 2), (sp.is_control, 3), (sp.is_byte, 6)):
-            if test(i):
-                return value
-        return 4 if sp.id_to_piece(i) == "<tool>" else 1
-
-    return {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
-        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
-        "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.unknown_token_id": 0,
-    }
+    return spm_gguf_meta(sp)
 
 
 SPM_TEXTS = [t for t in TEXTS if "<|" not in t and t] + [
