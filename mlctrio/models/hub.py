@@ -99,16 +99,16 @@ def _hf_download(text: str, repo_id: str, revision: str | None, cache: Path) -> 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     token = os.environ.get("HF_TOKEN") or None  # None: huggingface_hub's saved token, if any
     where = endpoint or "the Hugging Face Hub"
+    where_from: dict[str, Any] = {
+        "revision": revision, "cache_dir": cache, "endpoint": endpoint, "token": token
+    }  # fmt: skip
     try:
         listing = snapshot_download(
             repo_id,
             allow_patterns=[*HF_WANTED, "*.gguf"],
             dry_run=True,
             tqdm_class=_hub_tqdm_class(None),
-            revision=revision,
-            cache_dir=cache,
-            endpoint=endpoint,
-            token=token,
+            **where_from,
         )
         names = [f.filename for f in listing]
         patterns = list(HF_WANTED)
@@ -134,10 +134,7 @@ def _hf_download(text: str, repo_id: str, revision: str | None, cache: Path) -> 
                 repo_id,
                 allow_patterns=patterns,
                 tqdm_class=_hub_tqdm_class(progress),
-                revision=revision,
-                cache_dir=cache,
-                endpoint=endpoint,
-                token=token,
+                **where_from,
             )
     except ModelLoadError:
         raise
