@@ -25,7 +25,6 @@ from .chat_template import load_chat_template
 from .constraints import ConstraintCompiler
 from .core import EngineCore
 from .tokenizer import load_tokenizer
-from .tool_prompt import detect_call_format
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,9 @@ def footprint(art: ModelArtifact, param_infos: list[Any]) -> ModelFootprint:
 
 
 def detect_tool_call_format(template: Any) -> str:
-    """The model's tool-call text format, from its chat template (hermes when unknown)."""
-    sources = " ".join(getattr(template, "templates", {}).values())
-    return detect_call_format(sources, str(getattr(template, "name", "")))
+    """The model's tool-call text format: the one its chat template renders calls in (both
+    template kinds know it), so the parser reads what the prompt showed (hermes otherwise)."""
+    return str(getattr(template, "call_format", "hermes"))
 
 
 def renders_tools(template: Any) -> bool:
