@@ -48,7 +48,28 @@ class Metrics:
             "mlctrio_num_requests_waiting", "Requests waiting for the engine.", lbl, registry=r
         ).labels(m)
         self.kv_cache_usage_ratio = Gauge(
-            "mlctrio_kv_cache_usage_ratio", "Fraction of KV-cache pages in use.", lbl, registry=r
+            "mlctrio_kv_cache_usage_ratio",
+            "Fraction of KV-cache pages held by requests (prefix-cache-only pages excluded).",
+            lbl,
+            registry=r,
+        ).labels(m)
+        self.kv_cache_cached_pages = Gauge(
+            "mlctrio_kv_cache_cached_pages",
+            "KV-cache pages held only by the prefix cache (reclaimable on demand).",
+            lbl,
+            registry=r,
+        ).labels(m)
+        self.prefix_cache_queries = Counter(
+            "mlctrio_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            lbl,
+            registry=r,
+        ).labels(m)
+        self.prefix_cache_hits = Counter(
+            "mlctrio_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            lbl,
+            registry=r,
         ).labels(m)
         self.prompt_tokens = Counter(
             "mlctrio_prompt_tokens", "Prompt tokens processed.", lbl, registry=r
@@ -97,7 +118,7 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         ).labels(m)
-        self._last_preemptions = 0
+        self._last_totals: dict[str, int] = {}  # the engine's running totals, last seen
 
     @property
     def time_to_first_token(self) -> Any:
@@ -122,14 +143,22 @@ class Metrics:
         self._aborted.labels(self.model_name, reason).inc()
 
     def observe_engine(self, stats: Any) -> None:
-        """Copy the engine core's gauges (called once per engine step, on the trio side)."""
+        """Copy the engine core's gauges and advance the counters by its totals' growth (called
+        once per engine step, on the trio side). A field the core does not report counts as 0."""
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage_ratio.set(stats.kv_cache_usage_ratio)
-        total = stats.num_preemptions_total
-        if total > self._last_preemptions:
-            self.num_preemptions.inc(total - self._last_preemptions)
-            self._last_preemptions = total
+        self.kv_cache_cached_pages.set(getattr(stats, "num_cached_pages", 0))
+        self._advance(self.num_preemptions, stats, "num_preemptions_total")
+        self._advance(self.prefix_cache_queries, stats, "num_prefix_cache_query_tokens_total")
+        self._advance(self.prefix_cache_hits, stats, "num_prefix_cache_hit_tokens_total")
+
+    def _advance(self, counter: Any, stats: Any, total_field: str) -> None:
+        total = int(getattr(stats, total_field, 0))
+        last = self._last_totals.get(total_field, 0)
+        if total > last:
+            counter.inc(total - last)
+            self._last_totals[total_field] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,12 +7,14 @@ the single engine worker thread; a runner is not thread-safe.
 Sequence ids are small non-negative ints chosen by the caller. Page accounting: a sequence of
 length L holds ceil(L / page_size) pages, except that a forked child shares its parent's full
 pages (copy-on-write at page granularity, as TVM's paged KV cache does).
+
+`PromptAwareRunner` is an optional extra hook (only the echo fake needs it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -65,3 +67,14 @@ class ModelRunner(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PromptAwareRunner(Protocol):
+    """Optional runner hook: told how many of a new sequence's tokens are the prompt.
+
+    Real models do not need it. The echo fake does, because "echo the prompt" is not a function of
+    the token sequence alone (chunked prefill and recompute look exactly like generation to it).
+    """
+
+    def set_prompt_length(self, seq_id: int, num_prompt_tokens: int) -> None: ...

@@ -1,26 +1,32 @@
-"""`EngineCore`: one synchronous engine step at a time — plan, run the model, sample, detokenize.
+"""`EngineCore`: one synchronous engine step at a time — admit, plan, run the model, sample.
 
-Driven by ONE worker thread (the trio bridge in service.py calls it); not thread-safe.
+Driven by ONE worker thread (the trio bridge in service.py calls it); not thread-safe. What a
+sampled token becomes (text, stops, logprobs, grammar, records) is `OutputProcessor`'s job
+(runtime/output_processor.py); this module admits requests, runs the step loop, keeps the runner
+in step with the scheduler and counts the statistics.
 
 Rules:
 
 * Every request ends with exactly one final `RequestOutput` (`finished=True`), whatever ends it:
-  stop, length, abort, engine error. Each choice gets `finish_reason` exactly once, on its last
-  delta. An abort (or `close()`) puts "abort" on every choice not yet finished.
-* Text goes token → per-choice incremental detokenizer → stop matcher (hold-back) → delta, so a
-  delta never splits a UTF-8 character nor leaks part of a stop string. Stop tokens appear in
-  `token_ids` (and usage) but neither their text nor a logprob entry is emitted. Tokens generated
-  before a preemption are kept and never emitted twice.
-* `Usage`: the prompt counted once (also for n > 1), completion tokens summed over choices.
-* A runner or sampler exception fails the requests of that batch (final record with `error`,
-  finish_reason "error") and the engine lives on.
+  stop, length, abort, engine error. An abort (or `close()`) puts "abort" on every choice not yet
+  finished. Tokens generated before a preemption are kept and never emitted twice.
+* Failures are contained as narrowly as they can be:
+  - a runner or sampler exception fails the requests of that batch;
+  - an exception in one request's own work (grammar mask or advance, detokenizing, stop matching,
+    logprobs, building its record) fails that request only: the others of the batch go on;
+  a failed request gets a final record with `error` and finish_reason "error" on its unfinished
+  choices, its sequences leave the runner once (never to the prefix cache), the scheduler forgets
+  it, and the engine lives on.
 * After each step the scheduler's page mirror equals the runner's cache (checked by the tests).
+* The sampler draws only ids the tokenizer knows (`sampling_vocab_size`): a model whose logits
+  are wider than its tokenizer (a padded embedding table) never yields a padding id.
 * `ignore_eos`: every end-of-generation token (engine/stop.py) gets a -inf logit before
   sampling (after the grammar mask), as in llama.cpp.
 * Prefix cache (`prefix_cache_mode="radix"`): a finished request's KV stays in the runner as a
   cached sequence, so an idle engine has `free_pages + num_cached_pages == total_pages`; `close()`
   removes cached sequences too. Output is the same with and without it; `Usage.cached_tokens`
-  counts the prompt tokens it saved.
+  counts the prompt tokens it saved. `kv_cache_usage_ratio` counts the pages requests hold, not
+  the reclaimable cached-only ones (vLLM's meaning), so a warm idle engine reports 0.
 """
 
 from __future__ import annotations
@@ -28,52 +34,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import attrs
 import numpy as np
-import numpy.typing as npt
 
 from ..config import EngineConfig
-from ..engine.request import Request
-from ..engine.runner import ModelRunner
+from ..engine.runner import ModelRunner, PromptAwareRunner
 from ..engine.scheduler import BatchEntry, Scheduler, StepPlan
-from ..engine.stop import StopMatcher, StopTokens, finish_for_token, named_eog_ids
-from ..engine.tokens import IncrementalDetokenizer, Tokenizer
-from ..engine.types import (
-    ChoiceDelta,
-    FinishReason,
-    GenerationRequest,
-    RequestOutput,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-)
+from ..engine.tokens import Tokenizer
+from ..engine.types import GenerationRequest, RequestOutput
 from ..errors import EngineError
 from .grammar import apply_bitmasks
-from .sampler import SampleOutput, Sampler, ban_tokens, make_generator
+from .output_processor import OutputProcessor, RequestState
+from .sampler import SampleOutput, Sampler, ban_tokens, sampling_vocab_size
 
 log = logging.getLogger(__name__)
 
-
-def _special_eog_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """The tokenizer's special tokens that llama.cpp treats as end-of-generation (by name)."""
-    specials = getattr(tokenizer, "special_token_ids", None)
-    id_to_token = getattr(tokenizer, "id_to_token", None)
-    if specials is None or id_to_token is None:
-        return frozenset()
-    return named_eog_ids({i: str(id_to_token(i)) for i in specials})
-
-
-@runtime_checkable
-class PromptAwareRunner(Protocol):
-    """Optional runner hook: told how many of a new sequence's tokens are the prompt.
-
-    Real models do not need it. The echo fake does, because "echo the prompt" is not a function of
-    the token sequence alone (chunked prefill and recompute look exactly like generation to it).
-    """
-
-    def set_prompt_length(self, seq_id: int, num_prompt_tokens: int) -> None: ...
+_Sampled = list[tuple[BatchEntry, int, int, SampleOutput]]  # (entry, branch, row, output)
 
 
 @attrs.frozen
@@ -85,33 +63,22 @@ class EngineStats:
     num_preemptions_total: int
     free_pages: int
     total_pages: int
-    kv_cache_usage_ratio: float  # used / total
+    kv_cache_usage_ratio: float  # pages held by requests / total (cached-only pages excluded)
     num_prompt_tokens_total: int  # prompt tokens of admitted requests, each request once
     num_generation_tokens_total: int  # tokens sampled
     num_prefix_cache_query_tokens_total: int = 0  # tokens looked up when prefills started
     num_prefix_cache_hit_tokens_total: int = 0  # of which reused (not computed)
     num_steps_total: int = 0
     num_cached_pages: int = 0  # held only by the prefix cache: reclaimable, not free
+    num_requests_failed_total: int = 0  # requests ended by an engine error
 
 
 @attrs.define
-class _Choice:
-    detok: IncrementalDetokenizer
-    stop: StopMatcher
-    generator: np.random.Generator
-    done: bool = False
-    matcher: Any = None  # grammar.GrammarMatcher for a constrained choice
+class _Step:
+    """One step's per-request results: who produced output, who failed (their final record)."""
 
-
-@attrs.define
-class _Tracked:
-    req: Request
-    choices: list[_Choice]
-    stop_tokens: StopTokens
-    banned: npt.NDArray[np.int64] | None = None  # ignore_eos: logits set to -inf
-    deltas: list[ChoiceDelta] = attrs.field(factory=list)  # this step's, flushed by _emit
-    prefill_started: bool = False
-    prefill_done: bool = False
+    touched: dict[str, RequestState] = attrs.field(factory=dict)
+    failed: dict[str, RequestOutput] = attrs.field(factory=dict)
 
 
 class EngineCore:
@@ -135,8 +102,6 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.config = config
         self._clock = clock
-        self._extra_stop_ids = tuple(extra_stop_token_ids)
-        self._eog_ids = _special_eog_ids(tokenizer)
         self._constraints = constraints
         self._hint = runner if isinstance(runner, PromptAwareRunner) else None
         self.scheduler = Scheduler(
@@ -151,16 +116,17 @@ class EngineCore:
                 else 0
             ),
         )
-        self._sampler = Sampler(runner.vocab_size)
+        self._out = OutputProcessor(tokenizer, extra_stop_token_ids)
+        self._sampler = Sampler(sampling_vocab_size(runner.vocab_size, tokenizer))
         self._seed_rng = np.random.default_rng()  # seeds requests that bring none
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, RequestState] = {}
         self._ready: list[RequestOutput] = []  # finished at add(): delivered by the next step
         self._live_seqs: set[int] = set()  # sequences that exist in the runner
-        self._token_text: dict[int, tuple[str, tuple[int, ...]]] = {}
         self._closed = False
         self._num_prompt_tokens_total = 0
         self._num_generation_tokens_total = 0
         self._num_steps_total = 0
+        self._num_requests_failed_total = 0
         self._events: list[tuple[str, str, float]] = []  # (request_id, name, time), drained
 
     # -- public API ---------------------------------------------------------------------------
@@ -179,31 +145,17 @@ class EngineCore:
             matchers = [self._constraints.matcher(params.constraint) for _ in range(params.n)]
         req = self.scheduler.add(request)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**63))
-        choices = [
-            _Choice(
-                detok=self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens),
-                stop=StopMatcher(params.stop),
-                generator=make_generator(seed, i),
-                matcher=matchers[i],
-            )
-            for i in range(params.n)
-        ]
-        stop_tokens = StopTokens.build(
-            self.tokenizer.eos_token_ids,
-            self._extra_stop_ids,
-            params.stop_token_ids,
-            ignore_eos=params.ignore_eos,
-            eog_ids=self._eog_ids,
-        )
-        banned = np.fromiter(sorted(stop_tokens.banned_ids), np.int64)
-        tracked = _Tracked(req, choices, stop_tokens, banned if banned.size else None)
+        try:
+            state = self._out.track(req, seed, matchers)
+        except BaseException:
+            self.scheduler.fail(req)  # queued only: no sequence to remove
+            raise
         self._num_prompt_tokens_total += req.num_prompt_tokens
         if req.is_terminal:  # no room for a single token: "length" at once
-            for i in range(params.n):
-                self._finish(tracked, i, "length")
-            self._ready.append(self._output(tracked))
+            self._out.finish_all(state, "length")
+            self._ready.append(self._out.output(state))
         else:
-            self._tracked[request.request_id] = tracked
+            self._tracked[request.request_id] = state
 
     def abort_request(self, request_id: str, reason: str = "abort") -> None:
         """Abort at the next step boundary; unknown or finished ids are ignored.
@@ -228,39 +180,38 @@ class EngineCore:
         outputs, self._ready = self._ready, []
         plan = self.scheduler.schedule()
         self._num_steps_total += 1
-        touched: dict[str, _Tracked] = {}
+        step = _Step()
         for req in plan.aborted:
-            tracked = self._tracked[req.request_id]
-            for i, choice in enumerate(tracked.choices):
-                if not choice.done:
-                    self._finish(tracked, i, "abort")
-            touched[req.request_id] = tracked
+            if (state := self._tracked.get(req.request_id)) is not None:
+                self._guarded(step, state, self._out.finish_all, state, "abort")
         for req, index in plan.length_capped:
-            tracked = self._tracked[req.request_id]
-            self._finish(tracked, index, "length", text=self._final_text(tracked.choices[index]))
-            touched[req.request_id] = tracked
-        now = self._clock()
-        for entry in plan.entries:
-            started = self._tracked.get(entry.request.request_id)
-            if started is not None and not started.prefill_started:
-                started.prefill_started = True
-                self._events.append((entry.request.request_id, "prefill_start", now))
+            if (state := self._tracked.get(req.request_id)) is not None:
+                self._guarded(step, state, self._finish_capped, state, index)
+        self._note_prefill_starts(plan)
         try:
-            sampled = self._run(plan)
+            sampled = self._run(plan, step)
         except Exception as exc:
             log.exception("engine step failed; failing %d request(s)", len(plan.entries))
-            outputs.extend(self._fail_batch(plan, f"engine error: {exc!r}", touched))
+            self._fail_batch(plan, f"engine error: {exc!r}", step)
         else:
             now = self._clock()
             for entry, index, row, out in sampled:
-                tracked = self._tracked[entry.request.request_id]
-                if not tracked.prefill_done:
-                    tracked.prefill_done = True
+                state = self._tracked.get(entry.request.request_id)
+                if state is None or entry.request.request_id in step.failed:
+                    continue  # failed earlier in this step: its other rows are moot
+                if not state.prefill_done:
+                    state.prefill_done = True
                     self._events.append((entry.request.request_id, "prefill_end", now))
-                self._on_token(tracked, index, row, out)
-                touched[entry.request.request_id] = tracked
-        for tracked in touched.values():
-            outputs.append(self._output(tracked))
+                self._guarded(step, state, self._on_token, state, index, row, out)
+        for request_id, state in step.touched.items():
+            try:
+                record = self._out.output(state)
+            except Exception as exc:
+                record = self._fail_request(state, exc)
+            if record.finished:
+                self._tracked.pop(request_id, None)
+            outputs.append(record)
+        outputs.extend(step.failed.values())
         return outputs
 
     def drain_events(self) -> list[tuple[str, str, float]]:
@@ -272,19 +223,21 @@ class EngineCore:
     def stats(self) -> EngineStats:
         pool = self.scheduler.pool
         cache = self.scheduler.prefix_cache
+        num_cached_pages = cache.num_cached_pages() if cache else 0
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_preemptions_total=self.scheduler.num_preemptions_total,
             free_pages=pool.num_free,
             total_pages=pool.total_pages,
-            kv_cache_usage_ratio=pool.num_used / pool.total_pages,
+            kv_cache_usage_ratio=(pool.num_used - num_cached_pages) / pool.total_pages,
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generation_tokens_total=self._num_generation_tokens_total,
             num_steps_total=self._num_steps_total,
             num_prefix_cache_query_tokens_total=cache.num_query_tokens_total if cache else 0,
             num_prefix_cache_hit_tokens_total=cache.num_hit_tokens_total if cache else 0,
-            num_cached_pages=cache.num_cached_pages() if cache else 0,
+            num_cached_pages=num_cached_pages,
+            num_requests_failed_total=self._num_requests_failed_total,
         )
 
     def close(self) -> list[RequestOutput]:
@@ -292,12 +245,11 @@ class EngineCore:
         if self._closed:
             return []
         outputs, self._ready = self._ready, []
-        for tracked in list(self._tracked.values()):
-            self._remove_seqs(self.scheduler.fail(tracked.req))
-            for i, choice in enumerate(tracked.choices):
-                if not choice.done:
-                    self._finish(tracked, i, "abort")
-            outputs.append(self._output(tracked))
+        for state in list(self._tracked.values()):
+            self._remove_seqs(self.scheduler.fail(state.req))
+            self._out.finish_all(state, "abort")
+            outputs.append(self._out.output(state))
+        self._tracked.clear()
         self._remove_seqs(self.scheduler.clear_prefix_cache())
         self._closed = True
         self.runner.close()
@@ -305,7 +257,15 @@ class EngineCore:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def _run(self, plan: StepPlan) -> list[tuple[BatchEntry, int, int, SampleOutput]]:
+    def _note_prefill_starts(self, plan: StepPlan) -> None:
+        now = self._clock()
+        for entry in plan.entries:
+            started = self._tracked.get(entry.request.request_id)
+            if started is not None and not started.prefill_started:
+                started.prefill_started = True
+                self._events.append((entry.request.request_id, "prefill_start", now))
+
+    def _run(self, plan: StepPlan, step: _Step) -> _Sampled:
         """Execute the plan on the runner and sample; returns (entry, branch, row, output)."""
         self._remove_seqs(plan.removed_seq_ids)
         for seq_id in plan.added_seq_ids:
@@ -326,139 +286,99 @@ class EngineCore:
             for child in entry.fork_seq_ids:
                 self.runner.fork_sequence(entry.seq_id, child)
                 self._live_seqs.add(child)
+        return self._sample(plan, logits, step)
+
+    def _sample(self, plan: StepPlan, logits: Any, step: _Step) -> _Sampled:
+        """Mask and sample the rows that sample a token; requests whose mask fails drop out."""
         rows = [(e, i, r) for r, e in enumerate(plan.entries) for i in e.sample_branches]
+        states = [self._tracked[e.request.request_id] for e, _, _ in rows]
+        selected = logits[np.fromiter((r for _, _, r in rows), np.int64, len(rows))]
+        matchers = [s.choices[i].matcher for s, (_, i, _) in zip(states, rows, strict=True)]
+        if any(m is not None for m in matchers) and not self._apply_masks(
+            selected, matchers, states, step
+        ):
+            keep = [k for k, s in enumerate(states) if s.req.request_id not in step.failed]
+            rows, states = [rows[k] for k in keep], [states[k] for k in keep]
+            selected = selected[keep]
         if not rows:
             return []
-        branches = [e.request.branches[i] for e, i, _ in rows]
-        choices = [self._tracked[e.request.request_id].choices[i] for e, i, _ in rows]
-        selected = logits[np.fromiter((r for _, _, r in rows), np.int64, len(rows))]
-        matchers = [c.matcher for c in choices]
-        if any(m is not None for m in matchers):
-            # Grammar masks on the constrained rows only; unconstrained rows pay nothing.
-            apply_bitmasks(selected, matchers)
-        banned = [self._tracked[e.request.request_id].banned for e, _, _ in rows]
+        banned = [s.banned for s in states]
         if any(b is not None for b in banned):
             ban_tokens(selected, banned)
         out = self._sampler.sample(
             selected,
             [e.request.spec.params for e, _, _ in rows],
-            [c.generator for c in choices],
-            [b.output for b in branches],
+            [s.choices[i].generator for s, (_, i, _) in zip(states, rows, strict=True)],
+            [e.request.branches[i].output for e, i, _ in rows],
             [e.request.spec.prompt_token_ids for e, _, _ in rows],
         )
         return [(e, i, k, out) for k, (e, i, _) in enumerate(rows)]
 
-    def _on_token(self, tracked: _Tracked, index: int, row: int, out: SampleOutput) -> None:
-        req = tracked.req
-        choice = tracked.choices[index]
-        token_id = int(out.token_ids[row])
-        self.scheduler.append_token(req, index, token_id)
+    def _apply_masks(
+        self, selected: Any, matchers: list[Any], states: list[RequestState], step: _Step
+    ) -> bool:
+        """Grammar masks on the constrained rows (unconstrained rows pay nothing). True when all
+        went well; otherwise each row is masked alone and the requests that fail are failed."""
+        try:
+            apply_bitmasks(selected, matchers)
+            return True
+        except Exception:
+            log.exception("grammar masks failed for the batch; masking row by row")
+        for k, matcher in enumerate(matchers):
+            if matcher is not None:
+                self._guarded(step, states[k], apply_bitmasks, selected[k : k + 1], [matcher])
+        return False
+
+    def _on_token(self, state: RequestState, index: int, row: int, out: SampleOutput) -> None:
+        req = state.req
+        self.scheduler.append_token(req, index, int(out.token_ids[row]))
         self._num_generation_tokens_total += 1
-        branch = req.branches[index]
-        stop_reason: str | int | None
-        reason, stop_reason = finish_for_token(
-            tracked.stop_tokens, token_id, branch.num_generated, req.max_new_tokens
-        )
-        stopped_by_token = reason == "stop"
-        if choice.matcher is not None and not stopped_by_token:
-            choice.matcher.accept_token(token_id)
-            if reason is None and (choice.matcher.is_stopped() or choice.matcher.is_terminated()):
-                reason = "stop"  # the grammar is complete: this token's text still counts
-        if stopped_by_token:  # a stop token: its text is not emitted
-            text = self._final_text(choice)
-        else:
-            text = choice.stop.push(choice.detok.push(token_id))
-            if reason == "length" and choice.stop.matched is None:
-                text += self._final_text(choice)
-        if choice.stop.matched is not None:  # a stop string wins, even one completed by a flush
-            reason, stop_reason = "stop", choice.stop.matched
-        # A stop token is not part of the content, so (as OpenAI) it has no logprob entry either:
-        # the logprobs of a choice always spell exactly its text.
-        logprobs = self._logprobs(req, row, out, token_id)
-        if stopped_by_token and logprobs is not None:
-            logprobs = ()
-        if reason is None:
-            tracked.deltas.append(ChoiceDelta(index, text, (token_id,), logprobs))
-            return
-        self._finish(tracked, index, reason, stop_reason, text, (token_id,), logprobs)
+        if self._out.on_token(state, index, row, out) is not None:
+            if not req.is_terminal and not req.branches[index].finished:
+                self._remove_seqs(self.scheduler.finish_branch(req, index))
 
-    def _finish(
-        self,
-        tracked: _Tracked,
-        index: int,
-        reason: FinishReason,
-        stop_reason: str | int | None = None,
-        text: str = "",
-        token_ids: tuple[int, ...] = (),
-        logprobs: tuple[TokenLogprob, ...] | None = None,
+    def _finish_capped(self, state: RequestState, index: int) -> None:
+        """A choice the scheduler ended for lack of pages (its sequence is already gone)."""
+        final = self._out.final_text(state.choices[index])
+        self._out.finish(state, index, "length", text=final)
+
+    # -- failures -----------------------------------------------------------------------------
+
+    def _guarded(
+        self, step: _Step, state: RequestState, work: Callable[..., object], *args: Any
     ) -> None:
-        """Close one choice: its final delta, and its sequence back to the pool."""
-        choice = tracked.choices[index]
-        assert not choice.done, "a choice finishes once"
-        choice.done = True
-        req = tracked.req
-        if not req.is_terminal and not req.branches[index].finished:
-            self._remove_seqs(self.scheduler.finish_branch(req, index))
-        tracked.deltas.append(ChoiceDelta(index, text, token_ids, logprobs, reason, stop_reason))
+        """Run one request's own work; an exception fails that request alone."""
+        request_id = state.req.request_id
+        if request_id in step.failed:
+            return
+        try:
+            work(*args)
+        except Exception as exc:
+            step.touched.pop(request_id, None)
+            step.failed[request_id] = self._fail_request(state, exc)
+        else:
+            step.touched[request_id] = state
 
-    def _final_text(self, choice: _Choice) -> str:
-        text = choice.stop.push(choice.detok.flush())
-        return text if choice.stop.matched is not None else text + choice.stop.flush()
+    def _fail_request(self, state: RequestState, exc: BaseException) -> RequestOutput:
+        """End a request after an error in its own work: its final record, carrying `error`."""
+        log.error("request %s failed", state.req.request_id, exc_info=exc)
+        return self._fail(state, f"engine error: {exc!r}")
 
-    def _logprobs(
-        self, req: Request, row: int, out: SampleOutput, token_id: int
-    ) -> tuple[TokenLogprob, ...] | None:
-        params = req.spec.params
-        if not params.logprobs or out.logprobs is None:
-            return None
-        top: tuple[TopLogprob, ...] = ()
-        if params.top_logprobs and out.top_ids is not None and out.top_logprobs is not None:
-            ids = out.top_ids[row, : params.top_logprobs].tolist()
-            values = out.top_logprobs[row, : params.top_logprobs].tolist()
-            top = tuple(
-                TopLogprob(tid, self._token_str(tid)[0], lp, self._token_str(tid)[1])
-                for tid, lp in zip(ids, values, strict=True)
-            )
-        text, raw = self._token_str(token_id)
-        return (TokenLogprob(token_id, text, float(out.logprobs[row]), raw, top),)
+    def _fail(self, state: RequestState, message: str) -> RequestOutput:
+        self._remove_seqs(self.scheduler.fail(state.req), best_effort=True)
+        self._tracked.pop(state.req.request_id, None)
+        self._num_requests_failed_total += 1
+        return self._out.error_output(state, message)
 
-    def _token_str(self, token_id: int) -> tuple[str, tuple[int, ...]]:
-        cached = self._token_text.get(token_id)
-        if cached is None:
-            raw = self.tokenizer.token_bytes(token_id)
-            cached = self._token_text[token_id] = (raw.decode("utf-8", "replace"), tuple(raw))
-        return cached
-
-    def _output(self, tracked: _Tracked, error: str | None = None) -> RequestOutput:
-        req = tracked.req
-        deltas, tracked.deltas = tuple(sorted(tracked.deltas, key=lambda d: d.index)), []
-        if req.is_terminal:
-            self._tracked.pop(req.request_id, None)
-        usage = Usage(
-            req.num_prompt_tokens,
-            sum(b.num_generated for b in req.branches),
-            req.num_cached_prompt_tokens or 0,
-        )
-        return RequestOutput(
-            req.request_id, deltas, usage, req.is_terminal, error, req.num_preemptions
-        )
-
-    def _fail_batch(
-        self, plan: StepPlan, message: str, touched: dict[str, _Tracked]
-    ) -> list[RequestOutput]:
+    def _fail_batch(self, plan: StepPlan, message: str, step: _Step) -> None:
         """Final error records for every request of a failed batch."""
-        outputs = []
         for entry in plan.entries:
-            tracked = self._tracked.get(entry.request.request_id)
-            if tracked is None or entry.request.is_terminal:
+            request_id = entry.request.request_id
+            state = self._tracked.get(request_id)
+            if state is None or entry.request.is_terminal:
                 continue
-            self._remove_seqs(self.scheduler.fail(entry.request), best_effort=True)
-            for i, choice in enumerate(tracked.choices):
-                if not choice.done:
-                    self._finish(tracked, i, "error")
-            touched.pop(entry.request.request_id, None)
-            outputs.append(self._output(tracked, error=message))
-        return outputs
+            step.touched.pop(request_id, None)
+            step.failed[request_id] = self._fail(state, message)
 
     def _remove_seqs(self, seq_ids: Sequence[int], *, best_effort: bool = False) -> None:
         for seq_id in seq_ids:
@@ -470,4 +390,4 @@ class EngineCore:
             except Exception:
                 if not best_effort:
                     raise
-                log.exception("could not remove sequence %d after a failed step", seq_id)
+                log.exception("could not remove sequence %d of a failed request", seq_id)

@@ -22,6 +22,8 @@ Invariants:
 - Truncation keeps every token whose probability is >= a per-row threshold: the most likely token
   is always kept, and tokens tied at the boundary are all kept (as vLLM's top_k does).
 - A token whose probability is exactly 0 (masked, -inf logit, or padding) is never drawn.
+- No id >= `vocab_size` is ever returned: a model's padding columns past its tokenizer's
+  vocabulary count as -inf (vLLM and llama.cpp mask them too).
 
 Speed: no Python loop runs over the vocabulary, and nothing sorts or partitions it. A truncated
 row (top_k/top_p/min_p) collects the candidates above a probability level (a few hundred tokens
@@ -39,10 +41,11 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from mlctrio.engine.tokens import Tokenizer
 from mlctrio.engine.types import SamplingParams, TokenLogprob, TopLogprob
 
 __all__ = ["SampleOutput", "Sampler", "apply_penalties", "ban_tokens", "make_generator"]
-__all__ += ["penalize_row"]
+__all__ += ["penalize_row", "sampling_vocab_size"]
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -69,6 +72,18 @@ def make_generator(seed: int, branch_index: int) -> np.random.Generator:
     return np.random.Generator(
         np.random.PCG64(np.random.SeedSequence(entropy, spawn_key=(branch_index,)))
     )
+
+
+def sampling_vocab_size(model_vocab_size: int, tokenizer: Tokenizer) -> int:
+    """How many ids the sampler may draw: those the tokenizer knows, within the model's logits.
+
+    Models often pad their vocabulary (a logits row wider than the tokenizer); sampling a padding
+    id would break detokenizing, so those columns count as -inf (as vLLM and llama.cpp do). A
+    special or EOS id past the tokenizer's count (a gap in added-token ids) stays drawable.
+    """
+    known = set(tokenizer.eos_token_ids) | set(getattr(tokenizer, "special_token_ids", ()))
+    tokenizer_width = max(int(tokenizer.vocab_size), 1 + max(known, default=-1))
+    return min(model_vocab_size, tokenizer_width)
 
 
 @attrs.frozen(eq=False)  # numpy arrays make == ambiguous
@@ -278,7 +293,9 @@ def _inverse_cdf(probs: FloatArray, uniforms: npt.NDArray[np.float64]) -> IntArr
 class Sampler:
     """Samples one token per row from a batch of logits. Stateless between steps; one per worker.
 
-    Logits may be wider than `vocab_size` (models pad their vocabulary); the padding is ignored.
+    `vocab_size` is how many ids may be drawn (`sampling_vocab_size`). Logits may be wider (models
+    pad their vocabulary): the columns past it are never drawn nor listed in top_logprobs, and the
+    logprobs are normalised without them, exactly as if they were -inf.
     """
 
     vocab_size: int
