@@ -32,6 +32,7 @@ import tokenizers
 
 from mlctrio.errors import ModelLoadError
 from mlctrio.runtime.detokenizer import WindowDetokenizer
+from mlctrio.runtime.tokenizer_bound import ByteBound, byte_bound, typed_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +78,12 @@ class _Backend(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
 
 
-def _walk_types(node: Any) -> set[str]:
-    """All `type` values in a (possibly nested Sequence) tokenizer.json component."""
-    if isinstance(node, dict):
-        found = {node["type"]} if isinstance(node.get("type"), str) else set()
-        for value in node.values():
-            found |= _walk_types(value)
-        return found
-    if isinstance(node, list):
-        return set().union(*(_walk_types(v) for v in node)) if node else set()
-    return set()
-
-
 class _HFBackend:
-    """A `tokenizers.Tokenizer` with the facts HFTokenizer needs precomputed."""
+    """A `tokenizers.Tokenizer` with the facts HFTokenizer needs precomputed.
+
+    `encode` goes through `encode_batch`, which (unlike `encode`) lets go of the GIL while Rust
+    works: a long text then does not stop the event loop or the engine thread.
+    """
 
     def __init__(self, tok: tokenizers.Tokenizer) -> None:
         self.tok = tok
@@ -99,7 +92,7 @@ class _HFBackend:
         added = spec.get("added_tokens") or []
         self.special_ids = frozenset(int(t["id"]) for t in added if t.get("special"))
         self.added_ids = frozenset(int(t["id"]) for t in added)
-        decoder_types = _walk_types(spec.get("decoder"))
+        decoder_types = {n["type"] for n in typed_nodes(spec.get("decoder"))}
         model = spec.get("model") or {}
         if "ByteLevel" in decoder_types:
             self.byte_scheme: ByteScheme = "byte_level"
@@ -107,9 +100,16 @@ class _HFBackend:
             self.byte_scheme = "byte_fallback"
         else:
             self.byte_scheme = "plain"
+        self.byte_bound: ByteBound | None = byte_bound(
+            spec,
+            self.byte_scheme,
+            has_token=lambda text: tok.token_to_id(text) is not None,
+            byte_level_alphabet=_gpt2_unicode_to_bytes(),
+        )
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        batch = self.tok.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(batch[0].ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return str(self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -187,6 +187,7 @@ class HFTokenizer:
     eos_token_ids: tuple[int, ...] = ()
     add_bos_token: bool | None = None  # None: leave it to the post-processor
     _byte_tokens: dict[int, int] = attrs.field(init=False, factory=dict)
+    _max_token_bytes: list[int | None] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         if self.backend.byte_scheme == "byte_fallback":
@@ -215,6 +216,25 @@ class HFTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    @property
+    def max_token_bytes(self) -> int | None:
+        """The most text bytes one token can stand for (its `token_bytes`, added tokens
+        included), so a text of B bytes has at least ceil(B / max_token_bytes) tokens; None
+        where the tokenizer may drop or shrink text and there is no such bound."""
+        if not self._max_token_bytes:
+            sound = getattr(self.backend, "byte_bound", None) is not None
+            longest = max(len(self.token_bytes(i)) for i in range(self.vocab_size))
+            self._max_token_bytes.append(longest if sound else None)
+        return self._max_token_bytes[0]
+
+    def min_token_count(self, text: str) -> int:
+        """A lower bound on len(encode(text)), without tokenizing (0 where there is none)."""
+        longest = self.max_token_bytes
+        bound: ByteBound | None = getattr(self.backend, "byte_bound", None)
+        if longest is None or bound is None:
+            return 0
+        return -(-bound.covered_bytes(text) // longest)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)

@@ -1,4 +1,13 @@
-"""From validated requests to what the tokenizer and chat template take (runs off the loop)."""
+"""From validated requests to what the tokenizer and chat template take (runs off the loop).
+
+Rules for big prompts (one request must not freeze the others, issue 16):
+
+- With `context_window` given, a prompt whose cheap lower bound on its token count (the
+  tokenizer's `min_token_count`: ceil(bytes / longest token), no tokenizing) reaches the window is
+  refused at once with the same 400 context_length_exceeded that counting would give.
+- Texts are tokenized through `long_text.encode_text`: long ones in pieces (identical ids),
+  stopping once the count reaches the window, one long tokenization at a time.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,18 @@ from ..protocol.chat import ChatCompletionRequest, ChatMessage, content_text
 from ..protocol.completions import CompletionRequest
 from ..protocol.openai import to_json
 from ..protocol.tokenize import TokenizeChatRequest, TokenizeRequest
+from .long_text import encode_text, too_long
+
+
+def check_bound(text: str, tokenizer: Tokenizer, context_window: int | None, param: str) -> None:
+    """Raise context_length_exceeded when `text` cannot fit `context_window`, by the tokenizer's
+    cheap lower bound (tokenizers without `min_token_count` give none)."""
+    if context_window is None:
+        return
+    bound = getattr(tokenizer, "min_token_count", None)
+    at_least = int(bound(text)) if bound is not None else 0
+    if at_least >= context_window:
+        raise too_long(context_window, at_least, param)
 
 
 def messages_for_template(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -38,20 +59,41 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     add_special_tokens: bool = False,
+    context_window: int | None = None,
 ) -> list[int]:
+    """The rendered chat as token ids; with `context_window`, a prompt that would leave no room
+    in it is refused (400, param "messages") by the cheap bound or as soon as counting shows it."""
     text = template.render(
         messages_for_template(messages), tools=tools, add_generation_prompt=add_generation_prompt
     )
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    check_bound(text, tokenizer, context_window, "messages")
+    return encode_text(
+        text,
+        tokenizer,
+        add_special_tokens=add_special_tokens,
+        stop_at=context_window,
+        param="messages",
+    )
 
 
-def prompt_token_lists(req: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """Each prompt of a completion request as token ids (strings get the tokenizer's BOS)."""
+def prompt_token_lists(
+    req: CompletionRequest, tokenizer: Tokenizer, context_window: int | None = None
+) -> list[list[int]]:
+    """Each prompt of a completion request as token ids (strings get the tokenizer's BOS). With
+    `context_window`, every prompt is checked by the cheap bound before any is tokenized, and a
+    prompt that leaves no room in the window is refused (400, param "prompt")."""
     vocab = tokenizer.vocab_size
+    for prompt in req.prompts:
+        if isinstance(prompt, str):
+            check_bound(prompt, tokenizer, context_window, "prompt")
+        elif context_window is not None and len(prompt) >= context_window:
+            raise too_long(context_window, len(prompt), "prompt")
     out: list[list[int]] = []
     for k, prompt in enumerate(req.prompts):
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt, add_special_tokens=True)
+            ids = encode_text(
+                prompt, tokenizer, add_special_tokens=True, stop_at=context_window, param="prompt"
+            )
         else:
             ids = list(prompt)
             for token in ids:
@@ -80,4 +122,4 @@ def tokenize(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTemplate)
             add_special_tokens=bool(req.add_special_tokens),
         )
     add = True if req.add_special_tokens is None else req.add_special_tokens
-    return tokenizer.encode(req.prompt, add_special_tokens=add)
+    return encode_text(req.prompt, tokenizer, add_special_tokens=add)
