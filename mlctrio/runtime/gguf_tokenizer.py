@@ -44,7 +44,8 @@ from mlctrio.runtime.gguf_pretokenizers import (
     byte_level_pre_tokenizer,
     pre_tokenizer_spec,
 )
-from mlctrio.runtime.tokenizer import HFTokenizer, _HFBackend
+from mlctrio.runtime.tokenizer import HFTokenizer
+from mlctrio.runtime.tokenizer_backends import _HFBackend
 
 logger = logging.getLogger(__name__)
 
