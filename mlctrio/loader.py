@@ -1,7 +1,8 @@
 """Turn a model string into a factory of (engine core, model info), run on the worker thread.
 
-`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096]` is the fake engine; anything else
-(`demo://tiny|small`, a model directory, `HF://org/name`) is served by the TVM runtime.
+`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096&load_ms=0]` is the fake engine
+(load_ms: its load sleeps that long, like a compile); anything else (`demo://tiny|small`, a
+model directory, `HF://org/name`) is served by the TVM runtime.
 """
 
 from __future__ import annotations
@@ -11,13 +12,20 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ServerConfig
+from .engine.model_info import ModelInfo
 from .errors import ConfigError
-from .service import Core, ModelInfo
+from .service import Core
 from .sizing import ModelFootprint, resolve_engine_config
 
 CoreFactory = Callable[[], tuple[Core, ModelInfo]]
 
-_ECHO_KEYS = {"delay_ms": float, "num_pages": int, "context_window": int, "max_num_sequence": int}
+_ECHO_KEYS = {
+    "delay_ms": float,
+    "num_pages": int,
+    "context_window": int,
+    "max_num_sequence": int,
+    "load_ms": float,
+}
 
 
 def parse_mock_url(model: str) -> dict[str, Any]:
@@ -42,9 +50,13 @@ def core_factory(config: ServerConfig) -> CoreFactory:
         options = parse_mock_url(model)
 
         def build_echo() -> tuple[Core, ModelInfo]:
+            import time
+
             import attrs
 
             from .testing.echo import build_echo_core
+
+            time.sleep(options.get("load_ms", 0.0) / 1000.0)
 
             footprint = ModelFootprint(options.get("context_window", 4096))
             engine_config, _ = resolve_engine_config(config, footprint)

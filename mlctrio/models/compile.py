@@ -1,14 +1,21 @@
 """Compile a Llama config + quantization into a shared library, with an on-disk JIT cache.
 
 `compile_model(config, "q4f32_1")` returns a `CompiledModel` (library path + packed-param layout).
-The cache key is sha256 over (config, quantization, target, tvm version, SCHEDULE_VERSION), so any
-change in the schedules must bump SCHEDULE_VERSION. The cache directory is an argument; its default
-is <$MLCTRIO_CACHE_DIR or ~/.cache/mlctrio>/lib (resolved here, at the API edge, not deep inside).
+The cache key (build_info.cache_key) is sha256 over the config, quantization, target, TVM version
+and a digest of the model sources that shape the compiled code: no version to bump by hand. The
+cache directory is an argument; its default is <$MLCTRIO_CACHE_DIR or ~/.cache/mlctrio>/lib
+(resolved here, at the API edge, not deep inside).
+
+Cache entries follow cache_files.py: `<key>.so` is written under a temporary name and renamed,
+then `<key>.json` (params, build info, size + sha256 of the library) is written last, atomically.
+A library is used only after it matches its `.json` (checked before anything dlopens it: a
+truncated library mapped into the process dies of SIGBUS); a bad or half-written entry is
+logged in one line and rebuilt. A flock on `.<key>.lock` makes a second process wait for the
+first one's compile instead of compiling again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,10 +29,21 @@ import tvm
 from tvm.target import Target
 
 from mlctrio.config import cache_root
+from mlctrio.models.build_info import attach_build_info, build_info, cache_key
+from mlctrio.models.cache_files import (
+    check_record,
+    file_record,
+    fsync_file,
+    locked,
+    report_corrupt,
+    write_atomic,
+)
 from mlctrio.models.llama import LlamaForCausalLM
 from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.quantization import as_scheme
-from mlctrio.models.schedules import SCHEDULE_VERSION, cpu_schedule_pass, tag_foreign_pass
+from mlctrio.models.schedules import cpu_schedule_pass, tag_foreign_pass
+from mlctrio.models.target import host_cpu_target as host_cpu_target
+from mlctrio.models.target import resolve_target
 from mlctrio.models.weights import ParamInfo
 
 log = logging.getLogger(__name__)
@@ -34,55 +52,6 @@ log = logging.getLogger(__name__)
 def default_cache_dir() -> Path:
     """The `lib` folder of the cache root ($MLCTRIO_CACHE_DIR or ~/.cache/mlctrio)."""
     return cache_root() / "lib"
-
-
-def host_cpu_target(num_cores: int | None = None) -> Target:
-    """LLVM target for this machine's CPU.
-
-    `-mcpu=native` is rejected by TVM 0.27, so the CPU name comes from LLVM's host detection.
-    fast-math reassoc/contract let LLVM vectorise float dot-product reductions (accuracy ~1e-6).
-    """
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    attrs_: dict[str, Any] = {
-        "kind": "llvm",
-        "mcpu": cpu,
-        "num-cores": num_cores or os.cpu_count() or 1,
-        "fast-math-reassoc": True,
-        "fast-math-contract": True,
-    }
-    # A hypervisor may hide AVX-512 on a CPU whose name implies it: then name a generic CPU and
-    # list the features the kernel actually reports, so the library never hits SIGILL.
-    flags = _cpu_flags()
-    if flags and cpu.startswith(
-        ("znver4", "znver5", "sapphirerapids", "icelake", "skylake-avx512")
-    ):
-        if "avx512f" not in flags:
-            attrs_["mcpu"] = "x86-64-v3" if "avx2" in flags else "x86-64"
-        elif "avx512_vnni" not in flags:  # the int8 kernels (int8_cpu.py) would SIGILL
-            attrs_["mattr"] = ["-avx512vnni"]
-    return Target(attrs_)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def resolve_target(target: str | Target | None) -> Target:
-    """None or "llvm"/"cpu" -> host CPU target; "cuda" -> CUDA (untested here); else as given."""
-    if target is None or target in ("llvm", "cpu"):
-        return host_cpu_target()
-    if isinstance(target, Target):
-        return target
-    if target == "cuda":
-        return Target({"kind": "cuda", "arch": "sm_80"}, host=host_cpu_target())
-    return Target(target)
 
 
 @attrs.frozen
@@ -95,17 +64,6 @@ class CompiledModel:
     params: list[ParamInfo]
     cache_hit: bool
     compile_s: float
-
-
-def cache_key(config: LlamaConfig, quantization: str, target: Target) -> str:
-    material = {
-        "config": config.to_dict(),
-        "quantization": quantization,
-        "target": str(target),
-        "tvm": tvm.__version__,
-        "schedule": SCHEDULE_VERSION,
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
 def build_irmodule(
@@ -194,31 +152,65 @@ def compile_model(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     lib_path, meta_path = root / f"{key}.so", root / f"{key}.json"
-    if not force and lib_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+    if not force:
+        infos, _ = read_entry(lib_path, meta_path, key)  # the common case: no lock needed
+        if infos is not None:
+            log.info("compile cache hit: %s (%s, %s)", lib_path.name, quantization, tgt.kind.name)
+            return CompiledModel(lib_path, config, quantization, infos, True, 0.0)
+    with locked(root / f".{key}.lock"):
+        if not force:
+            infos, problem = read_entry(lib_path, meta_path, key)
+            if infos is not None:  # compiled by another process while this one waited
+                log.info("compile cache hit: %s (compiled meanwhile)", lib_path.name)
+                return CompiledModel(lib_path, config, quantization, infos, True, 0.0)
+            if problem is not None:
+                report_corrupt(log, lib_path, problem)
+        return _compile_entry(config, quantization, tgt, key, lib_path, meta_path)
+
+
+def read_entry(
+    lib_path: Path, meta_path: Path, key: str
+) -> tuple[list[ParamInfo] | None, str | None]:
+    """(param infos, None) for a sound entry; (None, None) when there is none; (None, why) when
+    it is bad. Reads every byte of the library (a few MB) to check its sha256."""
+    if not meta_path.exists():
+        return None, ("library without metadata" if lib_path.exists() else None)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return None, f"{meta_path.name} describes another entry"
         infos = [
             ParamInfo(p["name"], tuple(p["shape"]), p["dtype"], p.get("layout", ""))
             for p in meta["params"]
         ]
-        log.info("compile cache hit: %s (%s, %s)", lib_path.name, quantization, tgt.kind.name)
-        return CompiledModel(lib_path, config, quantization, infos, True, 0.0)
+        record = {"size": meta["size"], "sha256": meta["sha256"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"{meta_path.name} is unreadable: {type(exc).__name__}: {exc}"
+    problem = check_record(lib_path, record)
+    return (None, problem) if problem is not None else (infos, None)
 
+
+def _compile_entry(
+    config: LlamaConfig, quantization: str, tgt: Target, key: str, lib_path: Path, meta_path: Path
+) -> CompiledModel:
+    """Compile and write the entry: library first (temp + rename), its metadata last."""
     log.info("compiling %s for %s (cache miss, key %s)", quantization, tgt.kind.name, key[:12])
     t0 = time.perf_counter()
     mod, infos = build_irmodule(config, quantization, tgt)
-    ex = tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt))
-    # Write under a temporary name and rename: a concurrent reader never sees a partial library.
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        tmp_lib = Path(tmp) / "lib.so"
-        ex.export_library(str(tmp_lib))
-        os.replace(tmp_lib, lib_path)
-    meta = {
-        "config": config.to_dict(),
-        "quantization": quantization,
-        "target": str(tgt),
-        "params": [attrs.asdict(p) for p in infos],
-    }
-    meta_path.write_text(json.dumps(meta, indent=1))
+    info = build_info(config, quantization, tgt, key)
+    ex = tvm.compile(attach_build_info(mod, info), target=tgt, relax_pipeline=_pipeline(tgt))
+    meta_path.unlink(missing_ok=True)  # the old entry (if any) stops vouching for anything
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so", dir=lib_path.parent)
+    os.close(fd)
+    try:
+        ex.export_library(tmp)
+        fsync_file(Path(tmp))
+        record = file_record(Path(tmp))
+        os.replace(tmp, lib_path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    meta: dict[str, Any] = {**info, "params": [attrs.asdict(p) for p in infos], **record}
+    write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     elapsed = time.perf_counter() - t0
     log.info("compiled %s in %.1f s -> %s", quantization, elapsed, lib_path)
     return CompiledModel(lib_path, config, quantization, infos, False, elapsed)

@@ -4,6 +4,11 @@
                                                                of (preset, seed, GENERATOR_VERSION)
     ensure_demo_model(preset) -> Path                          writes it once into a cache dir
 
+The cached copy follows cache_files.py: written into a temporary folder with its manifest
+(MANIFEST: size + sha256 of every file) and renamed into place; checked against the manifest on
+every use; rebuilt (one log line) when anything is missing, truncated or altered; built under a
+flock so two processes starting together write it once.
+
 The tokenizer is a byte-level BPE trained with `tokenizers` on the text of the stdlib's
 `pydoc_data.topics` (always there, no download), with ChatML's special tokens; the chat template
 is ChatML with tools, Qwen2.5-style. The weights are random (std 0.02), so the model babbles:
@@ -27,6 +32,13 @@ import numpy as np
 
 from mlctrio.config import cache_root
 from mlctrio.errors import ConfigError
+from mlctrio.models.cache_files import (
+    check_record,
+    file_record,
+    locked,
+    report_corrupt,
+    write_atomic,
+)
 from mlctrio.models.formats import write_safetensors, write_safetensors_sharded
 
 logger = logging.getLogger(__name__)
@@ -34,6 +46,7 @@ logger = logging.getLogger(__name__)
 # Bump when anything below changes the files written, so cached demo models are regenerated.
 GENERATOR_VERSION = "1"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MANIFEST = ".manifest.json"  # {file name: {"size", "sha256"}}, written last
 
 
 @attrs.frozen
@@ -272,21 +285,45 @@ def ensure_demo_model(
     preset: str = "tiny", *, seed: int = 0, cache_dir: str | Path | None = None
 ) -> Path:
     """The demo model's directory in `<cache_dir>/demo/<preset>-<hash>`, written on first use
-    (into a temporary directory renamed into place, so a reader never sees half a model)."""
+    (into a temporary directory renamed into place, so a reader never sees half a model) and
+    rewritten when it no longer matches its manifest."""
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "demo"
     final = root / demo_cache_key(preset, seed)
-    if (final / "config.json").is_file():
+    if final.exists() and manifest_problem(final) is None:
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        write_demo_model(tmp, preset, seed)
+    with locked(root / f".{final.name}.lock"):
+        if final.exists():
+            problem = manifest_problem(final)
+            if problem is None:  # written by another process while this one waited
+                return final
+            report_corrupt(logger, final, problem)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=root))
         try:
+            write_demo_model(tmp, preset, seed)
+            records = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            write_atomic(tmp / MANIFEST, json.dumps(records, indent=1).encode())
+            if final.exists():  # the bad copy moves aside (a rename), then is removed
+                final.rename(trash / final.name)
             tmp.rename(final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-            # another process finished first; its copy is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """None when every file of `folder`'s manifest matches it (and the manifest is readable)."""
+    try:
+        records = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        items = list(records.items())
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{MANIFEST} is unreadable: {type(exc).__name__}: {exc}"
+    if "config.json" not in records:
+        return f"{MANIFEST} lists no config.json"
+    for name, record in items:
+        problem = check_record(folder / name, record)
+        if problem is not None:
+            return problem
+    return None

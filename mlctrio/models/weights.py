@@ -67,8 +67,8 @@ def param_infos(
 ) -> list[ParamInfo]:
     """The packed params, in the order the compiled module expects: for the host CPU target
     (what compile_model builds by default) or, with `cpu=False`, for a target without tile16."""
-    from mlctrio.models.compile import host_cpu_target  # heavy tvm import, only when needed
     from mlctrio.models.llama import LlamaForCausalLM
+    from mlctrio.models.target import host_cpu_target  # heavy tvm import, only when needed
 
     target = host_cpu_target() if cpu else None
     model = LlamaForCausalLM(config, quantization, target, act_dtype)

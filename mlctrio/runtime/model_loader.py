@@ -2,11 +2,14 @@
 
 Runs on the engine worker thread (loading is slow and must not block the event loop). Every step
 is logged, including whether the compiled library came from the cache, the resolved engine config
-and the memory estimate.
+and the memory estimate. A library is checked against the model it is to serve (its build info:
+config and quantization) before any weights load: a `--model-lib` built for another model is a
+ModelLoadError naming both, never a server that reports ready and then fails every request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,12 @@ import attrs
 import numpy as np
 
 from ..config import ServerConfig
+from ..engine.model_info import ModelInfo
 from ..errors import ConfigError, ModelLoadError
 from ..models import hub
 from ..models.artifact import ModelArtifact, load_params, open_artifact
+from ..models.cache_files import check_record
 from ..models.fetch import EMBEDDED_SCHEME, ensure_embedded
-from ..service import ModelInfo
 from ..sizing import ModelFootprint, resolve_engine_config
 from .chat_template import load_chat_template
 from .constraints import ConstraintCompiler
@@ -97,8 +101,11 @@ def model_library(
         raise ConfigError(f"--device {config.device!r}: expected auto or cpu")
     if config.model_lib is not None:
         lib = Path(config.model_lib)
-        if not lib.exists():
+        if not lib.is_file():
             raise ModelLoadError(f"--model-lib {lib} does not exist")
+        problem = _beside_record_problem(lib)
+        if problem is not None:  # checked before dlopen: a truncated library SIGBUSes
+            raise ModelLoadError(f"--model-lib {lib} is corrupt: {problem}")
         log.info("using model library %s", lib)
         infos = param_infos(art.config, art.quantization)
         return lib, infos, {"library": str(lib), "source": "--model-lib"}
@@ -109,14 +116,52 @@ def model_library(
     return compiled.lib_path, compiled.params, info
 
 
+def _beside_record(lib: Path) -> dict[str, Any] | None:
+    """The metadata `.json` beside a library (a compile-cache entry or a copy of one), if any."""
+    try:
+        meta = json.loads(lib.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _beside_record_problem(lib: Path) -> str | None:
+    meta = _beside_record(lib)
+    if meta is None or "sha256" not in meta:
+        return None
+    return check_record(lib, meta)
+
+
+def check_library(module: Any, lib: Path, art: ModelArtifact, what: str, model: str) -> None:
+    """Refuse a library whose build info names another config or quantization than `art`'s.
+    The info comes from the library itself, else from the metadata `.json` beside it."""
+    from ..models.build_info import build_mismatch
+    from .tvm_runner import library_build_info
+
+    info = library_build_info(module) or _beside_record(lib)
+    if info is None:
+        raise ModelLoadError(
+            f"{what} {lib} carries no build info (compiled by an older mlctrio?): "
+            "recompile it with `mlctrio compile`"
+        )
+    problem = build_mismatch(info, art.config, art.quantization)
+    if info.get("target_kind", "llvm") != "llvm":
+        problem = f"it was compiled for {info['target_kind']}; serving runs on the CPU"
+    if problem is not None:
+        raise ModelLoadError(f"{what} {lib} does not match the model {model}: {problem}")
+
+
 def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
-    from .tvm_runner import TVMRunner
+    from .tvm_runner import TVMRunner, load_library
 
     path = resolve_model_dir(config.model)
     art = open_artifact(path, config.quantization, config.activations)
     log.info("model %s: %s format, %s, %s", config.model, art.format, art.quantization, art.config)
     tokenizer, template = tokenizer_and_template(art)
     lib, infos, compile_info = model_library(config, art)
+    module = load_library(lib)
+    what = "--model-lib" if config.model_lib else "compiled library"
+    check_library(module, lib, art, what, config.model)
     engine_config, estimate = resolve_engine_config(config, footprint(art, infos))
     if engine_config.prefill_chunk_size < engine_config.max_num_sequence:
         raise ConfigError(
@@ -127,7 +172,7 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
     log.info("memory estimate: %s", estimate.describe())
     params = load_params(art, infos)
     runner = TVMRunner(
-        lib,
+        module,
         params,
         art.config,
         max_num_sequence=engine_config.max_num_sequence,

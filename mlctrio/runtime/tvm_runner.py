@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -64,6 +65,32 @@ def set_openblas_threads(n: int) -> None:
                 return
 
 
+def load_library(lib: str | Path) -> tvm.runtime.Module:
+    """dlopen a compiled model library; a missing or broken file is a ModelLoadError. (Cached
+    libraries are checked against their sha256 before they get here: compile.read_entry.)"""
+    try:
+        return tvm.runtime.load_module(str(lib))
+    except Exception as exc:  # a missing/corrupt .so surfaces as a generic TVM error
+        raise ModelLoadError(f"cannot load compiled model {lib}: {exc}") from exc
+
+
+def library_build_info(module: tvm.runtime.Module) -> dict[str, Any] | None:
+    """The build info the library carries (models/build_info.py), or None when it has none."""
+    from mlctrio.models.build_info import BUILD_INFO_FUNC
+
+    try:
+        func = _optional_function(relax.VirtualMachine(module, tvm.cpu()), BUILD_INFO_FUNC)
+    except Exception as exc:  # not a Relax VM library at all
+        raise ModelLoadError(f"not an mlctrio model library: {exc}") from exc
+    if func is None:
+        return None
+    try:
+        info = json.loads(str(func()))
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def _optional_function(vm: relax.VirtualMachine, name: str) -> Any:
     """The VM function `name`, or None when the library does not export it."""
     try:
@@ -95,10 +122,10 @@ class TVMRunner:
         self._prefill_chunk_size = prefill_chunk_size
         self._max_total_seq_length = max_total_seq_length
         dev = tvm.cpu()
+        mod = lib if isinstance(lib, tvm.runtime.Module) else load_library(lib)
         try:
-            mod = lib if isinstance(lib, tvm.runtime.Module) else tvm.runtime.load_module(str(lib))
             self._vm = relax.VirtualMachine(mod, dev)
-        except Exception as exc:  # a missing/corrupt .so surfaces as a generic TVM error
+        except Exception as exc:  # not a Relax VM library
             raise ModelLoadError(f"cannot load compiled model {lib}: {exc}") from exc
         self._params = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
         self._f_embed = self._vm["embed"]

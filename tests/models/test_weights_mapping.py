@@ -215,12 +215,12 @@ def test_host_target_drops_vnni_the_cpu_does_not_report(monkeypatch: pytest.Monk
     claim it, or the int8 kernels would be compiled in and die with SIGILL."""
     from tvm.target import codegen
 
-    from mlctrio.models import compile as compile_mod
+    from mlctrio.models import target as target_mod
     from mlctrio.models.llama import has_vnni
 
     monkeypatch.setattr(codegen, "llvm_get_system_cpu", lambda: "znver4")
-    monkeypatch.setattr(compile_mod, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
-    target = compile_mod.host_cpu_target()
+    monkeypatch.setattr(target_mod, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
+    target = target_mod.host_cpu_target()
     assert str(target.attrs["mcpu"]) == "znver4" and not has_vnni(target)
-    monkeypatch.setattr(compile_mod, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
-    assert has_vnni(compile_mod.host_cpu_target())
+    monkeypatch.setattr(target_mod, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    assert has_vnni(target_mod.host_cpu_target())
