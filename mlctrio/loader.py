@@ -14,8 +14,8 @@ from typing import Any
 from .config import ServerConfig
 from .engine.model_info import ModelInfo
 from .errors import ConfigError
-from .service import Core
 from .sizing import ModelFootprint, resolve_engine_config
+from .worker import Core
 
 CoreFactory = Callable[[], tuple[Core, ModelInfo]]
 

@@ -2,18 +2,26 @@
 
     trio side                                   worker thread
     ---------                                   -------------
-    AsyncEngine.generate() ── submit ──> queue ──> EngineCore.add_request()
-    (cancelled / finished)  ── abort  ──> queue ──> EngineCore.abort_request()
+    AsyncEngine.submit()    ── submit ──> queue ──> EngineCore.add_request()
+    RequestStream.close()   ── abort  ──> queue ──> EngineCore.abort_request()
     per-request channel    <── run_sync_soon(deliver, outputs, stats) ── EngineCore.step()
 
 Rules:
-- Anything that may run under cancellation is synchronous: `abort()` puts a message on a
-  thread-safe queue and returns; it never awaits.
-- The worker posts once per step with `TrioToken.run_sync_soon`; `_deliver` never raises and drops
-  outputs whose request is gone. Per-request channels are unbounded so the worker never blocks on
-  a slow client (a request holds at most max_tokens outputs).
+- Admission and submission are one synchronous step (`submit()`): a route that got a stream
+  back may send its 200, nothing can refuse the request afterwards.
+- Anything that may run under cancellation is synchronous: `RequestStream.close()` and `abort()`
+  put a message on a thread-safe queue and return; they never await.
+- Every abort carries an `AbortReason`, the same value from the route to the metric label; the
+  first reason given for a request wins.
+- The worker thread's loop is worker.py's `run_worker`. It posts once per step with
+  `TrioToken.run_sync_soon`; `_deliver` never raises and drops outputs whose request is gone.
+  Per-request channels are unbounded so the worker never blocks on a slow client (a request
+  holds at most max_tokens outputs).
 - The worker thread runs under its own CapacityLimiter(1) and is always joined: `serve()` returns
   only after the thread has closed the core.
+- If the worker dies (an exception escapes the core), the engine turns FAILED: the error is logged
+  once, every pending request gets a final output with an error, new requests get 503, and
+  `serve_engine` waits for `stop_engine()` so the server can still say so on /health.
 """
 
 from __future__ import annotations
@@ -23,18 +31,16 @@ import enum
 import logging
 import math
 import queue
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
 import trio
 
-from .engine.request import EngineLimits
-from .engine.tokens import ChatTemplate, Tokenizer
-from .engine.types import GenerationRequest, OutputConstraint, RequestOutput
+from .engine.model_info import ModelInfo as ModelInfo  # re-exported: server/app.py names it here
+from .engine.types import GenerationRequest, RequestOutput
 from .errors import EngineError, QueueFullError, ServiceUnavailableError
+from .worker import Abort, Commands, Core, Stop, Submit, failed_output, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -44,88 +50,40 @@ class EngineState(enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
+    FAILED = "failed"  # the worker died: nothing more is served
 
 
-class CoreStats(Protocol):
-    """What the server reads of the engine core's statistics (runtime.core.EngineStats)."""
+class AbortReason(enum.StrEnum):
+    """Why a request was aborted: the `reason` label of mlctrio_requests_aborted_total."""
 
-    @property
-    def num_running(self) -> int: ...
-
-    @property
-    def num_waiting(self) -> int: ...
-
-    @property
-    def kv_cache_usage_ratio(self) -> float: ...
-
-    @property
-    def num_preemptions_total(self) -> int: ...
+    CLIENT_DISCONNECT = "client_disconnect"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"  # an exception in the server while the request was in flight
+    ABORT = "abort"  # left unfinished with no more specific reason
 
 
-class Core(Protocol):
-    """The synchronous engine core the worker thread drives (runtime.core.EngineCore)."""
-
-    def add_request(self, request: GenerationRequest) -> None: ...
-
-    def abort_request(self, request_id: str, reason: str = "abort") -> None: ...
-
-    def has_work(self) -> bool: ...
-
-    def step(self) -> list[RequestOutput]: ...
-
-    def stats(self) -> Any: ...
-
-    def close(self) -> list[RequestOutput]: ...
-
-    def drain_events(self) -> list[tuple[str, str, float]]: ...
-
-    def set_launch_hook(self, hook: Callable[[], None] | None) -> None: ...
-
-
-@attrs.frozen
-class ModelInfo:
-    """What the server needs to know about the served model."""
-
-    model_id: str
-    context_window_size: int
-    tokenizer: Tokenizer
-    chat_template: ChatTemplate
-    created: int = attrs.field(factory=lambda: int(time.time()))
-    config: Mapping[str, Any] = attrs.field(factory=dict)
-    #: Compiles an OutputConstraint (raising a 400-style error if it cannot); None: the model
-    #: has no grammar support (e.g. mock://echo) and constraints are refused.
-    check_constraint: Callable[[OutputConstraint], None] | None = None
-    tool_call_format: str = "hermes"
-    #: parallel_tool_calls when a request leaves it unset: True (OpenAI's default) for templates
-    #: that render tools themselves; False where mlctrio injects the tool prompt (the model was
-    #: not trained to call tools, let alone several: small ones repeat one call until max_tokens;
-    #: llama.cpp's default is False too).
-    parallel_tool_calls: bool = True
-    #: The engine's admission limits (n vs max_num_sequence, prompt vs window and KV cache),
-    #: checked before a request is submitted so a refusal is a 400 before any stream starts.
-    limits: EngineLimits | None = None
-
-
-@attrs.frozen
-class _Submit:
-    request: GenerationRequest
-
-
-@attrs.frozen
-class _Abort:
-    request_id: str
-    reason: str
-
-
-class _Stop:
-    pass
+def abort_reason_for(exc: BaseException) -> AbortReason:
+    """The reason to abort with when `exc` ends a request's block: Cancelled (the connection's
+    task was cancelled) and GeneratorExit (a streaming body closed unfinished) mean the client
+    went away; anything else is an error."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = exc.exceptions
+        if leaves and all(abort_reason_for(e) is AbortReason.CLIENT_DISCONNECT for e in leaves):
+            return AbortReason.CLIENT_DISCONNECT
+        return AbortReason.ERROR
+    if isinstance(exc, trio.Cancelled | GeneratorExit):
+        return AbortReason.CLIENT_DISCONNECT
+    return AbortReason.ERROR
 
 
 @attrs.define
 class _Pending:
     send: trio.MemorySendChannel[RequestOutput]
+    num_choices: int
+    num_prompt_tokens: int
     started: bool = False
-    abort_reason: str | None = None
+    abort_reason: AbortReason | None = None
 
 
 class Observer(Protocol):
@@ -133,7 +91,7 @@ class Observer(Protocol):
 
     def on_submit(self, request: GenerationRequest) -> None: ...
 
-    def on_output(self, output: RequestOutput, abort_reason: str | None) -> None: ...
+    def on_output(self, output: RequestOutput, abort_reason: AbortReason | None) -> None: ...
 
     def on_stats(self, stats: Any) -> None: ...
 
@@ -142,11 +100,16 @@ class Observer(Protocol):
 
 @attrs.define(eq=False)
 class RequestStream:
-    """Outputs of the requests of one `generate()` block, in engine order."""
+    """Outputs of the requests of one `submit()`, in engine order.
 
+    Whoever holds it must `close()` it (idempotent): that aborts what is unfinished.
+    """
+
+    _engine: AsyncEngine
     _receive: trio.MemoryReceiveChannel[RequestOutput]
     unfinished: set[str]
-    abort_reason: str | None = None
+    #: Set by the consumer when it knows better than `close()`'s caller (e.g. a deadline).
+    abort_reason: AbortReason | None = None
 
     async def receive(self) -> RequestOutput | None:
         """The next output, or None once every request has delivered its final one.
@@ -174,20 +137,20 @@ class RequestStream:
             ready.append(output)
         return ready
 
-
-def _is_cancelled(exc: BaseException) -> bool:
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_is_cancelled(e) for e in exc.exceptions)
-    return False
+    def close(self, reason: AbortReason = AbortReason.CLIENT_DISCONNECT) -> None:
+        """Abort every unfinished request (with `abort_reason` if set, else `reason`) and stop
+        receiving. Synchronous: safe under cancellation and in `finally`."""
+        for request_id in self.unfinished:
+            self._engine.abort(request_id, self.abort_reason or reason)
+        self.unfinished = set()
+        self._receive.close()
 
 
 @attrs.define(eq=False)
 class AsyncEngine:
     """Owns the worker thread and routes outputs to per-request channels.
 
-    Create with `open_engine()`; use `generate()` from request handlers.
+    Create with `open_engine()`; use `submit()` (or `generate()`) from request handlers.
     """
 
     max_queued_requests: int
@@ -195,11 +158,12 @@ class AsyncEngine:
     info: ModelInfo | None = None
     _observer: Observer | None = None
     state: EngineState = EngineState.LOADING
-    _commands: queue.SimpleQueue[_Submit | _Abort | _Stop] = attrs.field(factory=queue.SimpleQueue)
+    _commands: Commands = attrs.field(factory=queue.SimpleQueue)
     _pending: dict[str, _Pending] = attrs.field(factory=dict)
     _stats: Any = None
     _trio_token: trio.lowlevel.TrioToken | None = None
     _idle: trio.Event = attrs.field(factory=trio.Event)
+    _stop_requested: trio.Event = attrs.field(factory=trio.Event)
 
     # ---- trio side -------------------------------------------------------------------------
 
@@ -214,27 +178,31 @@ class AsyncEngine:
     def stats(self) -> Any:
         return self._stats
 
-    def abort(self, request_id: str, reason: str = "abort") -> None:
+    def abort(self, request_id: str, reason: AbortReason | str = AbortReason.ABORT) -> None:
         """Ask the engine to abort a request. Synchronous, safe under cancellation."""
         pending = self._pending.get(request_id)
         if pending is not None and pending.abort_reason is None:
-            pending.abort_reason = reason
-            self._commands.put(_Abort(request_id, reason))
+            pending.abort_reason = AbortReason(reason)
+            self._commands.put(Abort(request_id, pending.abort_reason))
 
-    def abort_all(self, reason: str) -> None:
+    def abort_all(self, reason: AbortReason | str) -> None:
         for request_id in list(self._pending):
             self.abort(request_id, reason)
 
     def check_admission(self, requests: Sequence[GenerationRequest]) -> None:
         """Raise what submitting these requests now would get: a 503 (not ready, draining,
-        queue full) or the engine's 400 (n or prompt beyond its limits)."""
-        num_requests = len(requests)
+        failed, queue full) or the engine's 400 (n or prompt beyond its limits)."""
+        if self.state is EngineState.FAILED:
+            raise ServiceUnavailableError(
+                "The engine failed and serves no more requests; the server must be restarted.",
+                code="engine_failed",
+            )
         if self.state is not EngineState.READY:
             raise ServiceUnavailableError(
                 f"The server is {self.state.value}; try again later.",
                 headers={"Retry-After": "1"},
             )
-        if self.num_queued + num_requests > self.max_queued_requests:
+        if self.num_queued + len(requests) > self.max_queued_requests:
             raise QueueFullError(
                 f"Too many queued requests (limit {self.max_queued_requests}); try again later.",
                 headers={"Retry-After": "1"},
@@ -244,41 +212,39 @@ class AsyncEngine:
             for request in requests:
                 limits.check(request)
 
-    @contextlib.asynccontextmanager
-    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[RequestStream]:
-        """Submit requests (one HTTP request may hold several); yield one stream of their outputs.
-
-        Leaving the block before every final output arrived (client gone, deadline, exception)
-        aborts the unfinished requests in the engine. The abort is synchronous, so it also works
-        under cancellation; the engine frees their pages at its next step boundary.
-        """
+    def submit(self, requests: Sequence[GenerationRequest]) -> RequestStream:
+        """Admit and submit requests (one HTTP request may hold several) in one synchronous
+        step; return the stream of their outputs, which the caller must `close()`."""
         self.check_admission(requests)
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids) or any(i in self._pending for i in ids):
+            raise EngineError(f"duplicate request id among {ids}")
         send, receive = trio.open_memory_channel[RequestOutput](math.inf)
-        stream = RequestStream(receive, {r.request_id for r in requests})
-        for request in requests:
-            if request.request_id in self._pending:
-                raise EngineError(f"duplicate request id {request.request_id}")
         if self._idle.is_set():
             self._idle = trio.Event()
         for request in requests:
-            self._pending[request.request_id] = _Pending(send.clone())
+            self._pending[request.request_id] = _Pending(
+                send.clone(), request.params.n, len(request.prompt_token_ids)
+            )
             if self._observer is not None:
                 self._observer.on_submit(request)
-            self._commands.put(_Submit(request))
+            self._commands.put(Submit(request))
         send.close()
-        reason = "abort"
+        return RequestStream(self, receive, set(ids))
+
+    @contextlib.asynccontextmanager
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[RequestStream]:
+        """`submit()` as a block: leaving it before every final output arrived aborts the
+        unfinished requests (the reason from how the block was left: `abort_reason_for`)."""
+        stream = self.submit(requests)
+        reason = AbortReason.ABORT
         try:
             yield stream
-        except trio.Cancelled:
-            reason = "client_disconnect"
-            raise
         except BaseException as exc:
-            reason = "client_disconnect" if _is_cancelled(exc) else "error"
+            reason = abort_reason_for(exc)
             raise
         finally:
-            for request_id in stream.unfinished:
-                self.abort(request_id, stream.abort_reason or reason)
-            receive.close()
+            stream.close(reason)
 
     def _deliver(
         self,
@@ -312,6 +278,25 @@ class AsyncEngine:
         except Exception:  # an exception here would crash trio.run: log it and go on
             log.exception("dropping engine outputs after an internal error")
 
+    def _fail(self, exc: BaseException) -> None:
+        """The worker died: FAILED, logged once, every pending request ends with an error."""
+        self.state = EngineState.FAILED
+        log.error(
+            "engine failed: %s: %s (failing %d request(s); new requests get 503)",
+            type(exc).__name__,
+            exc,
+            len(self._pending),
+        )
+        log.debug("engine failure", exc_info=exc)
+        message = "the engine stopped after an internal error"
+        self._deliver(
+            [
+                failed_output(request_id, p.num_choices, p.num_prompt_tokens, message)
+                for request_id, p in self._pending.items()
+            ],
+            None,
+        )
+
     async def wait_idle(self) -> None:
         """Wait until no request is in flight."""
         if self._pending:
@@ -330,86 +315,8 @@ class AsyncEngine:
             self._trio_token.run_sync_soon(self._deliver, outputs, stats, events)
 
     def _run_worker(self, core: Core) -> None:
-        """The engine loop. A step's outputs reach trio through a poster thread, released when
-        the next step's model call begins (the runner's launch hook) or when the loop goes idle.
-
-        Why: `run_sync_soon` writes trio's wakeup socket, and that syscall releases the GIL;
-        the woken trio thread takes it and holds it for its whole burst of per-token work (SSE
-        framing, sockets: ~50 us a token), re-taking it after each short release, so a worker
-        posting directly waited for that burst at every step (up to the 5 ms switch interval).
-        Released right before the model call, the burst runs while the worker is in TVM (or
-        the echo model's sleep) and does not need the GIL.
-        """
-        commands = self._commands
-        stopping = False
-        outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        held: list[tuple[Any, ...]] = []
-        releases = [0]
-
-        def release() -> None:
-            releases[0] += 1
-            for item in held:
-                outbox.put(item)
-            held.clear()
-
-        def poster() -> None:
-            while (item := outbox.get()) is not None:
-                self._post(*item)
-
-        post_thread = threading.Thread(target=poster, name="mlctrio-post", daemon=True)
-        post_thread.start()
-        core.set_launch_hook(release)
-        try:
-            while not stopping:
-                block = not core.has_work()
-                if block:
-                    release()  # going idle: nothing will launch soon
-                while True:
-                    try:
-                        command = commands.get(block=block)
-                    except queue.Empty:
-                        break
-                    block = False
-                    if isinstance(command, _Submit):
-                        try:
-                            core.add_request(command.request)
-                        except Exception as exc:  # reported to that request
-                            held.append(([_failed(command.request, str(exc))], None))
-                            release()
-                    elif isinstance(command, _Abort):
-                        core.abort_request(command.request_id, command.reason)
-                    else:
-                        stopping = True
-                        break
-                if stopping:
-                    break
-                if core.has_work():
-                    before = releases[0]
-                    outputs = core.step()
-                    held.append((outputs, core.stats(), core.drain_events()))
-                    if releases[0] == before:  # the hook did not run: no model call this step
-                        release()
-        finally:
-            core.set_launch_hook(None)
-            release()
-            try:
-                outbox.put((core.close(), core.stats()))
-            finally:  # the poster always ends, even if close() raised
-                outbox.put(None)
-                post_thread.join()
-
-
-def _failed(request: GenerationRequest, message: str) -> RequestOutput:
-    from .engine.types import ChoiceDelta, Usage
-
-    deltas = tuple(ChoiceDelta(index=i, finish_reason="error") for i in range(request.params.n))
-    return RequestOutput(
-        request_id=request.request_id,
-        deltas=deltas,
-        usage=Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=0),
-        finished=True,
-        error=message,
-    )
+        """The engine loop (worker.run_worker), posting each step's outputs to trio."""
+        run_worker(core, self._commands, self._post)
 
 
 async def serve_engine(
@@ -420,7 +327,9 @@ async def serve_engine(
     """Load the core in the worker thread, then run the worker loop until `stop_engine()`.
 
     Started with `nursery.start(serve_engine, engine)`: returns from start() once the model is
-    loaded and the engine accepts requests. Always joins the thread before returning.
+    loaded and the engine accepts requests. Always joins the thread before returning. If the
+    worker dies, the engine turns FAILED and this waits for `stop_engine()` (the server lives on
+    to answer /health with 503 and new requests with 503).
     """
     engine._trio_token = trio.lowlevel.current_trio_token()
     limiter = trio.CapacityLimiter(1)
@@ -440,7 +349,11 @@ async def serve_engine(
             nursery.start_soon(stop_on_cancel)
             # Not abandoned on cancel: cancellation reaches stop_on_cancel, which tells the worker
             # to stop, and we wait here until the thread has really closed the core.
-            await trio.to_thread.run_sync(engine._run_worker, core, limiter=limiter)
+            try:
+                await trio.to_thread.run_sync(engine._run_worker, core, limiter=limiter)
+            except Exception as exc:
+                engine._fail(exc)
+                await engine._stop_requested.wait()
             nursery.cancel_scope.cancel()
     finally:
         engine.state = EngineState.STOPPED
@@ -448,4 +361,5 @@ async def serve_engine(
 
 def stop_engine(engine: AsyncEngine) -> None:
     """Make the worker close the core (aborting what is left) and exit. Synchronous."""
-    engine._commands.put(_Stop())
+    engine._stop_requested.set()
+    engine._commands.put(Stop())

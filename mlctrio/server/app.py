@@ -1,13 +1,16 @@
 """The Quart-Trio application: hooks (auth, CORS, errors, limits) and the small routes.
 
-The OpenAI generation routes live in server/openai_routes.py. `create_app` knows the engine only
-through AsyncEngine (service.py): nothing here imports runtime/, models/ or tvm.
+Rules: `create_app` builds the app and its `ServerState` (server/state.py, in
+`app.extensions["mlctrio"]`); every handler is a module-level function that finds the state
+through the app. The OpenAI generation routes live in server/openai_routes.py and below; nothing
+imports this module back (no cycle). The app knows the engine only through AsyncEngine
+(service.py): nothing here imports runtime/, models/ or tvm. The ASGI app is wrapped in
+server/asgi.py's ConnectionGuard (early answers, request-end cleanups).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from typing import Any
 
@@ -18,76 +21,21 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..config import ServerConfig
-from ..errors import (
-    AuthenticationError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    RequestError,
-    ServiceUnavailableError,
-)
+from ..errors import AuthenticationError, InvalidRequestError, RequestError
 from ..metrics import Metrics
-from ..service import AsyncEngine, EngineState, ModelInfo, serve_engine, stop_engine
+from ..service import AbortReason, AsyncEngine, EngineState, serve_engine, stop_engine
 from . import cors
+from .asgi import ConnectionGuard
 from .errors import error_response, from_http_exception, internal_error
 from .observer import EngineObserver, EventTrace
-from .sse import dumps
+from .openai_routes import register_openai_routes
+from .state import EXTENSION, ServerState, current_state, json_response, read_json
+
+__all__ = ["ServerState", "create_app", "drain", "json_response", "read_json"]
 
 log = logging.getLogger("mlctrio.server")
 
 OPEN_ROUTES = frozenset({"/health"})
-
-
-@attrs.define(eq=False)
-class ServerState:
-    """Everything the routes share; one per app, passed in (no globals)."""
-
-    config: ServerConfig
-    engine: AsyncEngine
-    metrics: Metrics
-    trace: EventTrace | None
-    sse_ping_interval_s: float = 10.0
-
-    @property
-    def model_name(self) -> str:
-        return self.config.model_name
-
-    def model_info(self) -> ModelInfo:
-        info = self.engine.info
-        if info is None or self.engine.state is EngineState.LOADING:
-            raise ServiceUnavailableError(
-                "The model is still loading; try again later.", headers={"Retry-After": "5"}
-            )
-        return info
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ModelNotFoundError(
-                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
-                param="model",
-            )
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(dumps(body), status=status, content_type="application/json")
-
-
-async def read_json() -> Any:
-    """The request body as JSON; 400 for a wrong content type or malformed JSON."""
-    mimetype = request.mimetype
-    if mimetype != "application/json":
-        raise InvalidRequestError(
-            "Request body must be JSON with Content-Type: application/json "
-            f"(got {mimetype or 'none'}).",
-            code="invalid_content_type",
-        )
-    data = await request.get_data()
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request: {exc}.",
-            code="invalid_json",
-        ) from None
 
 
 def _check_api_key(keys: tuple[bytes, ...]) -> None:
@@ -122,9 +70,8 @@ def create_app(
     metrics = Metrics(model_name=config.model_name)
     trace = EventTrace(config.trace_buffer_size) if config.enable_tracing else None
     engine._observer = EngineObserver(metrics, trace)
-    state = ServerState(config, engine, metrics, trace, sse_ping_interval_s)
-    app.extensions["mlctrio"] = state
-    keys = tuple(k.encode() for k in config.api_keys)
+    app.extensions[EXTENSION] = ServerState(config, engine, metrics, trace, sse_ping_interval_s)
+    app.asgi_app = ConnectionGuard(app.asgi_app, config.max_body_bytes)  # type: ignore[method-assign,assignment,arg-type]
 
     if own_engine:
 
@@ -136,101 +83,123 @@ def create_app(
         @app.after_serving
         async def _stop_engine() -> None:
             engine.state = EngineState.DRAINING
-            engine.abort_all("shutdown")
+            engine.abort_all(AbortReason.SHUTDOWN)
             stop_engine(engine)
 
-    @app.before_request
-    async def _auth_and_cors() -> Response | None:
-        preflight = cors.preflight(config)
-        if preflight is not None:
-            return preflight
-        if keys and request.path not in OPEN_ROUTES and request.method != "OPTIONS":
-            _check_api_key(keys)
-        return None
-
-    @app.after_request
-    async def _cors_headers(response: Response) -> Response:
-        cors.decorate(config, response)
-        return response
-
-    @app.errorhandler(RequestError)
-    async def _request_error(exc: RequestError) -> Response:
-        return error_response(exc)
-
-    @app.errorhandler(HTTPException)
-    async def _http_error(exc: HTTPException) -> Response:
-        return error_response(from_http_exception(exc))
-
-    @app.errorhandler(Exception)
-    async def _internal(exc: Exception) -> Response:
-        return internal_error(exc)
-
-    @app.get("/health")
-    async def health() -> Response:
-        status = engine.state
-        code = 200 if status is EngineState.READY else 503
-        return json_response({"status": status.value}, code)
-
-    @app.get("/metrics")
-    async def metrics_route() -> Response:
-        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def model_card() -> dict[str, Any]:
-        info = state.model_info()
-        return {
-            "id": state.model_name,
-            "object": "model",
-            "created": info.created,
-            "owned_by": "mlctrio",
-            "root": config.model,
-            "max_model_len": info.context_window_size,
-        }
-
-    @app.get("/v1/models")
-    async def list_models() -> Response:
-        return json_response({"object": "list", "data": [model_card()]})
-
-    @app.get("/v1/models/<path:model>")
-    async def get_model(model: str) -> Response:
-        state.check_model(model)
-        return json_response(model_card())
-
-    @app.get("/openapi.json")
-    async def openapi() -> Response:
-        from ..protocol.openapi import openapi_document
-
-        return json_response(
-            openapi_document(
-                api_key_required=bool(config.api_keys),
-                extra_paths=_DEBUG_PATHS if config.enable_debug else None,
-            )
-        )
-
+    app.before_request(_auth_and_cors)
+    app.after_request(_cors_headers)
+    app.register_error_handler(RequestError, _request_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal)
+    app.add_url_rule("/health", view_func=health, methods=["GET"])
+    app.add_url_rule("/metrics", view_func=metrics_route, methods=["GET"])
+    app.add_url_rule("/v1/models", view_func=list_models, methods=["GET"])
+    app.add_url_rule("/v1/models/<path:model>", view_func=get_model, methods=["GET"])
+    app.add_url_rule("/openapi.json", view_func=openapi, methods=["GET"])
     if config.enable_debug:
-
-        @app.post("/debug/dump_event_trace")
-        async def dump_event_trace() -> Response:
-            if trace is None:
-                raise InvalidRequestError(
-                    "Event tracing is off: start the server with --enable-tracing.",
-                    code="tracing_disabled",
-                )
-            return json_response(trace.dump())
-
-        @app.get("/debug/config")
-        async def debug_config() -> Response:
-            info = state.model_info()
-            return json_response(
-                {
-                    "server": attrs.asdict(config, value_serializer=_jsonable),
-                    "engine": dict(info.config),
-                }
-            )
-
-    from .openai_routes import register_openai_routes
-
-    register_openai_routes(app, state)
+        app.add_url_rule("/debug/dump_event_trace", view_func=dump_event_trace, methods=["POST"])
+        app.add_url_rule("/debug/config", view_func=debug_config, methods=["GET"])
+    register_openai_routes(app)
     return app
+
+
+# ---- hooks -----------------------------------------------------------------------------------
+
+
+async def _auth_and_cors() -> Response | None:
+    config = current_state().config
+    preflight = cors.preflight(config)
+    if preflight is not None:
+        return preflight
+    if config.api_keys and request.path not in OPEN_ROUTES and request.method != "OPTIONS":
+        _check_api_key(tuple(k.encode() for k in config.api_keys))
+    return None
+
+
+async def _cors_headers(response: Response) -> Response:
+    cors.decorate(current_state().config, response)
+    return response
+
+
+async def _request_error(exc: RequestError) -> Response:
+    return error_response(exc)
+
+
+async def _http_error(exc: HTTPException) -> Response:
+    return error_response(from_http_exception(exc))
+
+
+async def _internal(exc: Exception) -> Response:
+    return internal_error(exc)
+
+
+# ---- the small routes ------------------------------------------------------------------------
+
+
+async def health() -> Response:
+    status = current_state().engine.state
+    code = 200 if status is EngineState.READY else 503
+    return json_response({"status": status.value}, code)
+
+
+async def metrics_route() -> Response:
+    body = current_state().metrics.render()
+    return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    info = state.model_info()
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "mlctrio",
+        "root": state.config.model,
+        "max_model_len": info.context_window_size,
+    }
+
+
+async def list_models() -> Response:
+    return json_response({"object": "list", "data": [_model_card(current_state())]})
+
+
+async def get_model(model: str) -> Response:
+    state = current_state()
+    state.check_model(model)
+    return json_response(_model_card(state))
+
+
+async def openapi() -> Response:
+    from ..protocol.openapi import openapi_document
+
+    config = current_state().config
+    return json_response(
+        openapi_document(
+            api_key_required=bool(config.api_keys),
+            extra_paths=_DEBUG_PATHS if config.enable_debug else None,
+        )
+    )
+
+
+async def dump_event_trace() -> Response:
+    trace = current_state().trace
+    if trace is None:
+        raise InvalidRequestError(
+            "Event tracing is off: start the server with --enable-tracing.",
+            code="tracing_disabled",
+        )
+    return json_response(trace.dump())
+
+
+async def debug_config() -> Response:
+    state = current_state()
+    info = state.model_info()
+    return json_response(
+        {
+            "server": attrs.asdict(state.config, value_serializer=_jsonable),
+            "engine": dict(info.config),
+        }
+    )
 
 
 _DEBUG_PATHS: dict[str, Any] = {
@@ -275,6 +244,6 @@ async def drain(state: ServerState, timeout_s: float) -> None:
         await engine.wait_idle()
     if engine.num_in_flight:
         log.warning("shutdown: aborting %d unfinished request(s)", engine.num_in_flight)
-        engine.abort_all("shutdown")
+        engine.abort_all(AbortReason.SHUTDOWN)
         with trio.move_on_after(5):
             await engine.wait_idle()

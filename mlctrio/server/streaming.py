@@ -1,14 +1,22 @@
-"""Waiting on an engine stream from a route: deadlines, keep-alive pings, batching, errors.
+"""Waiting on an engine stream from a route: deadlines, keep-alive pings, batching, errors, and
+the one SSE loop both streaming APIs share.
 
-`next_batch` is what a streaming body awaits between writes: every output already delivered
-(so a stream that fell behind catches up in one write), plus the control bytes that must follow
-them (a keep-alive comment, or an error event and `[DONE]` that end the stream).
+Rules:
+- `stream_events` is the only streaming loop; chat and completions pass their per-API part (a
+  `StreamWriter`). A stream that got its 200 always ends with `[DONE]`, after an error event if
+  it failed (engine error, deadline, or an exception in our own per-token work).
+- `next_batch` is what a streaming body awaits between writes: every output already delivered
+  (so a stream that fell behind catches up in one write), plus the control bytes that must follow
+  them (a keep-alive comment, or an error event and `[DONE]` that end the stream).
+- The engine stream is closed with the `AbortReason` of how the loop ended (GeneratorExit or
+  Cancelled: the client left).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -16,11 +24,36 @@ from quart import Response
 
 from ..engine.types import GenerationRequest, RequestOutput
 from ..errors import EngineFailedError, RequestTimeoutError
-from ..service import RequestStream
-from .app import ServerState
+from ..service import AbortReason, RequestStream, abort_reason_for
 from .sse import DONE, PING, event
+from .state import ServerState
+
+log = logging.getLogger("mlctrio.server")
 
 _TIMEOUT = object()
+
+INTERNAL_ERROR = {
+    "error": {
+        "message": "Internal server error.",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+}
+
+
+class StreamWriter(Protocol):
+    """The per-API part of a streamed response: the events around and for each output."""
+
+    def opening(self) -> list[bytes]:
+        """Events before any output (chat's role chunks, completions' echo)."""
+        ...
+
+    def output_events(self, output: RequestOutput) -> list[bytes]: ...
+
+    def closing(self) -> list[bytes]:
+        """Events after the last output, before [DONE] (the usage chunk)."""
+        ...
 
 
 @attrs.frozen
@@ -62,7 +95,7 @@ async def next_batch(stream: RequestStream, state: ServerState, deadline: float)
     if output is PING:
         return Batch(control=PING)
     if output is _TIMEOUT:
-        stream.abort_reason = "timeout"
+        stream.abort_reason = AbortReason.TIMEOUT
         return Batch(control=event(timeout_error(state).to_dict()) + DONE, end=True)
     ready = [output, *stream.receive_ready()]
     for k, item in enumerate(ready):
@@ -70,6 +103,33 @@ async def next_batch(stream: RequestStream, state: ServerState, deadline: float)
             error = event(engine_error(item.error).to_dict()) + DONE
             return Batch(ready[:k], error, end=True)
     return Batch(ready)
+
+
+async def stream_events(
+    state: ServerState, stream: RequestStream, writer: StreamWriter, deadline: float
+) -> AsyncIterator[bytes]:
+    """The SSE body of a submitted stream; closes `stream` however it ends."""
+    reason = AbortReason.ABORT
+    try:
+        if opening := b"".join(writer.opening()):
+            yield opening
+        while not (batch := await next_batch(stream, state, deadline)).done:
+            events = [e for output in batch.outputs for e in writer.output_events(output)]
+            events.append(batch.control)
+            if data := b"".join(events):  # one write for everything that was ready
+                yield data
+            if batch.end:
+                return
+        yield b"".join([*writer.closing(), DONE])
+    except Exception:  # a bug in our per-token work: fail this stream, keep the server serving
+        log.exception("streaming response failed")
+        reason = AbortReason.ERROR
+        yield event(INTERNAL_ERROR) + DONE
+    except BaseException as exc:
+        reason = abort_reason_for(exc)
+        raise
+    finally:
+        stream.close(reason)
 
 
 def sse_response(body: AsyncIterator[bytes]) -> Response:
@@ -92,7 +152,7 @@ async def collect(
                     raise engine_error(output.error)
                 outputs.append(output)
             return outputs
-        stream.abort_reason = "timeout"
+        stream.abort_reason = AbortReason.TIMEOUT
         raise timeout_error(state)
 
 

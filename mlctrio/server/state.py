@@ -1,0 +1,112 @@
+"""What every route shares, at the bottom of the server package: `ServerState` and JSON in/out.
+
+Rules: this module imports no other route module (routes import it, never the reverse), so the
+server package has no import cycle. Handlers find the state through the app
+(`current_state()`), never through a closure or a global.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from quart import Response, current_app, request
+
+from ..config import ServerConfig
+from ..errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from ..metrics import Metrics
+from ..service import AsyncEngine, EngineState, ModelInfo
+from .observer import EventTrace
+from .sse import dumps
+
+EXTENSION = "mlctrio"
+
+#: Deepest JSON nesting a request body may have. Real requests (JSON schemas of tools included)
+#: stay far below; the limit keeps every recursive walk of the body (validation, templates,
+#: grammar compilation) far from Python's recursion limit.
+MAX_JSON_DEPTH = 64
+
+
+@attrs.define(eq=False)
+class ServerState:
+    """Everything the routes share; one per app (in `app.extensions`, no globals)."""
+
+    config: ServerConfig
+    engine: AsyncEngine
+    metrics: Metrics
+    trace: EventTrace | None
+    sse_ping_interval_s: float = 10.0
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+    def model_info(self) -> ModelInfo:
+        info = self.engine.info
+        if info is None or self.engine.state is EngineState.LOADING:
+            raise ServiceUnavailableError(
+                "The model is still loading; try again later.", headers={"Retry-After": "5"}
+            )
+        return info
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ModelNotFoundError(
+                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                param="model",
+            )
+
+
+def current_state() -> ServerState:
+    """The state of the app serving the current request."""
+    state: ServerState = current_app.extensions[EXTENSION]
+    return state
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body), status=status, content_type="application/json")
+
+
+async def read_json() -> Any:
+    """The request body as JSON; 400 for a wrong content type, malformed or too deep JSON."""
+    mimetype = request.mimetype
+    if mimetype != "application/json":
+        raise InvalidRequestError(
+            "Request body must be JSON with Content-Type: application/json "
+            f"(got {mimetype or 'none'}).",
+            code="invalid_content_type",
+        )
+    raw = await request.get_data()
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    too_deep = InvalidRequestError(
+        f"The JSON body of your request is nested deeper than {MAX_JSON_DEPTH} levels.",
+        code="json_too_deep",
+    )
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request: {exc}.",
+            code="invalid_json",
+        ) from None
+    # Fewer brackets than the limit (most bodies, however long) cannot nest deeper: skip the walk.
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
+
+
+def json_depth(value: Any) -> int:
+    """How deeply JSON arrays and objects nest in `value` (iterative: no recursion limit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
