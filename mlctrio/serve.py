@@ -7,15 +7,26 @@ Logs a person reads: "listening on URL (loading MODEL)" once the socket is bound
 one "ready: serving MODEL at URL" once the model is loaded and /health answers 200. With
 --access-log (MLCTRIO_ACCESS_LOG=1 under Hypercorn) `AccessLog` adds one line per request on
 the "mlctrio.access" logger: client, method, path, status, duration (for a stream: to its end).
+
+Operator rules:
+- A failure an operator can fix (the address cannot be bound, the model cannot be loaded) comes
+  out of `run()` as one MlctrioError whose message is one line: cli.py prints it, exit 2.
+- The model loads in `ModelLoad`, on a thread trio abandons when the load is cancelled: a signal
+  while the model loads or compiles (minutes, the first time) stops at once instead of waiting
+  for it; `run()` then leaves with `exit_now` (no interpreter teardown under a live compile).
+- The first SIGINT/SIGTERM drains; a second one exits at once (`exit_now`, status 130).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from functools import partial
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import trio
@@ -24,17 +35,20 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from .config import ServerConfig
-from .errors import MlctrioError
-from .loader import core_factory
+from .errors import ConfigError, MlctrioError, ModelLoadError
+from .loader import CoreFactory, core_factory
 from .server.app import ServerState, create_app, drain
 from .service import AsyncEngine, serve_engine, stop_engine
 
 log = logging.getLogger("mlctrio")
 ACCESS_LOGGER = "mlctrio.access"
+KEEP_ALIVE_TIMEOUT_S = 5.0
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[..., Awaitable[None]]
+E = TypeVar("E", bound=BaseException)
 
 
 @attrs.frozen
@@ -81,6 +95,86 @@ def add_access_log(app: QuartTrio) -> None:
     app.asgi_app = AccessLog(app.asgi_app)  # type: ignore[method-assign,assignment]
 
 
+def exit_now(code: int, message: str | None = None) -> NoReturn:
+    """Leave the process at once: `message` as one stderr line, log handlers flushed, and
+    nothing else (no thread joined, no atexit hook: a compile may still run on a thread)."""
+    if message:
+        print(f"mlctrio: {message}", file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for an operator: our own messages as they are, a foreign one
+    with its type (for a TVM error, its last line: its first is "Traceback ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[-1] if "Traceback" in lines[0] else lines[0]
+    return text if isinstance(exc, MlctrioError) else f"{type(exc).__name__}: {text}"
+
+
+@attrs.define(eq=False)
+class ModelLoad:
+    """The model's load, run by `load()` on a thread trio abandons if the load is cancelled (a
+    thread cannot be stopped, and a first compile takes minutes). Handed to `AsyncEngine` as
+    its core factory: called on the engine thread after `load()`, it returns what was loaded."""
+
+    model: str
+    factory: CoreFactory
+    loaded: tuple[Any, Any] | None = None
+    abandoned: bool = False  # cancelled while loading: the thread may still run
+    failed: bool = False
+
+    async def load(self) -> None:
+        """Load; an error that is not ours becomes a one-line ModelLoadError."""
+        try:
+            self.loaded = await trio.to_thread.run_sync(self.factory, abandon_on_cancel=True)
+        except trio.Cancelled:
+            self.abandoned = True
+            raise
+        except MlctrioError:
+            self.failed = True
+            raise
+        except Exception as exc:
+            self.failed = True
+            raise ModelLoadError(one_line(exc)) from exc
+
+    def __call__(self) -> Any:
+        if self.loaded is None:  # not loaded beforehand: load here, on the engine thread
+            return self.factory()
+        loaded, self.loaded = self.loaded, None
+        return loaded
+
+
+async def load_unless_stopped(model_load: ModelLoad, stop: trio.Event) -> bool:
+    """Load the model unless `stop` is set first (the load is then abandoned). Loaded?"""
+    async with trio.open_nursery() as nursery:
+
+        async def cancel_on_stop() -> None:
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_on_stop)
+        await model_load.load()
+        nursery.cancel_scope.cancel()
+    return model_load.loaded is not None
+
+
+async def watch_signals(stop_requested: trio.Event) -> None:
+    """The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        first = True
+        async for signum in signals:
+            if not first:
+                exit_now(INTERRUPTED_EXIT, "interrupted")
+            first = False
+            log.info("received %s: draining (again to stop at once)", signal.Signals(signum).name)
+            stop_requested.set()
+
+
 async def serve_engine_announced(
     engine: AsyncEngine,
     config: ServerConfig,
@@ -99,7 +193,10 @@ def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [f"{config.host}:{config.port}"]
     hc.graceful_timeout = 5.0
-    hc.keep_alive_timeout = 75.0
+    # Hypercorn holds an idle keep-alive connection's socket until this timeout even after the
+    # client closed it (its idle timer keeps the connection's task group open): a long timeout
+    # leaves every closed client connection in CLOSE-WAIT that long. 5 s, as uvicorn and vLLM.
+    hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
@@ -123,24 +220,20 @@ async def serve(
     *,
     handle_signals: bool = True,
     sse_ping_interval_s: float = 10.0,
+    model_load: ModelLoad | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or until `RunningServer.shutdown` is set), then drain."""
-    engine = AsyncEngine(config.max_queued_requests, core_factory(config))
+    if model_load is None:
+        model_load = ModelLoad(config.model, core_factory(config))
+    engine = AsyncEngine(config.max_queued_requests, model_load)
     app = create_app(config, engine, own_engine=False, sse_ping_interval_s=sse_ping_interval_s)
     state: ServerState = app.extensions["mlctrio"]
     if config.access_log:
         add_access_log(app)
     shutdown = trio.Event()
-
     stop_requested = trio.Event()
-
-    async def on_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
-                stop_requested.set()
-                break
+    http_done = trio.Event()
 
     async def on_stop() -> None:
         await stop_requested.wait()
@@ -150,38 +243,76 @@ async def serve(
     async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
         try:
             await hypercorn_serve(
-                app,  # type: ignore[arg-type]
+                app,
                 hypercorn_config(config),
                 shutdown_trigger=shutdown.wait,
                 task_status=task_status,
             )
         finally:
             stop_engine(engine)  # HTTP is done: let the engine close and its thread end
+            http_done.set()
 
     async with trio.open_nursery() as nursery:
         if handle_signals:
-            nursery.start_soon(on_signals)
+            nursery.start_soon(watch_signals, stop_requested)
         nursery.start_soon(on_stop)
-        binds = await nursery.start(run_http)
+        binds = await _listen(nursery, run_http, config)
         log.info("listening on %s (loading %s)", ", ".join(binds), config.model)
         task_status.started(RunningServer(binds, state, stop_requested))
-        # Returns once the engine thread is joined; a load error propagates and cancels HTTP.
-        await serve_engine_announced(engine, config, binds[0])
+        # A load error propagates and cancels HTTP; a stop while loading abandons the load.
+        if await load_unless_stopped(model_load, stop_requested):
+            # Returns once the engine thread is joined (after HTTP is done).
+            await serve_engine_announced(engine, config, binds[0])
+        else:
+            log.info("stopped before %s was loaded", config.model)
+            await http_done.wait()
         nursery.cancel_scope.cancel()
 
 
-def run(config: ServerConfig) -> int:
-    """Serve until a signal; our own errors (bad model, bad config) come out unwrapped."""
+async def _listen(
+    nursery: trio.Nursery,
+    run_http: Callable[..., Awaitable[None]],
+    config: ServerConfig,
+) -> list[str]:
+    """Start HTTP; an address that cannot be bound is a one-line ConfigError."""
     try:
-        trio.run(serve, config)
+        binds: list[str] = await nursery.start(run_http)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _first_leaf(exc, OSError)
+        if error is None:
+            raise
+        reason = (error.strerror or str(error)).lower()
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
+    return binds
+
+
+def run(config: ServerConfig) -> int:
+    """Serve until a signal; our own errors (bad model, address in use) come out unwrapped."""
+    model_load = ModelLoad(config.model, core_factory(config))
+    try:
+        trio.run(partial(serve, config, model_load=model_load))
     except BaseExceptionGroup as group:
         ours, rest = group.split(MlctrioError)
-        if ours is not None and rest is None:
-            raise _first_leaf(ours) from None
-        raise
+        if ours is None or rest is not None:
+            raise
+        leaf = _first_leaf(ours, MlctrioError)
+        assert leaf is not None
+        if model_load.failed:
+            raise ModelLoadError(f"cannot load {config.model}: {leaf}") from leaf
+        # Its own cause (a wrapped foreign error) is the detail; the groups are noise.
+        raise leaf from leaf.__cause__
+    if model_load.abandoned:  # the load still runs on its thread: do not wait for it
+        exit_now(0)
     return 0
 
 
-def _first_leaf(group: BaseExceptionGroup[MlctrioError]) -> MlctrioError:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+def _first_leaf(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of `kind` in `exc` or its (nested) groups."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_leaf(inner, kind)
+            if found is not None:
+                return found
+    return None

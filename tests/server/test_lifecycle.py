@@ -20,6 +20,8 @@ from mlctrio.cli import build_parser, config_from_args
 from mlctrio.config import EngineOverrides
 from mlctrio.errors import ConfigError
 
+from .test_logging import StderrLines
+
 MODEL = "mock://echo"
 
 
@@ -29,24 +31,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+def _wait_ready(proc: subprocess.Popen[str]) -> StderrLines:
+    """Wait for the "ready" line (logged once /health answers 200); the stderr reader."""
+    lines = StderrLines(proc)
+    lines.wait_for(r"INFO mlctrio: ready: ", timeout_s=60)
+    return lines
+
+
+def _wait_draining(url: str, timeout_s: float = 30) -> httpx.Response:
+    """/health once it says the server drains (the signal reaches the server asynchronously)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("server did not become healthy")
+    while True:
+        health = httpx.get(url + "/health", timeout=5)
+        if health.status_code == 503 or time.monotonic() > deadline:
+            return health
+        time.sleep(0.01)  # a poll interval, not a guess at how long the signal takes
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
+def _reap(proc: subprocess.Popen[str], lines: StderrLines | None = None) -> None:
     if proc.poll() is None:
         proc.kill()
-        proc.wait()
-    if proc.stderr is not None:
+    proc.wait()
+    if lines is not None:
+        lines.thread.join(10)
+    elif proc.stderr is not None:
         proc.stderr.close()
 
 
@@ -66,11 +74,14 @@ def test_sigterm_drains_then_exits_zero() -> None:
             "20",
         ],
         stderr=subprocess.PIPE,
+        text=True,
     )
+    lines = None
     try:
-        _wait_healthy(url, proc)
+        lines = _wait_ready(proc)
         text = "drain " * 60  # 360 tokens at 5 ms: ~2 s of streaming
         result: dict[str, str] = {}
+        streaming = threading.Event()
 
         def stream() -> None:
             with httpx.stream(
@@ -83,7 +94,11 @@ def test_sigterm_drains_then_exits_zero() -> None:
                     "stream": True,
                 },
             ) as response:
-                raw = b"".join(response.iter_raw()).decode()
+                chunks = []
+                for chunk in response.iter_raw():
+                    streaming.set()
+                    chunks.append(chunk)
+                raw = b"".join(chunks).decode()
             content = ""
             for event in raw.split("\n\n"):
                 if event.startswith("data: {"):
@@ -94,10 +109,9 @@ def test_sigterm_drains_then_exits_zero() -> None:
 
         worker = threading.Thread(target=stream)
         worker.start()
-        time.sleep(0.3)
+        assert streaming.wait(30)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        health = httpx.get(url + "/health", timeout=5)
+        health = _wait_draining(url)
         assert health.status_code == 503
         assert health.json() == {"status": "draining"}
         refused = httpx.post(
@@ -113,7 +127,7 @@ def test_sigterm_drains_then_exits_zero() -> None:
         assert result["tail"] == "data: [DONE]\n\n"
         assert proc.wait(30) == 0
     finally:
-        _reap(proc)
+        _reap(proc, lines)
 
 
 def test_sigterm_aborts_what_outlives_the_shutdown_timeout() -> None:
@@ -132,10 +146,13 @@ def test_sigterm_aborts_what_outlives_the_shutdown_timeout() -> None:
             "0.5",
         ],
         stderr=subprocess.PIPE,
+        text=True,
     )
+    lines = None
     try:
-        _wait_healthy(url, proc)
+        lines = _wait_ready(proc)
         holder: dict[str, str] = {}
+        streaming = threading.Event()
 
         def stream() -> None:
             with httpx.stream(
@@ -148,21 +165,25 @@ def test_sigterm_aborts_what_outlives_the_shutdown_timeout() -> None:
                     "stream": True,
                 },
             ) as response:
-                holder["raw"] = b"".join(response.iter_raw()).decode()
+                chunks = []
+                for chunk in response.iter_raw():
+                    streaming.set()
+                    chunks.append(chunk)
+                holder["raw"] = b"".join(chunks).decode()
 
         worker = threading.Thread(target=stream)
         worker.start()
-        time.sleep(0.3)
-        start = time.monotonic()
+        assert streaming.wait(30)
         proc.send_signal(signal.SIGINT)
+        # The stream would take 40 s (2000 tokens at 20 ms): exiting within 30 s means it was
+        # aborted after the 0.5 s shutdown timeout.
         assert proc.wait(30) == 0
-        assert time.monotonic() - start < 15
         worker.join(10)
         raw = holder["raw"]
         assert '"finish_reason":"abort"' in raw
         assert raw.endswith("data: [DONE]\n\n")
     finally:
-        _reap(proc)
+        _reap(proc, lines)
 
 
 def test_hypercorn_app_configured_from_env(tmp_path: Path) -> None:
@@ -181,9 +202,11 @@ def test_hypercorn_app_configured_from_env(tmp_path: Path) -> None:
         [str(hypercorn), "-k", "trio", "--bind", f"127.0.0.1:{port}", "mlctrio.app:app"],
         env=env,
         stderr=subprocess.PIPE,
+        text=True,
     )
+    lines = None
     try:
-        _wait_healthy(url, proc)
+        lines = _wait_ready(proc)
         auth = {"Authorization": "Bearer k-env"}
         assert httpx.get(url + "/v1/models").status_code == 401
         models = httpx.get(url + "/v1/models", headers=auth).json()
@@ -200,7 +223,7 @@ def test_hypercorn_app_configured_from_env(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        _reap(proc)
+        _reap(proc, lines)
 
 
 def test_cli_and_env_parse_the_same() -> None:

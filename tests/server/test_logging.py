@@ -33,7 +33,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _Lines:
+class StderrLines:
     """A subprocess's stderr, line by line, read on a thread (so waits can time out)."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
@@ -60,14 +60,14 @@ class _Lines:
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., tuple[subprocess.Popen[str], _Lines]]]:
-    procs: list[tuple[subprocess.Popen[str], _Lines]] = []
+def spawn() -> Iterator[Callable[..., tuple[subprocess.Popen[str], StderrLines]]]:
+    procs: list[tuple[subprocess.Popen[str], StderrLines]] = []
 
     def start(
         argv: list[str], env: dict[str, str] | None = None
-    ) -> tuple[subprocess.Popen[str], _Lines]:
+    ) -> tuple[subprocess.Popen[str], StderrLines]:
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
-        procs.append((proc, _Lines(proc)))
+        procs.append((proc, StderrLines(proc)))
         return procs[-1]
 
     yield start
