@@ -8,6 +8,7 @@ server package has no import cycle. Handlers find the state through the app
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import attrs
@@ -95,7 +96,40 @@ async def read_json() -> Any:
     # Fewer brackets than the limit (most bodies, however long) cannot nest deeper: skip the walk.
     if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
         raise too_deep
+    # A `\\uD800`-style escape without its pair parses into a str no tokenizer or UTF-8 encoder
+    # takes; only bodies holding such an escape (rare) are walked.
+    if _SURROGATE_ESCAPE.search(data) and (where := lone_surrogate_path(body)) is not None:
+        raise InvalidRequestError(
+            f"The JSON body of your request holds an unpaired UTF-16 surrogate escape at {where}: "
+            "it is not valid Unicode text.",
+            param=where,
+            code="invalid_unicode",
+        )
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_path(value: Any) -> str | None:
+    """The dotted path (`messages.0.content`) of the first string, key or value, that holds an
+    unpaired surrogate (json.loads joins valid pairs, so any surrogate left is unpaired)."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path or "body"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if _SURROGATE.search(key):
+                    return child_path
+                stack.append((child, child_path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}.{i}" if path else str(i)) for i, child in enumerate(item))
+    return None
 
 
 def json_depth(value: Any) -> int:
