@@ -92,6 +92,14 @@ class ByteTokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_text
 
+    def min_token_count(self, text: str) -> int:
+        """A lower bound on len(encode(text)), cheap: one token a byte, less what special-token
+        matches save (over-counting overlapping matches only lowers the bound)."""
+        count = len(text.encode())
+        for special in _SPECIALS:
+            count -= text.count(special) * (len(special.encode()) - 1)
+        return max(count, 0)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = []
         rest = text

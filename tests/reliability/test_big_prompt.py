@@ -26,7 +26,10 @@ from mlctrio.runtime.gguf_tokenizer import chat_template_from_gguf, tokenizer_fr
 from mlctrio.runtime.tokenizer import HFTokenizer, load_tokenizer
 from mlctrio.server import long_text, prompts
 
+from ..server import conftest as _servers
 from ..server.conftest import make_config, start_server
+
+server_factory = _servers.server_factory  # the shared fixture (tests/server/conftest.py)
 
 WINDOW = 8192  # SmolLM2's context window
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
@@ -219,6 +222,9 @@ class GatedTokenizer:
             assert self.release.wait(30), "the test never released the tokenizer"
         return list(self.inner.encode(text, add_special_tokens=add_special_tokens))
 
+    def min_token_count(self, text: str) -> int:
+        return 0  # no cheap bound: this tokenizer's text must be tokenized
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -262,3 +268,35 @@ def test_health_answers_while_a_big_prompt_is_tokenized(echo_server: Any) -> Non
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "context_length_exceeded"
     assert answer.json()["error"]["param"] == "messages"
+
+
+def test_the_routes_refuse_by_the_bound_before_tokenizing(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Chat and completions pass the context window to the bound: a prompt whose byte length
+    alone proves it too long is refused without one call to the tokenizer's encode."""
+    handle = server_factory(model="mock://echo?context_window=512")
+    tokenizer = handle.engine.info.tokenizer
+    calls = []
+    original = tokenizer.encode
+
+    def counting_encode(text: str, add_special_tokens: bool = False) -> list[int]:
+        calls.append(len(text))
+        return original(text, add_special_tokens)
+
+    tokenizer.encode = counting_encode
+    big = "x" * 200_000
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": big}], "max_tokens": 4},
+        "/v1/completions": {"prompt": big, "max_tokens": 4},
+    }
+    with handle.client() as client:
+        for path, body in bodies.items():
+            r = client.post(path, json={"model": "mock://echo", **body})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+            assert "at least" in r.json()["error"]["message"]
+        assert calls == []
+        small = client.post(
+            "/v1/completions", json={"model": "mock://echo", "prompt": "hello", "max_tokens": 2}
+        )
+    assert small.status_code == 200
+    assert calls  # the small prompt was tokenized by the same (counting) encode
