@@ -34,6 +34,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
+from . import hypercorn_patches  # noqa: F401  (applied on import)
 from .config import ServerConfig
 from .errors import ConfigError, MlctrioError, ModelLoadError
 from .loader import CoreFactory, core_factory
@@ -42,8 +43,9 @@ from .service import AsyncEngine, serve_engine, stop_engine
 
 log = logging.getLogger("mlctrio")
 ACCESS_LOGGER = "mlctrio.access"
-KEEP_ALIVE_TIMEOUT_S = 5.0
+KEEP_ALIVE_TIMEOUT_S = 75.0
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -193,9 +195,9 @@ def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [f"{config.host}:{config.port}"]
     hc.graceful_timeout = 5.0
-    # Hypercorn holds an idle keep-alive connection's socket until this timeout even after the
-    # client closed it (its idle timer keeps the connection's task group open): a long timeout
-    # leaves every closed client connection in CLOSE-WAIT that long. 5 s, as uvicorn and vLLM.
+    # Longer than the idle timeouts of load balancers (60 s) and clients' pools (httpx: 5 s), so
+    # the server is never the side that closes a connection a client is about to reuse; a
+    # connection the client closes is closed at once (hypercorn_patches.py).
     hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
