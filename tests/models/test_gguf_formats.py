@@ -69,10 +69,9 @@ SCHEMES = {
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
-def test_compiled_matches_reference(name: str, request: pytest.FixtureRequest) -> None:
+def test_compiled_matches_reference(name: str, lib_cache_dir: Path) -> None:
     scheme = Scheme.parse(SCHEMES[name])
-    lib_dir = Path(request.config.cache.mkdir("mlctrio-lib"))
-    cm = compile_model(TINY, scheme.name, cache_dir=lib_dir)
+    cm = compile_model(TINY, scheme.name, cache_dir=lib_cache_dir)
     weights = _scheme_weights(scheme, seed=5)
     runner = TVMRunner(
         cm.lib_path,

@@ -1,7 +1,7 @@
 """The compiled Llama + TVMRunner against the numpy reference, and the compile cache.
 
-Each (config, quantization) is compiled once per session into pytest's cache directory
-(.pytest_cache/d/mlctrio-lib), keyed by the compile-cache hash, so reruns load in milliseconds.
+Each (config, quantization) is compiled once into the tests' library folder (`lib_cache_dir`,
+tests/conftest.py), keyed by the compile-cache hash, so reruns load in milliseconds.
 
 Tolerances: every quantization keeps float32 activations and a float32 KV cache on the CPU, and the
 reference multiplies by the same *effective* weights (dequantised q4 / f16-rounded q0f16). The only
@@ -56,8 +56,8 @@ _TARGET_KEYS = ("kind", "mcpu", "num-cores", "fast-math-reassoc", "fast-math-con
 
 
 @pytest.fixture(scope="session")
-def lib_dir(request: pytest.FixtureRequest) -> Path:
-    return Path(request.config.cache.mkdir("mlctrio-lib"))
+def lib_dir(lib_cache_dir: Path) -> Path:
+    return lib_cache_dir
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,16 @@
 """A real mlctrio server (Hypercorn + engine thread + echo fake) in a background thread.
 
 Tests talk to it over loopback HTTP with httpx or the official openai SDK, exactly as users do.
+
+Rules: waits are on conditions with generous timeouts, never fixed sleeps; a server that fails to
+start is stopped before the error propagates; `server_factory` stops its servers even when one
+stop fails, then collects garbage, so a socket a test left unclosed is reported (as a
+ResourceWarning, an error under `filterwarnings = error`) in that test, not in a random later one.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import threading
@@ -46,13 +52,16 @@ class ServerHandle:
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
 
-    def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    def wait_until(
+        self, predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition"
+    ) -> None:
+        """Poll `predicate` until it holds; AssertionError after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if predicate():
                 return
             time.sleep(0.01)
-        raise AssertionError("condition not reached in time")
+        raise AssertionError(f"{what} not reached in {timeout_s} s")
 
     def wait_quiescent(self, timeout_s: float = 10.0) -> None:
         """No request in flight, nothing running or waiting, every KV page free."""
@@ -80,10 +89,12 @@ class ServerHandle:
 
 
 def start_server(
-    config: ServerConfig, ping_interval_s: float = 10.0, load_timeout_s: float = 10.0
+    config: ServerConfig, ping_interval_s: float = 10.0, load_timeout_s: float = 60.0
 ) -> ServerHandle:
     """Serve `config` in a thread; return once /health says ready (the model is loaded: a real
-    model that compiles on first use needs a `load_timeout_s` of minutes)."""
+    model that compiles on first use needs a `load_timeout_s` of minutes). The timeouts are
+    generous because a cold, shared 2-core machine is slow; a healthy start takes well under a
+    second with mock://echo."""
     handle = ServerHandle(config)
     ready = threading.Event()
 
@@ -105,13 +116,29 @@ def start_server(
 
     handle.thread = threading.Thread(target=run, name="mlctrio-test-server", daemon=True)
     handle.thread.start()
-    ready.wait(30)
+    try:
+        assert ready.wait(120), "the test server did not bind in 120 s"
+        if handle.error is not None:
+            raise handle.error
+        assert handle.running is not None
+        with httpx.Client(base_url=handle.url) as client:
+            handle.wait_until(
+                partial(_healthy, handle, client), load_timeout_s, f"/health 200 ({config.model})"
+            )
+    except BaseException:
+        handle.stop()  # never leave a half-started server running behind a failed test
+        raise
+    return handle
+
+
+def _healthy(handle: ServerHandle, client: httpx.Client) -> bool:
+    """/health answers 200; raises what killed the server thread, if it died while loading."""
     if handle.error is not None:
         raise handle.error
-    assert handle.running is not None
-    with httpx.Client(base_url=handle.url) as client:
-        handle.wait_until(lambda: client.get("/health").status_code == 200, load_timeout_s)
-    return handle
+    try:
+        return client.get("/health").status_code == 200
+    except httpx.TransportError:  # busy machine: a slow answer is asked again
+        return False
 
 
 def raw_chat_post(handle: ServerHandle, body: dict[str, Any]) -> socket.socket:
@@ -119,11 +146,15 @@ def raw_chat_post(handle: ServerHandle, body: dict[str, Any]) -> socket.socket:
     host, port = handle.url.removeprefix("http://").rsplit(":", 1)
     data = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
-        f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
+    try:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -164,8 +195,16 @@ def server_factory() -> Iterator[Callable[..., ServerHandle]]:
         return handle
 
     yield factory
+    errors = []
     for handle in handles:
-        handle.stop()
+        try:
+            handle.stop()
+        except Exception as exc:  # stop the others anyway
+            errors.append(exc)
+    handles.clear()
+    gc.collect()  # finalize this test's garbage now: an unclosed socket warns in this test
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture(scope="session")

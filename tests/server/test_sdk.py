@@ -7,6 +7,8 @@ request is known exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import openai
 import pytest
 
@@ -16,8 +18,9 @@ MODEL = "mock://echo"
 
 
 @pytest.fixture
-def client(server: ServerHandle) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+def client(server: ServerHandle) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        yield client  # closed here, not by a finalizer during some later test
 
 
 def test_models_list(client: openai.OpenAI) -> None:
@@ -242,11 +245,12 @@ def test_context_length_error_code(client: openai.OpenAI) -> None:
 def test_auth_error_is_sdk_authentication_error(server_factory) -> None:  # type: ignore[no-untyped-def]
     handle = server_factory(api_keys=("sk-right",))
     bad = openai.OpenAI(base_url=handle.url + "/v1", api_key="sk-wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as info:
+    with bad, pytest.raises(openai.AuthenticationError) as info:
         bad.models.list()
     assert info.value.code == "invalid_api_key"
     good = openai.OpenAI(base_url=handle.url + "/v1", api_key="sk-right", max_retries=0)
-    assert good.models.list().data[0].id == MODEL
+    with good:
+        assert good.models.list().data[0].id == MODEL
 
 
 def test_queue_full_is_503_with_retry_after(server_factory) -> None:  # type: ignore[no-untyped-def]

@@ -98,24 +98,25 @@ def test_keepalive_pings_while_queued(server_factory) -> None:  # type: ignore[n
     handle = server_factory(
         model="mock://echo?delay_ms=30&max_num_sequence=1", ping_interval_s=0.05
     )
-    with handle.client() as http:
-        with http.stream(
-            "POST",
-            "/v1/chat/completions",
-            json={
-                "model": MODEL,
-                "messages": [{"role": "user", "content": "x" * 20}],
-                "stream": True,
-            },
-        ) as blocker:
+    url = "/v1/chat/completions"
+    # A blocker that would run for a minute: it holds the only sequence slot until its client
+    # goes away, which this test decides (no race with its natural end on a slow machine).
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2000}], "stream": True}
+    short = {"model": MODEL, "messages": [{"role": "user", "content": "y"}], "stream": True}
+    raw = b""
+    with handle.client() as http, handle.client() as http2:
+        with http.stream("POST", url, json=long) as blocker:
             blocker_bytes = blocker.iter_raw()
-            next(blocker_bytes)
-            raw = _raw(
-                handle,
-                "/v1/chat/completions",
-                {"model": MODEL, "messages": [{"role": "user", "content": "y"}], "stream": True},
-            )
-            b"".join(blocker_bytes)
+            next(blocker_bytes)  # the blocker is running
+            with http2.stream("POST", url, json=short) as queued:
+                assert queued.status_code == 200
+                queued_bytes = queued.iter_raw()
+                for chunk in queued_bytes:  # until a ping arrives (or the stream ends)
+                    raw += chunk
+                    if b": ping" in raw:
+                        break
+                blocker.close()  # the blocker's client disconnects: the slot frees
+                raw += b"".join(queued_bytes)
     events = raw.split(b"\n\n")
     # The role chunk first, then pings while the blocker holds the only sequence slot,
     # then the content; pings are SSE comments, invisible to clients.
