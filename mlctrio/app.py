@@ -10,7 +10,8 @@ parser, so both ways of starting behave the same:
     MLCTRIO_API_KEY (several separated by commas)   MLCTRIO_API_KEY_FILE
     MLCTRIO_ENABLE_DEBUG=1   MLCTRIO_ENABLE_TRACING=1   MLCTRIO_SERVED_MODEL_NAME
     MLCTRIO_MAX_QUEUED_REQUESTS   MLCTRIO_REQUEST_TIMEOUT   MLCTRIO_SHUTDOWN_TIMEOUT
-    MLCTRIO_MAX_BODY_BYTES   MLCTRIO_LOG_LEVEL   MLCTRIO_ACCESS_LOG=1
+    MLCTRIO_MAX_BODY_BYTES   MLCTRIO_LOG_LEVEL   MLCTRIO_ACCESS_LOG=1   MLCTRIO_VLLM_METRICS=1
+    MLCTRIO_DISABLE_CHAT_PAGE=1
 
 Host and port are Hypercorn's (`--bind`). On SIGTERM Hypercorn stops accepting, waits its graceful
 timeout, then the app's lifespan shutdown aborts what is left and joins the engine thread (a
@@ -75,7 +76,14 @@ _VALUE_FLAGS = (
     "max_body_bytes",
     "log_level",
 )
-_SWITCHES = ("allow_credentials", "enable_debug", "enable_tracing", "access_log")
+_SWITCHES = (
+    "allow_credentials",
+    "enable_debug",
+    "enable_tracing",
+    "access_log",
+    "vllm_metrics",
+    "disable_chat_page",
+)
 
 
 def config_from_env(env: Mapping[str, str]) -> ServerConfig:

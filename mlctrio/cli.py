@@ -130,6 +130,28 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
         action="store_true",
         help="log one line per request: client, method, path, status, duration",
     )
+    serve.add_argument(
+        "--vllm-metrics",
+        action="store_true",
+        help="also export vLLM's metric names (vllm:num_requests_waiting, ...) on /metrics",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="N > 1: N pinned workers on PORT+1..PORT+N behind sglang-router on PORT",
+    )
+    serve.add_argument(
+        "--router-policy",
+        choices=["cache_aware", "round_robin", "power_of_two", "random"],
+        default="cache_aware",
+        help="sglang-router's policy with --replicas",
+    )
+    serve.add_argument(
+        "--disable-chat-page",
+        action="store_true",
+        help="do not serve the chat page at /",
+    )
     _add_model_commands(sub)
     return parser
 
@@ -276,6 +298,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
         access_log=args.access_log,
+        disable_chat_page=args.disable_chat_page,
+        vllm_metrics=args.vllm_metrics,
     )
 
 
@@ -307,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(level)
         if args.command == "serve":
             config = config_from_args(args)
+            if args.replicas != 1:
+                from .replicas import run_replicas
+
+                return run_replicas(args, sys.argv[1:] if argv is None else argv)
             from .serve import run
 
             return run(config)

@@ -114,6 +114,8 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
     access_log: bool = False  # one log line per request (--access-log, MLCTRIO_ACCESS_LOG=1)
+    vllm_metrics: bool = False  # also vllm:* names on /metrics (--vllm-metrics): metrics_vllm.py
+    disable_chat_page: bool = False  # no chat page at / (--disable-chat-page): routes_page.py
     trace_buffer_size: int = 100_000
 
     @property

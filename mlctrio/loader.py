@@ -1,7 +1,8 @@
 """Turn a model string into a factory of (engine core, model info), run on the worker thread.
 
-`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096&load_ms=0]` is the fake engine
-(load_ms: its load sleeps that long, like a compile); anything else (`demo://tiny|small`, a
+`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096&load_ms=0&prefix_cache=0]` is the
+fake engine (load_ms: its load sleeps that long, like a compile; prefix_cache=1: the prefix cache
+as --prefix-cache-mode says, else off); anything else (`demo://tiny|small`, a
 model directory, `HF://org/name`) is served by the TVM runtime.
 """
 
@@ -25,6 +26,7 @@ _ECHO_KEYS = {
     "context_window": int,
     "max_num_sequence": int,
     "load_ms": float,
+    "prefix_cache": int,
 }
 
 
@@ -70,6 +72,9 @@ def core_factory(config: ServerConfig) -> CoreFactory:
                 max_num_sequence=engine_config.max_num_sequence,
                 context_window_size=engine_config.context_window_size,
                 prefill_chunk_size=engine_config.prefill_chunk_size,
+                prefix_cache_mode=(
+                    engine_config.prefix_cache_mode if options.get("prefix_cache") else "disable"
+                ),
             )
             info = ModelInfo(
                 model_id=name,

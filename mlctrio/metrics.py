@@ -1,4 +1,8 @@
-"""Prometheus metrics of one server (its own registry: no global state)."""
+"""Prometheus metrics of one server (its own registry: no global state).
+
+With `vllm_aliases` (`--vllm-metrics`) each metric that has a vLLM twin is a `Tee` that writes
+both (metrics_vllm.py), so the callers (server/observer.py) update one attribute as before.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .metrics_vllm import Tee, VllmAliases
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -34,10 +40,11 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 
 @attrs.define(slots=False)
 class Metrics:
-    """The mlctrio_* metrics, labelled with model_name."""
+    """The mlctrio_* metrics, labelled with model_name (and vLLM's names too, on request)."""
 
     model_name: str
     registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
+    vllm_aliases: bool = False
 
     def __attrs_post_init__(self) -> None:
         r, m, lbl = self.registry, self.model_name, ["model_name"]
@@ -98,7 +105,7 @@ class Metrics:
             "e2e_request_latency_seconds": "Time from arrival to the final token.",
             "request_queue_time_seconds": "Time from arrival until the first output.",
         }
-        self._hist = {
+        self._hist: dict[str, Any] = {
             name: Histogram(
                 f"mlctrio_{name}", doc, lbl, buckets=_LATENCY_BUCKETS, registry=r
             ).labels(m)
@@ -119,6 +126,13 @@ class Metrics:
             registry=r,
         ).labels(m)
         self._last_totals: dict[str, int] = {}  # the engine's running totals, last seen
+        self._vllm = VllmAliases(r, m) if self.vllm_aliases else None
+        if self._vllm is not None:
+            for name, twin in self._vllm.children.items():
+                if name in self._hist:
+                    self._hist[name] = Tee((self._hist[name], twin))
+                else:
+                    setattr(self, name, Tee((getattr(self, name), twin)))
 
     @property
     def time_to_first_token(self) -> Any:
@@ -138,9 +152,13 @@ class Metrics:
 
     def request_finished(self, finished_reason: str) -> None:
         self._success.labels(self.model_name, finished_reason).inc()
+        if self._vllm is not None:
+            self._vllm.request_finished(finished_reason)
 
     def request_aborted(self, reason: str) -> None:
         self._aborted.labels(self.model_name, reason).inc()
+        if self._vllm is not None:
+            self._vllm.request_finished("abort")
 
     def observe_engine(self, stats: Any) -> None:
         """Copy the engine core's gauges and advance the counters by its totals' growth (called

@@ -2,8 +2,9 @@
 
 The request classes accept the subset of OpenAI's schema that mlctrio can honour (plus vLLM's
 sampling extensions, see SamplingRequest). Fields OpenAI defines but mlctrio cannot honour are
-handled before structuring by `UNSUPPORTED_FIELDS` (protocol/openai.py): a default value is
-accepted and dropped, anything else is a 400 naming the field.
+handled before structuring by `UNSUPPORTED_FIELDS` (protocol/openai.py), and so are the SGLang
+extensions sglang-router adds (protocol/sglang.py): a value mlctrio honours is accepted and
+dropped, anything else is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Final, Literal
 
 import attrs
 
+from mlctrio.protocol import sglang
 from mlctrio.protocol.common import OMIT, OMITTED, ChunkUsage, SamplingRequest, Usage
 from mlctrio.protocol.validate import FieldError, constraints
 
@@ -245,6 +247,8 @@ UNSUPPORTED_FIELDS: Final[Mapping[str, tuple[Any, str]]] = {
     "prompt_cache_key": (lambda v: v is None or isinstance(v, str), "must be a string"),
     "prompt_cache_retention": (lambda v: v is None or isinstance(v, str), "must be a string"),
     "safety_identifier": (lambda v: v is None or isinstance(v, str), "must be a string"),
+    # SGLang's extensions, which sglang-router adds to every request it forwards
+    **sglang.CHAT_FIELDS,
 }
 
 # --- responses ------------------------------------------------------------------------------

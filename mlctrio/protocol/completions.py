@@ -12,6 +12,7 @@ from typing import Final, Literal
 
 import attrs
 
+from mlctrio.protocol import sglang
 from mlctrio.protocol.common import OMIT, OMITTED, ChunkUsage, SamplingRequest, Usage
 from mlctrio.protocol.validate import FieldError, constraints
 
@@ -58,6 +59,7 @@ class CompletionRequest(SamplingRequest):
 #: OpenAI fields mlctrio cannot honour (see chat.UNSUPPORTED_FIELDS).
 UNSUPPORTED_FIELDS: Final = {
     "suffix": (lambda v: v is None or v == "", "suffix (insertion) is not supported"),
+    **sglang.COMPLETION_FIELDS,  # what sglang-router adds to every request it forwards
 }
 
 # --- responses ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from mlctrio.protocol import chat, completions
+from mlctrio.protocol import chat, completions, sglang
 from mlctrio.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from mlctrio.protocol.common import ErrorResponse, Model, ModelList
 from mlctrio.protocol.completions import Completion, CompletionChunk, CompletionRequest
@@ -71,7 +71,8 @@ def _generation(
     name = builder.ref(request, "input")["$ref"].rsplit("/", 1)[-1]
     component = builder.components[name]
     for field, (_, why) in unsupported.items():  # accepted with their default values only
-        component["properties"].setdefault(field, {"description": f"Only the default: {why}."})
+        description = sglang.DESCRIPTIONS.get(field, f"Only the default: {why}.")
+        component["properties"].setdefault(field, {"description": description})
     return {
         "summary": summary,
         "requestBody": {"required": True, "content": _json(builder.ref(request, "input"))},

@@ -35,7 +35,7 @@ __all__ = ["ServerState", "create_app", "drain", "json_response", "read_json"]
 
 log = logging.getLogger("mlctrio.server")
 
-OPEN_ROUTES = frozenset({"/health"})
+OPEN_ROUTES = frozenset({"/health", "/"})  # "/": the chat page (routes_page.py)
 
 
 def _check_api_key(keys: tuple[bytes, ...]) -> None:
@@ -67,7 +67,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # we enforce our own deadline; never cut streams
     app.config["BODY_TIMEOUT"] = 60
-    metrics = Metrics(model_name=config.model_name)
+    metrics = Metrics(model_name=config.model_name, vllm_aliases=config.vllm_metrics)
     trace = EventTrace(config.trace_buffer_size) if config.enable_tracing else None
     engine._observer = EngineObserver(metrics, trace)
     app.extensions[EXTENSION] = ServerState(config, engine, metrics, trace, sse_ping_interval_s)

@@ -15,6 +15,8 @@ from ..protocol.openai import parse_detokenize_request, parse_tokenize_request
 from . import prompts
 from .routes_chat import chat_completions
 from .routes_completions import completions
+from .routes_page import register_chat_page
+from .routes_router import register_router_routes
 from .state import current_state, json_response, read_json
 from .streaming import in_thread
 
@@ -51,3 +53,5 @@ def register_openai_routes(app: QuartTrio) -> None:
     app.add_url_rule("/v1/completions", view_func=completions, methods=["POST"])
     app.add_url_rule("/tokenize", view_func=tokenize, methods=["POST"])
     app.add_url_rule("/detokenize", view_func=detokenize, methods=["POST"])
+    register_router_routes(app)  # /server_info, /model_info, /get_load for sglang-router
+    register_chat_page(app)
