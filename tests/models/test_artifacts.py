@@ -46,6 +46,7 @@ def _logits(
     return np.concatenate([first, second])
 
 
+@pytest.mark.slow  # compiles a model
 @pytest.mark.parametrize("quantization", ["q0f32", "q4f32_1"])
 def test_hf_and_mlc_give_identical_logits(hf_dir: Path, tmp_path: Path, quantization: str) -> None:
     mlc_dir = convert_weight(hf_dir, quantization, tmp_path / "mlc")
@@ -84,6 +85,7 @@ def test_artifact_errors(hf_dir: Path, tmp_path: Path) -> None:
         open_artifact(mlc_dir, "q4f32_1")
 
 
+@pytest.mark.slow  # compiles a model
 def test_second_load_hits_the_compile_cache(hf_dir: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     config = open_artifact(hf_dir).config
     with caplog.at_level(logging.INFO, logger="mlctrio.models.compile"):
@@ -94,6 +96,7 @@ def test_second_load_hits_the_compile_cache(hf_dir: Path, tmp_path: Path, caplog
     assert any("compile cache hit" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow  # compiles a model (mlctrio compile)
 def test_cli_model_commands(hf_dir: Path, tmp_path: Path) -> None:
     def run(*args: str) -> str:
         done = subprocess.run(
@@ -172,6 +175,7 @@ def test_impossible_settings_fail_clearly() -> None:
         _resolve("local", "context_window_size=100000")
 
 
+@pytest.mark.slow  # compiles a model
 def test_cuda_library_compiles_from_the_same_definition(tmp_path: Path) -> None:
     """No GPU here: compile (nvcc/NVRTC through TVM) and check the library's entry points.
     Running it is tested only where a GPU exists."""
