@@ -257,7 +257,7 @@ def report(tally: Tally, samples: Sequence[Sample], ending: Ending) -> None:
     print(
         f"idle descriptors (without CLOSE-WAIT) before / after the load: {ending.fds_before} / "
         f"{ending.fds_after}; sockets still in CLOSE-WAIT: {ending.close_wait_after} (connections"
-        " their clients closed; Hypercorn's trio server closes them at its keep-alive timeout)"
+        " their clients closed, which the server should close at once)"
     )
 
 

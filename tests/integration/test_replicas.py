@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,25 @@ import httpx
 
 from mlctrio.replicas import child_argv, core_sets, parse_cpulist
 
-from .cluster import ECHO, MODEL, free_port, get_ok, wait_until
+from .cluster import ECHO, MODEL, get_ok, wait_until
+
+
+def free_port_run(n: int) -> int:
+    """A port P with P..P+n-1 all free a moment ago, below the kernel's ephemeral range (where
+    other processes' outgoing connections and free_port()'s picks land, so a neighbour of an
+    ephemeral pick is often taken)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(max(1024, low - 12000), low - n)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + n):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no run of {n} free ports found")
 
 
 def test_cpulist_and_numa_ordered_disjoint_sets(tmp_path: Path) -> None:
@@ -64,7 +85,7 @@ def _child_pid(parent: int, arg: str) -> int:
 
 
 def test_replicas_unit_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port_run(4)  # the router, 2 replicas, its Prometheus port
     log = tmp_path / "unit.log"
     unit = _start_unit(port, log)
     try:
@@ -85,7 +106,7 @@ def test_replicas_unit_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_a_replica_that_dies_stops_the_unit_with_status_1(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port_run(4)  # the router, 2 replicas, its Prometheus port
     log = tmp_path / "unit.log"
     unit = _start_unit(port, log)
     try:
