@@ -8,7 +8,14 @@ Rules:
   output. When a stop string matches, the text before it is emitted and the rest is dropped. The
   first stop string to be *completed* wins (the longest among those completed at the same
   character), which is what streaming generation sees, so the result does not depend on how the
-  text was split into tokens.
+  text was split into tokens. With `include` (vLLM's include_stop_str_in_output) the matched
+  stop string is emitted too.
+* `min_tokens` (vLLM): nothing stops a choice before it has generated min_tokens tokens. The
+  caller disarms the matcher (`armed = False`) while the choice has at most min_tokens tokens:
+  a stop string completed then does not match and its text is emitted (a proper prefix of a stop
+  string at the end is still held back, so a stop string completed once armed still matches);
+  and every stop and end-of-generation token is banned (`StopTokens.early_banned_ids`), the way
+  ignore_eos bans them. A grammar that allows nothing but EOS still wins over the ban.
 * Stop tokens (tokenizer EOS ids, chat-template stop ids, the request's stop_token_ids) end the
   choice with "stop"; their text is never emitted. The stop reason is the token id, except None
   for the tokenizer's own EOS (as vLLM reports it).
@@ -34,12 +41,16 @@ class StopMatcher:
 
     _stops: tuple[str, ...]
     _held: str
+    _include: bool
     matched: str | None
+    armed: bool  # False: a completed stop string does not match (min_tokens not reached)
 
-    def __init__(self, stops: Iterable[str]) -> None:
+    def __init__(self, stops: Iterable[str], *, include: bool = False) -> None:
         self._stops = tuple(s for s in stops if s)
         self._held = ""
+        self._include = include
         self.matched = None
+        self.armed = True
 
     @property
     def held(self) -> str:
@@ -56,14 +67,14 @@ class StopMatcher:
             return text
         buf = self._held + text
         best: tuple[int, int, str] | None = None  # (end, -length, stop) of the first completed
-        for stop in self._stops:
+        for stop in self._stops if self.armed else ():
             at = buf.find(stop)
             if at >= 0 and (best is None or (at + len(stop), -len(stop)) < best[:2]):
                 best = (at + len(stop), -len(stop), stop)
         if best is not None:
             self.matched = best[2]
             self._held = ""
-            return buf[: best[0] + best[1]]
+            return buf[: best[0] if self._include else best[0] + best[1]]
         hold = self._longest_partial(buf)
         self._held = buf[len(buf) - hold :]
         return buf[: len(buf) - hold]
@@ -107,6 +118,12 @@ class StopTokens:
     eos_ids: frozenset[int]
     other_ids: frozenset[int]
     banned_ids: frozenset[int] = frozenset()  # ignore_eos: never to be sampled
+    eog_ids: frozenset[int] = frozenset()  # every end-of-generation id (see build)
+
+    @property
+    def early_banned_ids(self) -> frozenset[int]:
+        """What may not be sampled before min_tokens: every stop and end-of-generation id."""
+        return self.eos_ids | self.other_ids | self.banned_ids | self.eog_ids
 
     @classmethod
     def build(
@@ -120,11 +137,11 @@ class StopTokens:
     ) -> StopTokens:
         """`eog_ids`: further end-of-generation ids, banned with ignore_eos (else ignored)."""
         request = frozenset(request_ids)
+        eog = frozenset(eos_ids) | frozenset(template_ids) | frozenset(eog_ids)
         if ignore_eos:
-            eog = frozenset(eos_ids) | frozenset(template_ids) | frozenset(eog_ids)
-            return cls(eos_ids=frozenset(), other_ids=request, banned_ids=eog - request)
+            return cls(frozenset(), request, banned_ids=eog - request, eog_ids=eog)
         other = frozenset(template_ids) | request
-        return cls(eos_ids=frozenset(eos_ids) - other, other_ids=other)
+        return cls(frozenset(eos_ids) - other, other, eog_ids=eog)
 
     def check(self, token_id: int) -> tuple[bool, int | None]:
         """(stops?, stop_reason) for a sampled token."""

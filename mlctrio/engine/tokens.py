@@ -59,4 +59,5 @@ class ChatTemplate(Protocol):
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,  # jinja variables; others ignore them
     ) -> str: ...

@@ -15,19 +15,24 @@ import attrs
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
-ConstraintKind = Literal["json_object", "json_schema", "json_schema_string", "tools"]
+ConstraintKind = Literal[
+    "json_object", "json_schema", "json_schema_string", "tools", "regex", "choice", "grammar"
+]
 
 
 @attrs.frozen
 class OutputConstraint:
-    """A grammar the output must follow (response_format or tool calling), as plain data.
+    """A grammar the output must follow (response_format, tool calling, or vLLM's structured
+    outputs: a regex, a choice among strings, a lark grammar), as plain data.
 
     The runtime compiles it (cached by value) into a token mask applied before sampling. JSON
     payloads are kept as canonical JSON text so the value is hashable and cheap to compare.
     """
 
     kind: ConstraintKind
-    schema: str = ""  # JSON text: the schema (json_schema), or MLC's schema string
+    # JSON text: the schema (json_schema), or MLC's schema string; the pattern (regex), the JSON
+    # list of strings (choice) or the lark source (grammar)
+    schema: str = ""
     strict: bool = False
     tools: str = ""  # JSON text: the OpenAI tools list (kind "tools")
     tool_choice: str = "required"  # "auto", "required" or the name of the one function to call
@@ -41,10 +46,14 @@ class SamplingParams:
 
     temperature == 0 means greedy. top_k == -1 or 0 means off. seed None means "engine picks one"
     (the worker draws a random seed so every request still has its own generator stream).
+    min_tokens: no stop token or stop string ends a choice before it has that many tokens
+    (engine/stop.py). include_stop_str: the matched stop string (or a stop token's text) stays in
+    the output.
     """
 
     n: int = 1
     max_tokens: int | None = None  # None: up to the context window
+    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -57,6 +66,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    include_stop_str: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True

@@ -1,10 +1,11 @@
 """POST /v1/chat/completions: the request mlctrio accepts and the responses it sends.
 
 The request classes accept the subset of OpenAI's schema that mlctrio can honour (plus vLLM's
-sampling extensions, see SamplingRequest). Fields OpenAI defines but mlctrio cannot honour are
-handled before structuring by `UNSUPPORTED_FIELDS` (protocol/openai.py), and so are the SGLang
-extensions sglang-router adds (protocol/sglang.py): a value mlctrio honours is accepted and
-dropped, anything else is a 400 naming the field.
+sampling extensions, see SamplingRequest and protocol/vllm.py). Fields OpenAI defines but mlctrio
+cannot honour are handled before structuring by `UNSUPPORTED_FIELDS` (protocol/openai.py), and so
+are the SGLang extensions sglang-router adds (protocol/sglang.py) and the vLLM extensions mlctrio
+cannot honour (protocol/vllm.py): a value mlctrio honours is accepted and dropped, anything else
+is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ from typing import Any, Final, Literal
 
 import attrs
 
-from mlctrio.protocol import sglang
-from mlctrio.protocol.common import OMIT, OMITTED, ChunkUsage, SamplingRequest, Usage
+from mlctrio.protocol import sglang, vllm
+from mlctrio.protocol.common import (
+    GUIDED_FIELDS,
+    OMIT,
+    OMITTED,
+    ChunkUsage,
+    SamplingRequest,
+    Usage,
+)
 from mlctrio.protocol.validate import FieldError, constraints
 
 #: OpenAI's rule for function and schema names.
 NAME_PATTERN: Final = "^[a-zA-Z0-9_-]{1,64}$"
+#: Chat template variables the server sets, which chat_template_kwargs may not override.
+RESERVED_TEMPLATE_VARIABLES: Final = ("messages", "tools", "add_generation_prompt")
 
 # --- messages -------------------------------------------------------------------------------
 
@@ -200,11 +210,16 @@ class ChatCompletionRequest(SamplingRequest):
     )
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM extensions (protocol/vllm.py): extra variables for the jinja chat template (e.g.
+    # `enable_thinking`), and whether the prompt opens the assistant's turn
+    chat_template_kwargs: Mapping[str, object] | None = None
+    add_generation_prompt: bool | None = None
 
     def _check(self) -> None:
         super()._check()
         if self.top_logprobs is not None and self.logprobs is not True:
             raise FieldError("top_logprobs requires logprobs to be true", ("top_logprobs",))
+        self._check_vendor_fields()
         if self.tool_choice is None or self.tool_choice in ("none", "auto"):
             return
         if not self.tools:
@@ -216,6 +231,23 @@ class ChatCompletionRequest(SamplingRequest):
                     f"tool_choice names function {wanted!r}, which is not in tools",
                     ("tool_choice", "function", "name"),
                 )
+
+    def _check_vendor_fields(self) -> None:
+        reserved = set(self.chat_template_kwargs or ()) & set(RESERVED_TEMPLATE_VARIABLES)
+        if reserved:
+            raise FieldError(
+                f"{sorted(reserved)[0]!r} is set by the server, not by chat_template_kwargs",
+                ("chat_template_kwargs", sorted(reserved)[0]),
+            )
+        guided = next((name for name in GUIDED_FIELDS if getattr(self, name) is not None), None)
+        if guided is None:
+            return
+        if isinstance(self.response_format, ResponseFormatJsonObject | ResponseFormatJsonSchema):
+            raise FieldError(f"response_format cannot be combined with {guided}", (guided,))
+        if self.tools and self.tool_choice != "none":
+            raise FieldError(
+                f"tools cannot be combined with {guided} (unless tool_choice is 'none')", (guided,)
+            )
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -249,6 +281,8 @@ UNSUPPORTED_FIELDS: Final[Mapping[str, tuple[Any, str]]] = {
     "safety_identifier": (lambda v: v is None or isinstance(v, str), "must be a string"),
     # SGLang's extensions, which sglang-router adds to every request it forwards
     **sglang.CHAT_FIELDS,
+    # vLLM's extensions that mlctrio accepts with their defaults only
+    **vllm.CHAT_FIELDS,
 }
 
 # --- responses ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 import attrs
 
 from mlctrio.protocol.validate import OMIT_KEY, OMITTED, FieldError, Omitted, constraints
+from mlctrio.protocol.vllm import StructuredOutputs
 
 #: Field metadata: leave the key out of JSON output while it holds its default.
 OMIT: Final = {OMIT_KEY: True}
@@ -22,6 +23,14 @@ OMIT: Final = {OMIT_KEY: True}
 MAX_STOP_SEQUENCES: Final = 16
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
+#: The request fields that each set a structured output constraint (at most one per request).
+GUIDED_FIELDS: Final = (
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 def _field(**keywords: object) -> Any:
@@ -61,18 +70,35 @@ class SamplingRequest:
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Extensions (vLLM / MLC names) that the openai SDK sends through `extra_body`.
-    top_k: int | None = _field(minimum=-1, **{"not": {"const": 0}})
+    # Extensions (vLLM / MLC names) that the openai SDK sends through `extra_body` (the rules
+    # are in protocol/vllm.py). top_k 0 or -1 means off, as in vLLM.
+    top_k: int | None = _field(minimum=-1)
     min_p: float | None = _field(minimum=0, maximum=1)
     repetition_penalty: float | None = _field(exclusiveMinimum=0)
     ignore_eos: bool | None = None
     stop_token_ids: tuple[int, ...] | None = _field(items={"minimum": 0})
     skip_special_tokens: bool | None = None
+    #: no stop token or stop string ends a choice before it has this many tokens
+    min_tokens: int | None = _field(minimum=0)
+    include_stop_str_in_output: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Mapping[str, object] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: tuple[str, ...] | None = _field(minItems=1, items={"minLength": 1})
+    guided_grammar: str | None = _field(minLength=1)
+    #: accepted and ignored: llguidance is the only backend
+    guided_decoding_backend: str | None = None
 
     def _check(self) -> None:
         if self.stream_options is not None and self.stream is not True:
             raise FieldError(
                 "stream_options is only allowed when stream is true", ("stream_options",)
+            )
+        given = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise FieldError(
+                f"only one structured output constraint may be given, not {' and '.join(given)}",
+                (given[1],),
             )
 
     @property
@@ -144,6 +170,7 @@ class ErrorResponse:
 
 
 __all__ = [
+    "GUIDED_FIELDS",
     "INT64_MAX",
     "INT64_MIN",
     "MAX_STOP_SEQUENCES",

@@ -12,7 +12,7 @@ from typing import Final, Literal
 
 import attrs
 
-from mlctrio.protocol import sglang
+from mlctrio.protocol import sglang, vllm
 from mlctrio.protocol.common import OMIT, OMITTED, ChunkUsage, SamplingRequest, Usage
 from mlctrio.protocol.validate import FieldError, constraints
 
@@ -34,6 +34,8 @@ class CompletionRequest(SamplingRequest):
     echo: bool | None = None
     logprobs: int | None = attrs.field(default=None, metadata=constraints(minimum=0, maximum=5))
     best_of: int | None = attrs.field(default=None, metadata=constraints(minimum=1, maximum=128))
+    #: vLLM extension: add the tokenizer's special tokens (BOS) to string prompts (default true)
+    add_special_tokens: bool | None = None
 
     def _check(self) -> None:
         super()._check()
@@ -60,6 +62,7 @@ class CompletionRequest(SamplingRequest):
 UNSUPPORTED_FIELDS: Final = {
     "suffix": (lambda v: v is None or v == "", "suffix (insertion) is not supported"),
     **sglang.COMPLETION_FIELDS,  # what sglang-router adds to every request it forwards
+    **vllm.COMPLETION_FIELDS,  # vLLM's extensions that mlctrio accepts with their defaults only
 }
 
 # --- responses ------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from mlctrio.protocol import chat, completions, sglang
+from mlctrio.protocol import chat, completions, responses, sglang
 from mlctrio.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from mlctrio.protocol.common import ErrorResponse, Model, ModelList
 from mlctrio.protocol.completions import Completion, CompletionChunk, CompletionRequest
+from mlctrio.protocol.responses_output import STREAM_EVENT_SCHEMA, ResponseObject
 from mlctrio.protocol.schema import SchemaBuilder
 from mlctrio.protocol.tokenize import (
     DetokenizeRequest,
@@ -30,6 +31,7 @@ ALL_ROUTES: Final = (
     "GET /v1/models/{model}",
     "POST /v1/chat/completions",
     "POST /v1/completions",
+    "POST /v1/responses",
     "POST /tokenize",
     "POST /detokenize",
     "GET /health",
@@ -48,6 +50,11 @@ _SSE_TEXT: Final = (
     "Server-sent events: one `data: <JSON>` event per chunk (schema in `x-sse-data`), "
     "ending with `data: [DONE]`. An error after the stream began arrives as "
     '`data: {"error": ...}` (ErrorResponse).'
+)
+
+_RESPONSES_SSE_TEXT: Final = (
+    "Server-sent events: `event: <type>` and `data: <JSON>` per event, in OpenAI's order "
+    "(response.created ... response.completed, .incomplete or .failed), no `[DONE]`."
 )
 
 
@@ -130,6 +137,19 @@ def _operation(builder: SchemaBuilder, route: str) -> dict[str, Any]:
             CompletionChunk,
             completions.UNSUPPORTED_FIELDS,
         )
+    if route == "POST /v1/responses":
+        operation = _generation(
+            builder,
+            "Create a model response (stateless: store false, no previous_response_id)",
+            responses.ResponsesRequest,
+            ResponseObject,
+            ResponseObject,
+            responses.UNSUPPORTED_FIELDS,
+        )
+        stream = operation["responses"]["200"]["content"]["text/event-stream"]
+        stream["schema"]["description"] = _RESPONSES_SSE_TEXT
+        stream["x-sse-data"] = STREAM_EVENT_SCHEMA
+        return operation
     if route == "POST /tokenize":
         body = {
             "oneOf": [

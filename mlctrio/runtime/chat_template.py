@@ -12,6 +12,9 @@ joined first, and tool-call `arguments` given as JSON strings are parsed (HF tem
 mapping, as in transformers/vLLM). A rendered prompt carries its own BOS text where the model
 wants one, so encode it with add_special_tokens=False (HFTokenizer drops a doubled BOS anyway).
 A template that rejects the messages (`raise_exception`) becomes an InvalidRequestError.
+`template_kwargs` (a request's chat_template_kwargs, e.g. `enable_thinking`) are extra template
+variables; they may override the special-token strings but not messages, tools or
+add_generation_prompt (protocol/chat.py refuses those keys).
 
 A template that ignores `tools` or `tool_calls`, or fails on a None content, gets llama.cpp's
 polyfills (runtime/tool_prompt.py): the template is probed once per named template, and the
@@ -133,12 +136,13 @@ class HFChatTemplate:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None,
         add_generation_prompt: bool,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         return self._compiled[name].render(
+            **{**self.special_tokens, **(template_kwargs or {})},
             messages=messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
-            **self.special_tokens,
         )
 
     def render(
@@ -147,6 +151,7 @@ class HFChatTemplate:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         name = "tool_use" if tools and "tool_use" in self._compiled else "default"
         try:
@@ -154,7 +159,7 @@ class HFChatTemplate:
             plain_tools = _plain(list(tools)) if tools else None
             if needs_caps(msgs, plain_tools):
                 msgs, plain_tools = polyfill(msgs, plain_tools, self.caps(name), self.call_format)
-            return self._render(name, msgs, plain_tools, add_generation_prompt)
+            return self._render(name, msgs, plain_tools, add_generation_prompt, template_kwargs)
         except InvalidRequestError:
             raise
         except jinja2.TemplateError as exc:

@@ -30,6 +30,12 @@ class ConstraintCompiler:
             return g.json_schema(json.loads(c.schema), strict=c.strict)
         if c.kind == "json_schema_string":
             return g.json_schema_string(c.schema)
+        if c.kind == "regex":
+            return g.regex(c.schema)
+        if c.kind == "choice":
+            return g.choice(json.loads(c.schema))
+        if c.kind == "grammar":
+            return g.lark(c.schema)
         choice: Any = (
             c.tool_choice if c.tool_choice in ("auto", "required") else {"name": c.tool_choice}
         )

@@ -225,6 +225,7 @@ class ConvTemplate:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,  # no jinja: nothing reads them
     ) -> str:
         msgs = normalize_messages(messages)
         system = self._system(msgs, _plain(list(tools)) if tools else None)

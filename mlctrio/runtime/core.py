@@ -21,7 +21,8 @@ Rules:
 * The sampler draws only ids the tokenizer knows (`sampling_vocab_size`): a model whose logits
   are wider than its tokenizer (a padded embedding table) never yields a padding id.
 * `ignore_eos`: every end-of-generation token (engine/stop.py) gets a -inf logit before
-  sampling (after the grammar mask), as in llama.cpp.
+  sampling (after the grammar mask), as in llama.cpp; so does every stop token of a choice that
+  has fewer than `min_tokens` tokens.
 * Prefix cache (`prefix_cache_mode="radix"`): a finished request's KV stays in the runner as a
   cached sequence, so an idle engine has `free_pages + num_cached_pages == total_pages`; `close()`
   removes cached sequences too. Output is the same with and without it; `Usage.cached_tokens`
@@ -302,7 +303,7 @@ class EngineCore:
             selected = selected[keep]
         if not rows:
             return []
-        banned = [s.banned for s in states]
+        banned = [s.banned_for(i) for s, (_, i, _) in zip(states, rows, strict=True)]
         if any(b is not None for b in banned):
             ban_tokens(selected, banned)
         out = self._sampler.sample(

@@ -39,10 +39,10 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 import numpy.typing as npt
-import tokenizers
 
 from mlctrio.errors import InvalidRequestError
 from mlctrio.protocol.tool_calls import ToolCallFormat
+from mlctrio.runtime.llg_tokenizer import build_ll_tokenizer
 
 __all__ = ["CompiledGrammar", "GrammarCompiler", "GrammarError", "GrammarMatcher", "apply_bitmasks"]
 
@@ -213,7 +213,7 @@ class GrammarCompiler:
         if not eos:
             raise ValueError("constrained decoding needs at least one EOS / stop token id")
         self._eos_ids = frozenset(eos)
-        self._ll_tokenizer = _build_ll_tokenizer(self.tokenizer, n_vocab, eos)
+        self._ll_tokenizer = build_ll_tokenizer(self.tokenizer, n_vocab, eos)
         # llguidance decides the mask width (the bytes-only path ignores n_vocab); logits
         # beyond it are masked as padding.
         self._num_words = -(-int(self._ll_tokenizer.vocab_size) // 32)
@@ -241,6 +241,23 @@ class GrammarCompiler:
         except ValueError as exc:
             raise GrammarError(f"schema is not valid JSON: {exc}", param="response_format") from exc
         return self.json_schema(parsed)
+
+    def regex(self, pattern: str, param: str = "structured_outputs") -> CompiledGrammar:
+        """Text matching the regular expression (vLLM's guided_regex)."""
+        source = llguidance.LLMatcher.grammar_from_regex(pattern)
+        return self._compile(f"regex:{pattern}", source, param)
+
+    def choice(self, options: Sequence[str], param: str = "structured_outputs") -> CompiledGrammar:
+        """Exactly one of the strings (vLLM's guided_choice)."""
+        # A JSON string literal is a valid lark string literal.
+        lark = "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options) + "\n"
+        return self._compile(f"choice:{_canonical(list(options))}", lark, param)
+
+    def lark(self, grammar: str, param: str = "structured_outputs") -> CompiledGrammar:
+        """Text of a grammar in llguidance's lark dialect (vLLM's guided_grammar)."""
+        return self._compile(
+            f"lark:{grammar}", llguidance.LLMatcher.grammar_from_lark(grammar), param
+        )
 
     def tools(
         self,
@@ -373,28 +390,3 @@ def _function(tool: Mapping[str, Any]) -> dict[str, Any]:
         raise GrammarError("a function's parameters must be a JSON schema object", param="tools")
     strict = bool(function.get("strict"))
     return {"name": function["name"], "parameters": parameters, "strict": strict}
-
-
-def _build_ll_tokenizer(tokenizer: Any, n_vocab: int, eos: list[int]) -> llguidance.LLTokenizer:
-    """From the HF tokenizer.json when there is one (llguidance then reads the byte scheme
-    itself), else from each token's bytes (SentencePiece models loaded without tokenizer.json)."""
-    hf = getattr(getattr(tokenizer, "backend", None), "tok", None)
-    if isinstance(hf, tokenizers.Tokenizer):
-        return llguidance.LLTokenizer(hf.to_str(), n_vocab=n_vocab, eos_token=eos)
-    wrapper = llguidance.TokenizerWrapper(_ByteTokens(tokenizer, eos[0]))
-    return llguidance.LLTokenizer(wrapper, n_vocab=n_vocab, eos_token=eos)
-
-
-class _ByteTokens:
-    """The duck-typed tokenizer llguidance.TokenizerWrapper reads: token bytes and encode."""
-
-    def __init__(self, tokenizer: Any, eos_token_id: int) -> None:
-        self._tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
-        self.bos_token_id = tokenizer.bos_token_id
-        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
-        self.special_token_ids = sorted(tokenizer.special_token_ids)
-
-    def __call__(self, text: str | bytes) -> list[int]:
-        decoded = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
-        return list(self._tokenizer.encode(decoded))

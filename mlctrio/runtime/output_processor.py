@@ -11,6 +11,10 @@ Rules:
   delta never splits a UTF-8 character nor leaks part of a stop string. Stop tokens appear in
   `token_ids` (and usage) but neither their text nor a logprob entry is emitted, so the logprobs
   of a choice always spell exactly its text (as OpenAI).
+* `min_tokens`: until a choice has that many tokens its stop matcher is disarmed and
+  `banned_for` bans every stop and end-of-generation id (engine/stop.py). With
+  `include_stop_str`, a matched stop string, and the text and logprob of a stop token, are
+  emitted.
 * A stop string wins over every other reason, even one completed by the final flush. A grammar
   that completes ends the choice with "stop"; the token that completed it still counts as text.
 * Each choice gets `finish_reason` exactly once, on its last delta (`finish` asserts it).
@@ -71,9 +75,20 @@ class RequestState:
     choices: list[ChoiceState]
     stop_tokens: StopTokens
     banned: npt.NDArray[np.int64] | None = None  # ignore_eos: logits set to -inf
+    early_banned: npt.NDArray[np.int64] | None = None  # banned before min_tokens
     deltas: list[ChoiceDelta] = attrs.field(factory=list)
     prefill_started: bool = False
     prefill_done: bool = False
+
+    def banned_for(self, index: int) -> npt.NDArray[np.int64] | None:
+        """The ids choice `index` may not sample next (min_tokens, ignore_eos), or None."""
+        if self.req.branches[index].num_generated < self.req.spec.params.min_tokens:
+            return self.early_banned
+        return self.banned
+
+
+def _ids(ids: frozenset[int]) -> npt.NDArray[np.int64] | None:
+    return np.fromiter(sorted(ids), np.int64) if ids else None
 
 
 class OutputProcessor:
@@ -91,7 +106,7 @@ class OutputProcessor:
         choices = [
             ChoiceState(
                 detok=self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens),
-                stop=StopMatcher(params.stop),
+                stop=StopMatcher(params.stop, include=params.include_stop_str),
                 generator=make_generator(seed, i),
                 matcher=matchers[i],
             )
@@ -104,8 +119,9 @@ class OutputProcessor:
             ignore_eos=params.ignore_eos,
             eog_ids=self._eog_ids,
         )
-        banned = np.fromiter(sorted(stop_tokens.banned_ids), np.int64)
-        return RequestState(req, choices, stop_tokens, banned if banned.size else None)
+        banned = _ids(stop_tokens.banned_ids)
+        early = _ids(stop_tokens.early_banned_ids) if params.min_tokens else None
+        return RequestState(req, choices, stop_tokens, banned, early)
 
     def on_token(
         self, state: RequestState, index: int, row: int, out: SampleOutput
@@ -117,16 +133,20 @@ class OutputProcessor:
         token_id = int(out.token_ids[row])
         reason: FinishReason | None
         stop_reason: str | int | None
+        num_generated = req.branches[index].num_generated
         reason, stop_reason = finish_for_token(
-            state.stop_tokens, token_id, req.branches[index].num_generated, req.max_new_tokens
+            state.stop_tokens, token_id, num_generated, req.max_new_tokens
         )
         stopped_by_token = reason == "stop"
+        choice.stop.armed = num_generated > req.spec.params.min_tokens
+        keep_stop_token = stopped_by_token and req.spec.params.include_stop_str
         if choice.matcher is not None and not stopped_by_token:
             choice.matcher.accept_token(token_id)
             if reason is None and (choice.matcher.is_stopped() or choice.matcher.is_terminated()):
                 reason = "stop"  # the grammar is complete: this token's text still counts
-        if stopped_by_token:  # a stop token: its text is not emitted
-            text = self.final_text(choice)
+        if stopped_by_token:  # a stop token: its text is not emitted (unless include_stop_str)
+            text = choice.stop.push(choice.detok.push(token_id)) if keep_stop_token else ""
+            text += self.final_text(choice)
         else:
             text = choice.stop.push(choice.detok.push(token_id))
             if reason == "length" and choice.stop.matched is None:
@@ -134,7 +154,7 @@ class OutputProcessor:
         if choice.stop.matched is not None:  # a stop string wins, even one completed by a flush
             reason, stop_reason = "stop", choice.stop.matched
         logprobs = self._logprobs(req, row, out, token_id)
-        if stopped_by_token and logprobs is not None:
+        if stopped_by_token and not keep_stop_token and logprobs is not None:
             logprobs = ()
         if reason is None:
             self._queue(state, ChoiceDelta(index, text, (token_id,), logprobs))

@@ -19,6 +19,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from ..config import ServerConfig
 from ..errors import AuthenticationError, InvalidRequestError, RequestError
@@ -94,7 +95,10 @@ def create_app(
     app.add_url_rule("/health", view_func=health, methods=["GET"])
     app.add_url_rule("/metrics", view_func=metrics_route, methods=["GET"])
     app.add_url_rule("/v1/models", view_func=list_models, methods=["GET"])
-    app.add_url_rule("/v1/models/<path:model>", view_func=get_model, methods=["GET"])
+    app.url_map.converters["model_id"] = ModelIdConverter
+    app.add_url_rule(
+        "/v1/models/<model_id:model>", view_func=get_model, methods=["GET"], merge_slashes=False
+    )
     app.add_url_rule("/openapi.json", view_func=openapi, methods=["GET"])
     if config.enable_debug:
         app.add_url_rule("/debug/dump_event_trace", view_func=dump_event_trace, methods=["POST"])
@@ -161,6 +165,16 @@ def _model_card(state: ServerState) -> dict[str, Any]:
 
 async def list_models() -> Response:
     return json_response({"object": "list", "data": [_model_card(current_state())]})
+
+
+class ModelIdConverter(PathConverter):
+    """A model id in a URL path: anything, slashes included, even a leading or a doubled one
+    (`org/name`, `/models/llama`, `mock://echo`; the SDK sends them percent-encoded, and the
+    server decodes %2F before routing). werkzeug's `path` refuses a leading slash, and its slash
+    merging would redirect `/v1/models//models/llama` elsewhere: hence `merge_slashes=False`."""
+
+    regex = ".+"
+    part_isolating = False  # the id spans path segments
 
 
 async def get_model(model: str) -> Response:

@@ -75,18 +75,8 @@ def check_context(
     return max_tokens
 
 
-def sampling_params(
-    req: Any,
-    *,
-    max_tokens: int,
-    tokenizer: Tokenizer,
-    template_stop: Sequence[str] = (),
-    template_stop_ids: Sequence[int] = (),
-    logprobs: bool,
-    top_logprobs: int,
-) -> SamplingParams:
-    """Build engine SamplingParams from a parsed chat or completion request."""
-    vocab = tokenizer.vocab_size
+def _token_ids(req: Any, vocab: int) -> tuple[dict[int, float], tuple[int, ...]]:
+    """logit_bias and stop_token_ids, each id checked against the vocabulary."""
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         token_id = int(key)
@@ -103,6 +93,28 @@ def sampling_params(
                 f"stop_token_ids: token id {token_id} is outside the vocabulary.",
                 param="stop_token_ids",
             )
+    return bias, stop_ids
+
+
+def sampling_params(
+    req: Any,
+    *,
+    max_tokens: int,
+    tokenizer: Tokenizer,
+    template_stop: Sequence[str] = (),
+    template_stop_ids: Sequence[int] = (),
+    logprobs: bool,
+    top_logprobs: int,
+) -> SamplingParams:
+    """Build engine SamplingParams from a parsed chat or completion request."""
+    bias, stop_ids = _token_ids(req, tokenizer.vocab_size)
+    min_tokens = req.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({min_tokens}) must not exceed the maximum number of tokens to "
+            f"generate ({max_tokens}).",
+            param="min_tokens",
+        )
     if req.ignore_eos:  # the template's stop ids end generation: ignored too (engine/stop.py)
         template_stop_ids = ()
     stop = req.stop
@@ -111,6 +123,7 @@ def sampling_params(
     return SamplingParams(
         n=req.n or 1,
         max_tokens=max_tokens,
+        min_tokens=min_tokens,
         temperature=temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=-1 if req.top_k is None else req.top_k,
@@ -123,6 +136,7 @@ def sampling_params(
         stop=stops + tuple(s for s in template_stop if s not in stops),
         stop_token_ids=stop_ids + tuple(t for t in template_stop_ids if t not in stop_ids),
         ignore_eos=bool(req.ignore_eos),
+        include_stop_str=bool(req.include_stop_str_in_output),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,

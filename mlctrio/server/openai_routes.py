@@ -1,8 +1,8 @@
 """The OpenAI-style routes: registration, and the small ones (/tokenize, /detokenize).
 
 Rules: handlers are module-level functions that find the server state through the app
-(`state.current_state()`); the generation routes live in routes_chat.py and
-routes_completions.py. Nothing here imports server/app.py (no cycle).
+(`state.current_state()`); the generation routes live in routes_chat.py,
+routes_completions.py and routes_responses.py. Nothing here imports server/app.py (no cycle).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from . import prompts
 from .routes_chat import chat_completions
 from .routes_completions import completions
 from .routes_page import register_chat_page
+from .routes_responses import responses
 from .routes_router import register_router_routes
 from .state import current_state, json_response, read_json
 from .streaming import in_thread
@@ -51,6 +52,7 @@ async def detokenize() -> Response:
 def register_openai_routes(app: QuartTrio) -> None:
     app.add_url_rule("/v1/chat/completions", view_func=chat_completions, methods=["POST"])
     app.add_url_rule("/v1/completions", view_func=completions, methods=["POST"])
+    app.add_url_rule("/v1/responses", view_func=responses, methods=["POST"])
     app.add_url_rule("/tokenize", view_func=tokenize, methods=["POST"])
     app.add_url_rule("/detokenize", view_func=detokenize, methods=["POST"])
     register_router_routes(app)  # /server_info, /model_info, /get_load for sglang-router

@@ -11,7 +11,7 @@ Rules for big prompts (one request must not freeze the others, issue 16):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..engine.tokens import ChatTemplate, Tokenizer
@@ -59,12 +59,17 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     add_special_tokens: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
     context_window: int | None = None,
 ) -> list[int]:
     """The rendered chat as token ids; with `context_window`, a prompt that would leave no room
-    in it is refused (400, param "messages") by the cheap bound or as soon as counting shows it."""
+    in it is refused (400, param "messages") by the cheap bound or as soon as counting shows it.
+    `template_kwargs` (chat_template_kwargs) are extra variables for a jinja template."""
     text = template.render(
-        messages_for_template(messages), tools=tools, add_generation_prompt=add_generation_prompt
+        messages_for_template(messages),
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        template_kwargs=template_kwargs,
     )
     check_bound(text, tokenizer, context_window, "messages")
     return encode_text(
@@ -79,7 +84,8 @@ def render_chat(
 def prompt_token_lists(
     req: CompletionRequest, tokenizer: Tokenizer, context_window: int | None = None
 ) -> list[list[int]]:
-    """Each prompt of a completion request as token ids (strings get the tokenizer's BOS). With
+    """Each prompt of a completion request as token ids (strings get the tokenizer's BOS unless
+    add_special_tokens is false). With
     `context_window`, every prompt is checked by the cheap bound before any is tokenized, and a
     prompt that leaves no room in the window is refused (400, param "prompt")."""
     vocab = tokenizer.vocab_size
@@ -92,7 +98,11 @@ def prompt_token_lists(
     for k, prompt in enumerate(req.prompts):
         if isinstance(prompt, str):
             ids = encode_text(
-                prompt, tokenizer, add_special_tokens=True, stop_at=context_window, param="prompt"
+                prompt,
+                tokenizer,
+                add_special_tokens=req.add_special_tokens is not False,
+                stop_at=context_window,
+                param="prompt",
             )
         else:
             ids = list(prompt)

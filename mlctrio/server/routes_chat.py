@@ -13,15 +13,21 @@ from typing import Any
 import attrs
 from quart import Response, request
 
-from ..engine.types import ChoiceDelta, GenerationRequest, RequestOutput, Usage
-from ..errors import InvalidRequestError
+from ..engine.model_info import ModelInfo
+from ..engine.types import (
+    ChoiceDelta,
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+    Usage,
+)
 from ..protocol.chat import ChatCompletionRequest
 from ..protocol.openai import parse_chat_request
 from . import generation as g
 from . import prompts, tools
 from .asgi import on_request_end
 from .sse import event
-from .state import current_state, json_response, read_json
+from .state import ServerState, current_state, json_response, read_json
 from .streaming import collect, deadline_for, in_thread, sse_response, stream_events
 
 
@@ -31,24 +37,37 @@ async def chat_completions() -> Response:
     req = parse_chat_request(await read_json())
     state.check_model(req.model)
     info = state.model_info()
-    constraint = tools.output_constraint(req, info.tool_call_format, info.parallel_tool_calls)
-    if constraint is not None:
-        if info.check_constraint is None:
-            raise InvalidRequestError(
-                f"The model {state.model_name} does not support constrained output "
-                "(response_format / tools).",
-                param="tools" if constraint.kind == "tools" else "response_format",
-            )
-        await in_thread(info.check_constraint, constraint)
+    prompt, params = await prepare_chat(state, info, req)
     call_format = info.tool_call_format if tools.tool_mode(req) else None
+    head = g.ResponseHead.new("chatcmpl", "chat.completion", state.model_name)
+    gen = GenerationRequest(head.id, tuple(prompt), params, arrival)
+    deadline = deadline_for(state)
+    if not req.stream:
+        outputs = await collect(state, [gen], deadline)
+        return json_response(_whole(head, req, outputs, params.n, call_format))
+    writer = ChatWriter(head, params.n, req.include_usage, call_format, len(prompt))
+    stream = state.engine.submit([gen])  # admitted and submitted in one step: no await between
+    on_request_end(request.scope, stream.close)  # also if the body is never iterated
+    return sse_response(stream_events(state, stream, writer, deadline))
+
+
+async def prepare_chat(
+    state: ServerState, info: ModelInfo, req: ChatCompletionRequest
+) -> tuple[list[int], SamplingParams]:
+    """The prompt tokens and sampling parameters of a chat request: its output constraint
+    (compiled off the loop), the rendered and tokenized template, the context check. Shared with
+    the Responses route (routes_responses.py), which maps its request onto a chat request."""
+    constraint = await tools.chat_constraint(req, info, state.model_name)
     template = info.chat_template
     template_tools = prompts.tools_for_template(req)
-    prompt = await in_thread(
+    prompt: list[int] = await in_thread(
         lambda: prompts.render_chat(
             req.messages,
             template_tools,
             template,
             info.tokenizer,
+            add_generation_prompt=req.add_generation_prompt is not False,
+            template_kwargs=req.chat_template_kwargs,
             context_window=info.context_window_size,
         )
     )
@@ -74,16 +93,7 @@ async def chat_completions() -> Response:
     )
     if constraint is not None:
         params = attrs.evolve(params, constraint=constraint)
-    head = g.ResponseHead.new("chatcmpl", "chat.completion", state.model_name)
-    gen = GenerationRequest(head.id, tuple(prompt), params, arrival)
-    deadline = deadline_for(state)
-    if not req.stream:
-        outputs = await collect(state, [gen], deadline)
-        return json_response(_whole(head, req, outputs, params.n, call_format))
-    writer = ChatWriter(head, params.n, req.include_usage, call_format, len(prompt))
-    stream = state.engine.submit([gen])  # admitted and submitted in one step: no await between
-    on_request_end(request.scope, stream.close)  # also if the body is never iterated
-    return sse_response(stream_events(state, stream, writer, deadline))
+    return prompt, params
 
 
 def _whole(

@@ -17,7 +17,7 @@ from ..engine.types import GenerationRequest, RequestOutput, Usage
 from ..errors import InvalidRequestError
 from ..protocol.openai import parse_completion_request
 from . import generation as g
-from . import prompts
+from . import prompts, tools
 from .asgi import on_request_end
 from .sse import event
 from .state import current_state, json_response, read_json
@@ -33,9 +33,12 @@ async def completions() -> Response:
     if req.echo and req.logprobs is not None:
         raise InvalidRequestError(
             "echo together with logprobs needs prompt logprobs, which this server does not "
-            "compute.",
+            "compute (the model runner returns the last position's logits only).",
             param="echo",
         )
+    guided = tools.guided_constraint(req)
+    if guided is not None:
+        await tools.check_constraint(info, state.model_name, *guided, rename=True)
     prompt_ids: list[list[int]] = await in_thread(
         lambda: prompts.prompt_token_lists(req, info.tokenizer, info.context_window_size)
     )
@@ -56,6 +59,8 @@ async def completions() -> Response:
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,
         )
+        if guided is not None:
+            params = attrs.evolve(params, constraint=guided[0])
         request_id = head.id if len(prompt_ids) == 1 else f"{head.id}-{k}"
         gens.append(GenerationRequest(request_id, tuple(prompt), params, arrival))
     n = gens[0].params.n

@@ -2,9 +2,10 @@
 the one SSE loop both streaming APIs share.
 
 Rules:
-- `stream_events` is the only streaming loop; chat and completions pass their per-API part (a
-  `StreamWriter`). A stream that got its 200 always ends with `[DONE]`, after an error event if
-  it failed (engine error, deadline, or an exception in our own per-token work).
+- `stream_events` is the only streaming loop; chat, completions and responses pass their per-API
+  part (a `StreamWriter`). A stream that got its 200 always ends with `done` (`[DONE]`), or with
+  `failure(error)` if it failed (engine error, deadline, or an exception in our own per-token
+  work): by default the error event and `[DONE]`; /v1/responses sends response.failed instead.
 - `next_batch` is what a streaming body awaits between writes: every output already delivered
   (so a stream that fell behind catches up in one write), plus the control bytes that must follow
   them (a keep-alive comment, or an error event and `[DONE]` that end the stream).
@@ -15,7 +16,7 @@ Rules:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -23,7 +24,7 @@ import trio
 from quart import Response
 
 from ..engine.types import GenerationRequest, RequestOutput
-from ..errors import EngineFailedError, RequestTimeoutError
+from ..errors import EngineFailedError, RequestError, RequestTimeoutError
 from ..service import AbortReason, RequestStream, abort_reason_for
 from .sse import DONE, PING, event
 from .state import ServerState
@@ -32,14 +33,15 @@ log = logging.getLogger("mlctrio.server")
 
 _TIMEOUT = object()
 
-INTERNAL_ERROR = {
-    "error": {
-        "message": "Internal server error.",
-        "type": "server_error",
-        "param": None,
-        "code": "internal_error",
-    }
-}
+INTERNAL_ERROR = EngineFailedError("Internal server error.", code="internal_error")
+
+#: How a failed stream ends, given the error (what follows the events already written).
+Failure = Callable[[RequestError], bytes]
+
+
+def error_and_done(error: RequestError) -> bytes:
+    """The default ending of a failed stream: the OpenAI error envelope, then [DONE]."""
+    return event(error.to_dict()) + DONE
 
 
 class StreamWriter(Protocol):
@@ -88,7 +90,9 @@ async def _next_output(stream: RequestStream, deadline: float, ping_s: float) ->
     return _TIMEOUT if trio.current_time() >= deadline else PING
 
 
-async def next_batch(stream: RequestStream, state: ServerState, deadline: float) -> Batch:
+async def next_batch(
+    stream: RequestStream, state: ServerState, deadline: float, failure: Failure = error_and_done
+) -> Batch:
     output = await _next_output(stream, deadline, state.sse_ping_interval_s)
     if output is None:
         return Batch(done=True)
@@ -96,35 +100,40 @@ async def next_batch(stream: RequestStream, state: ServerState, deadline: float)
         return Batch(control=PING)
     if output is _TIMEOUT:
         stream.abort_reason = AbortReason.TIMEOUT
-        return Batch(control=event(timeout_error(state).to_dict()) + DONE, end=True)
+        return Batch(control=failure(timeout_error(state)), end=True)
     ready = [output, *stream.receive_ready()]
     for k, item in enumerate(ready):
         if item.error is not None:
-            error = event(engine_error(item.error).to_dict()) + DONE
-            return Batch(ready[:k], error, end=True)
+            return Batch(ready[:k], failure(engine_error(item.error)), end=True)
     return Batch(ready)
 
 
 async def stream_events(
-    state: ServerState, stream: RequestStream, writer: StreamWriter, deadline: float
+    state: ServerState,
+    stream: RequestStream,
+    writer: StreamWriter,
+    deadline: float,
+    *,
+    failure: Failure = error_and_done,
+    done: bytes = DONE,
 ) -> AsyncIterator[bytes]:
     """The SSE body of a submitted stream; closes `stream` however it ends."""
     reason = AbortReason.ABORT
     try:
         if opening := b"".join(writer.opening()):
             yield opening
-        while not (batch := await next_batch(stream, state, deadline)).done:
+        while not (batch := await next_batch(stream, state, deadline, failure)).done:
             events = [e for output in batch.outputs for e in writer.output_events(output)]
             events.append(batch.control)
             if data := b"".join(events):  # one write for everything that was ready
                 yield data
             if batch.end:
                 return
-        yield b"".join([*writer.closing(), DONE])
+        yield b"".join([*writer.closing(), done])
     except Exception:  # a bug in our per-token work: fail this stream, keep the server serving
         log.exception("streaming response failed")
         reason = AbortReason.ERROR
-        yield event(INTERNAL_ERROR) + DONE
+        yield failure(INTERNAL_ERROR)
     except BaseException as exc:
         reason = abort_reason_for(exc)
         raise

@@ -1,8 +1,10 @@
 """Structured output and tool calling at the HTTP layer.
 
-`output_constraint` turns `response_format` / `tools` + `tool_choice` into the engine's
-`OutputConstraint` (compiled and checked by the runtime before the request is accepted), and
-`ToolOutput` turns a choice's generated text into OpenAI `tool_calls`, whole or streamed.
+`output_constraint` turns `response_format` / `tools` + `tool_choice`, and `guided_constraint`
+vLLM's structured-output fields (regex, choice, JSON, lark grammar), into the engine's
+`OutputConstraint` (compiled by the runtime in `check_constraint` before the request is
+accepted), and `ToolOutput` turns a choice's generated text into OpenAI `tool_calls`, whole or
+streamed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from ..engine.model_info import ModelInfo
 from ..engine.types import OutputConstraint
 from ..errors import InvalidRequestError
 from ..protocol.chat import (
@@ -20,8 +23,10 @@ from ..protocol.chat import (
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
 )
+from ..protocol.common import GUIDED_FIELDS, SamplingRequest
 from ..protocol.openai import to_json
 from ..protocol.tool_calls import ToolCallFormat, ToolCallStreamParser, parse_tool_calls
+from .streaming import in_thread
 
 
 def tool_mode(req: ChatCompletionRequest) -> bool:
@@ -66,6 +71,71 @@ def output_constraint(
             return OutputConstraint(kind="json_schema_string", schema=fmt.schema)
         return OutputConstraint(kind="json_object")
     return None
+
+
+def guided_constraint(req: SamplingRequest) -> tuple[OutputConstraint, str] | None:
+    """The constraint of vLLM's structured-output fields (protocol/vllm.py), with the name of
+    the field that set it; None when the request has none. The protocol allows at most one."""
+    so = req.structured_outputs
+    if so is not None:
+        json_value: object = so.json
+        regex, choice, grammar, param = so.regex, so.choice, so.grammar, "structured_outputs"
+        if so.json_object:
+            return OutputConstraint(kind="json_object"), param
+    else:
+        json_value, regex, choice, grammar = (
+            req.guided_json,
+            req.guided_regex,
+            req.guided_choice,
+            req.guided_grammar,
+        )
+        param = next((n for n in GUIDED_FIELDS if getattr(req, n) is not None), "")
+    if json_value is not None:
+        if isinstance(json_value, str):
+            return OutputConstraint(kind="json_schema_string", schema=json_value), param
+        return OutputConstraint(kind="json_schema", schema=json.dumps(json_value)), param
+    if regex is not None:
+        return OutputConstraint(kind="regex", schema=regex), param
+    if choice is not None:
+        return OutputConstraint(kind="choice", schema=json.dumps(list(choice))), param
+    if grammar is not None:
+        return OutputConstraint(kind="grammar", schema=grammar), param
+    return None
+
+
+async def check_constraint(
+    info: ModelInfo, model_name: str, constraint: OutputConstraint, param: str, *, rename: bool
+) -> None:
+    """Refuse (400) a constraint the model cannot apply or compile, naming `param`; with
+    `rename`, a compile error names `param` too (the grammar compiler names response_format or
+    tools). The compile runs off the event loop."""
+    if info.check_constraint is None:
+        raise InvalidRequestError(
+            f"The model {model_name} does not support constrained output "
+            "(response_format / tools / structured outputs).",
+            param=param,
+        )
+    try:
+        await in_thread(info.check_constraint, constraint)
+    except InvalidRequestError as exc:
+        if not rename:
+            raise
+        raise InvalidRequestError(exc.message, param=param) from None
+
+
+async def chat_constraint(
+    req: ChatCompletionRequest, info: ModelInfo, model_name: str
+) -> OutputConstraint | None:
+    """The checked constraint of a chat request: response_format / tools, or vLLM's fields
+    (the protocol refuses both together)."""
+    constraint = output_constraint(req, info.tool_call_format, info.parallel_tool_calls)
+    param = "tools" if constraint is not None and constraint.kind == "tools" else "response_format"
+    guided = guided_constraint(req)
+    if guided is not None:
+        constraint, param = guided
+    if constraint is not None:
+        await check_constraint(info, model_name, constraint, param, rename=guided is not None)
+    return constraint
 
 
 def as_call_format(name: str) -> ToolCallFormat:

@@ -146,6 +146,7 @@ class RawChatTemplate:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,  # no jinja: nothing reads them
     ) -> str:
         parts = []
         for message in messages:

@@ -299,7 +299,6 @@ CHAT_CASES: list[tuple[str, object, str | None]] = [
     ),
     ("parallel-tool-calls-str", chat(parallel_tool_calls="no"), "parallel_tool_calls"),
     ("user-int", chat(user=1), "user"),
-    ("top-k-zero", chat(top_k=0), "top_k"),
     ("top-k-minus-two", chat(top_k=-2), "top_k"),
     ("top-k-float", chat(top_k=1.5), "top_k"),
     ("min-p-high", chat(min_p=1.5), "min_p"),
@@ -309,7 +308,20 @@ CHAT_CASES: list[tuple[str, object, str | None]] = [
     ("stop-token-ids-str", chat(stop_token_ids="1"), "stop_token_ids"),
     ("skip-special-tokens-str", chat(skip_special_tokens="no"), "skip_special_tokens"),
     ("unknown-field", chat(temprature=0.5), "temprature"),
-    ("best-of-in-chat", chat(best_of=2), "best_of"),
+    # vLLM's extensions (protocol/vllm.py)
+    ("min-tokens-negative", chat(min_tokens=-1), "min_tokens"),
+    ("include-stop-str-int", chat(include_stop_str_in_output=1), "include_stop_str_in_output"),
+    ("guided-choice-empty", chat(guided_choice=[]), "guided_choice"),
+    ("guided-regex-list", chat(guided_regex=["a"]), "guided_regex"),
+    ("guided-two", chat(guided_regex="a", guided_choice=["b"]), "guided_choice"),
+    ("structured-outputs-none-set", chat(structured_outputs={}), "structured_outputs"),
+    ("structured-outputs-unknown", chat(structured_outputs={"x": 1}), "structured_outputs.x"),
+    ("template-kwargs-list", chat(chat_template_kwargs=[1]), "chat_template_kwargs"),
+    (
+        "template-kwargs-reserved",
+        chat(chat_template_kwargs={"tools": []}),
+        "chat_template_kwargs.tools",
+    ),
 ]
 
 # OpenAI fields mlctrio cannot honour with a non-default value.
@@ -326,6 +338,10 @@ UNSUPPORTED_CHAT_CASES: list[tuple[str, object, str | None]] = [
     ("functions", chat(functions=[{"name": "f", "parameters": {}}]), "functions"),
     ("function-call", chat(function_call="auto"), "function_call"),
     ("prompt-cache-key-int", chat(prompt_cache_key=1), "prompt_cache_key"),
+    ("best-of-in-chat", chat(best_of=2), "best_of"),
+    ("use-beam-search", chat(use_beam_search=True), "use_beam_search"),
+    ("prompt-logprobs", chat(prompt_logprobs=1), "prompt_logprobs"),
+    ("chat-template", chat(chat_template="{{ messages }}"), "chat_template"),
 ]
 
 COMPLETION_CASES: list[tuple[str, object, str | None]] = [
@@ -501,6 +517,9 @@ SCHEMA_CANNOT_SAY = {
         "tool-choice-required-no-tools",
         "tool-choice-named-no-tools",
         "tool-choice-named-missing",
+        "guided-two",
+        "structured-outputs-none-set",
+        "template-kwargs-reserved",
         *(case_id for case_id, _, _ in UNSUPPORTED_CHAT_CASES),
     },
     "completion": {

@@ -1,0 +1,157 @@
+"""POST /v1/responses (stateless): the chat pipeline behind OpenAI's Responses API.
+
+Rules: the request is validated (protocol/responses.py) and mapped onto the equivalent chat
+request, so template, tools, constraints and sampling are exactly the chat route's; a 400 from
+that pipeline names the Responses field (`input`, `text.format`, `max_output_tokens`). As for
+chat, the engine stream is submitted synchronously right before the response is returned; the
+output and its events come from responses_events.OutputBuilder, streamed through
+streaming.stream_events (no `[DONE]`: a stream ends with response.completed, .incomplete or
+.failed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Final
+
+import attrs
+from quart import Response, request
+
+from ..engine.model_info import ModelInfo
+from ..engine.types import GenerationRequest, SamplingParams, Usage
+from ..errors import InvalidRequestError
+from ..protocol.chat import ChatCompletionRequest
+from ..protocol.openai import to_json
+from ..protocol.responses import (
+    ResponsesRequest,
+    TextConfig,
+    parse_responses_request,
+    to_chat_request,
+)
+from ..protocol.responses_output import ResponseObject, new_item_id
+from . import generation as g
+from . import prompts, tools
+from .asgi import on_request_end
+from .responses_events import OutputBuilder, ResponsesWriter
+from .state import ServerState, current_state, json_response, read_json
+from .streaming import collect, deadline_for, in_thread, sse_response, stream_events
+
+#: Chat parameter names as the Responses API calls them, for errors from the chat pipeline.
+_PARAMS: Final = {
+    "messages": "input",
+    "response_format": "text.format",
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+}
+
+
+@contextmanager
+def _responses_params() -> Iterator[None]:
+    try:
+        yield
+    except InvalidRequestError as exc:
+        if exc.param in _PARAMS:
+            exc.param = _PARAMS[exc.param]
+        raise
+
+
+async def responses() -> Response:
+    arrival = time.monotonic()
+    state = current_state()
+    req = parse_responses_request(await read_json())
+    state.check_model(req.model)
+    info = state.model_info()
+    chat = to_chat_request(req)
+    with _responses_params():
+        prompt, params = await _prepare(state, info, chat)
+    call_format = info.tool_call_format if tools.tool_mode(chat) else None
+    parallel = (
+        info.parallel_tool_calls if req.parallel_tool_calls is None else req.parallel_tool_calls
+    )
+    builder = OutputBuilder(_head(state, req, params, parallel), call_format)
+    gen = GenerationRequest(builder.head.id, tuple(prompt), params, arrival)
+    deadline = deadline_for(state)
+    if not req.stream:
+        usage = Usage(len(prompt), 0)
+        for output in await collect(state, [gen], deadline):
+            usage = output.usage
+            for d in output.deltas:
+                builder.push(d.text, d.finish_reason)
+        builder.finish(usage)
+        assert builder.result is not None
+        return json_response(to_json(builder.result))
+    writer = ResponsesWriter(builder, Usage(len(prompt), 0))
+    stream = state.engine.submit([gen])  # admitted and submitted in one step: no await between
+    on_request_end(request.scope, stream.close)  # also if the body is never iterated
+    return sse_response(
+        stream_events(state, stream, writer, deadline, failure=writer.failure, done=b"")
+    )
+
+
+async def _prepare(
+    state: ServerState, info: ModelInfo, chat: ChatCompletionRequest
+) -> tuple[list[int], SamplingParams]:
+    """The prompt tokens and sampling parameters, exactly as the chat route computes them."""
+    constraint = tools.output_constraint(chat, info.tool_call_format, info.parallel_tool_calls)
+    if constraint is not None:
+        if info.check_constraint is None:
+            raise InvalidRequestError(
+                f"The model {state.model_name} does not support constrained output "
+                "(text.format json_schema / json_object, tools).",
+                param="tools" if constraint.kind == "tools" else "text.format",
+            )
+        await in_thread(info.check_constraint, constraint)
+    template = info.chat_template
+    template_tools = prompts.tools_for_template(chat)
+    prompt: list[int] = await in_thread(
+        lambda: prompts.render_chat(
+            chat.messages,
+            template_tools,
+            template,
+            info.tokenizer,
+            context_window=info.context_window_size,
+        )
+    )
+    max_tokens = g.check_context(
+        len(prompt),
+        chat.max_output_tokens,
+        info.context_window_size,
+        prompt_param="input",
+        max_tokens_param="max_output_tokens",
+    )
+    params = g.sampling_params(
+        chat,
+        max_tokens=max_tokens,
+        tokenizer=info.tokenizer,
+        template_stop=template.stop_strings,
+        template_stop_ids=template.stop_token_ids,
+        logprobs=False,
+        top_logprobs=0,
+    )
+    if constraint is not None:
+        params = attrs.evolve(params, constraint=constraint)
+    return prompt, params
+
+
+def _head(
+    state: ServerState, req: ResponsesRequest, params: SamplingParams, parallel: bool
+) -> ResponseObject:
+    """The response before any output: what every lifecycle event repeats."""
+    return ResponseObject(
+        id=new_item_id("resp"),
+        created_at=int(time.time()),
+        status="in_progress",
+        instructions=req.instructions,
+        max_output_tokens=req.max_output_tokens,
+        model=state.model_name,
+        parallel_tool_calls=parallel,
+        temperature=params.temperature,
+        text=TextConfig(format=req.text_format),
+        tool_choice=req.tool_choice if req.tool_choice is not None else "auto",
+        tools=req.tools or (),
+        top_p=params.top_p,
+        user=req.user,
+        metadata=req.metadata or {},
+    )
