@@ -16,13 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
-import attrs
 from quart import Response, request
 
-from ..engine.model_info import ModelInfo
 from ..engine.types import GenerationRequest, SamplingParams, Usage
 from ..errors import InvalidRequestError
-from ..protocol.chat import ChatCompletionRequest
 from ..protocol.openai import to_json
 from ..protocol.responses import (
     ResponsesRequest,
@@ -31,12 +28,12 @@ from ..protocol.responses import (
     to_chat_request,
 )
 from ..protocol.responses_output import ResponseObject, new_item_id
-from . import generation as g
-from . import prompts, tools
+from . import tools
 from .asgi import on_request_end
 from .responses_events import OutputBuilder, ResponsesWriter
+from .routes_chat import prepare_chat
 from .state import ServerState, current_state, json_response, read_json
-from .streaming import collect, deadline_for, in_thread, sse_response, stream_events
+from .streaming import collect, deadline_for, sse_response, stream_events
 
 #: Chat parameter names as the Responses API calls them, for errors from the chat pipeline.
 _PARAMS: Final = {
@@ -65,7 +62,7 @@ async def responses() -> Response:
     info = state.model_info()
     chat = to_chat_request(req)
     with _responses_params():
-        prompt, params = await _prepare(state, info, chat)
+        prompt, params = await prepare_chat(state, info, chat)
     call_format = info.tool_call_format if tools.tool_mode(chat) else None
     parallel = (
         info.parallel_tool_calls if req.parallel_tool_calls is None else req.parallel_tool_calls
@@ -88,51 +85,6 @@ async def responses() -> Response:
     return sse_response(
         stream_events(state, stream, writer, deadline, failure=writer.failure, done=b"")
     )
-
-
-async def _prepare(
-    state: ServerState, info: ModelInfo, chat: ChatCompletionRequest
-) -> tuple[list[int], SamplingParams]:
-    """The prompt tokens and sampling parameters, exactly as the chat route computes them."""
-    constraint = tools.output_constraint(chat, info.tool_call_format, info.parallel_tool_calls)
-    if constraint is not None:
-        if info.check_constraint is None:
-            raise InvalidRequestError(
-                f"The model {state.model_name} does not support constrained output "
-                "(text.format json_schema / json_object, tools).",
-                param="tools" if constraint.kind == "tools" else "text.format",
-            )
-        await in_thread(info.check_constraint, constraint)
-    template = info.chat_template
-    template_tools = prompts.tools_for_template(chat)
-    prompt: list[int] = await in_thread(
-        lambda: prompts.render_chat(
-            chat.messages,
-            template_tools,
-            template,
-            info.tokenizer,
-            context_window=info.context_window_size,
-        )
-    )
-    max_tokens = g.check_context(
-        len(prompt),
-        chat.max_output_tokens,
-        info.context_window_size,
-        prompt_param="input",
-        max_tokens_param="max_output_tokens",
-    )
-    params = g.sampling_params(
-        chat,
-        max_tokens=max_tokens,
-        tokenizer=info.tokenizer,
-        template_stop=template.stop_strings,
-        template_stop_ids=template.stop_token_ids,
-        logprobs=False,
-        top_logprobs=0,
-    )
-    if constraint is not None:
-        params = attrs.evolve(params, constraint=constraint)
-    return prompt, params
 
 
 def _head(

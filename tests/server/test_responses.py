@@ -20,14 +20,10 @@ import pydantic
 import pytest
 from openai.types.responses import ResponseOutputMessage
 
-import mlctrio.serve
-from mlctrio.config import EngineConfig
-from mlctrio.runtime.constraints import ConstraintCompiler
-from mlctrio.runtime.core import EngineCore
-from mlctrio.service import ModelInfo
-from mlctrio.testing.echo import ByteTokenizer, EchoRunner, RawChatTemplate
+from mlctrio.testing.echo import RawChatTemplate
 
-from .conftest import ServerHandle, make_config, start_server
+from .conftest import ServerHandle
+from .grammar_echo import grammar_echo_server
 
 MODEL = "mock://echo"
 WEATHER: Any = {
@@ -236,51 +232,16 @@ def test_engine_failure_ends_the_stream_with_response_failed(
 # --- tools and json_schema on the grammar echo ------------------------------------------------
 
 
-class _GrammarByteTokenizer(ByteTokenizer):
-    """The echo's byte tokenizer with the surface the grammar compiler reads."""
-
-    @property
-    def special_token_ids(self) -> frozenset[int]:
-        return frozenset(range(256, self.vocab_size))
-
-    def token_to_id(self, text: str) -> int | None:
-        ids = self.encode(text)
-        return ids[0] if len(ids) == 1 and ids[0] >= 256 else None
-
-
 @pytest.fixture(scope="module")
 def grammar_server() -> Iterator[ServerHandle]:
-    def factory(config: Any) -> Callable[[], tuple[EngineCore, ModelInfo]]:
-        def build() -> tuple[EngineCore, ModelInfo]:
-            tokenizer = _GrammarByteTokenizer()
-            runner = EchoRunner(
-                vocab_size=tokenizer.vocab_size, eos_token_id=256, total_pages=1024,
-                context_window_size=4096,
-            )  # fmt: skip
-            compiler = ConstraintCompiler(tokenizer, tokenizer.vocab_size)
-            engine_config = EngineConfig(
-                MODEL, max_num_sequence=8, context_window_size=4096, prefix_cache_mode="disable"
-            )
-            core = EngineCore(runner, tokenizer, engine_config, constraints=compiler)
-            info = ModelInfo(
-                model_id=MODEL,
-                context_window_size=runner.context_window_size,
-                tokenizer=tokenizer,
-                chat_template=RawChatTemplate(),
-                check_constraint=compiler.check,
-                tool_call_format="hermes",
-                limits=core.scheduler.limits,
-            )
-            return core, info
-
-        return build
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(mlctrio.serve, "core_factory", factory)
-    handle = start_server(make_config())
-    patch.undo()
-    yield handle
-    handle.stop()
+    with grammar_echo_server(
+        RawChatTemplate(),
+        model_id=MODEL,
+        tool_call_format="hermes",
+        context_window=4096,
+        total_pages=1024,
+    ) as handle:
+        yield handle
 
 
 def test_function_call_round_trip(tool_client: openai.OpenAI) -> None:

@@ -10,7 +10,7 @@ token, so the reply is a random walk through the grammar, and every one must be 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,10 @@ import httpx
 import openai
 import pytest
 
-import mlctrio.serve
-from mlctrio.config import EngineConfig
 from mlctrio.runtime.chat_template import HFChatTemplate
-from mlctrio.runtime.constraints import ConstraintCompiler
-from mlctrio.runtime.core import EngineCore
-from mlctrio.service import ModelInfo
-from mlctrio.testing.echo import ByteTokenizer, EchoRunner
 
-from .conftest import ServerHandle, make_config, start_server
+from .conftest import ServerHandle
+from .grammar_echo import grammar_echo_server
 
 ENUM_TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {
@@ -46,18 +41,6 @@ HISTORY: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
-class _GrammarByteTokenizer(ByteTokenizer):
-    """The echo's byte tokenizer with the surface the grammar compiler reads."""
-
-    @property
-    def special_token_ids(self) -> frozenset[int]:
-        return frozenset(range(256, self.vocab_size))
-
-    def token_to_id(self, text: str) -> int | None:
-        ids = self.encode(text)
-        return ids[0] if len(ids) == 1 and ids[0] >= 256 else None
-
-
 @pytest.fixture(scope="module")
 def smollm2_template_source(smollm2_gguf: Path) -> str:
     reader = gguf.GGUFReader(smollm2_gguf)
@@ -70,38 +53,10 @@ def smollm2_template_source(smollm2_gguf: Path) -> str:
 def smol_server(smollm2_template_source: str) -> Iterator[ServerHandle]:
     template = HFChatTemplate({"default": smollm2_template_source})  # no stop ids: echo it all
 
-    def factory(config: Any) -> Callable[[], tuple[EngineCore, ModelInfo]]:
-        def build() -> tuple[EngineCore, ModelInfo]:
-            tokenizer = _GrammarByteTokenizer()
-            runner = EchoRunner(
-                vocab_size=tokenizer.vocab_size, eos_token_id=256, total_pages=4096,
-                context_window_size=8192,
-            )  # fmt: skip
-            compiler = ConstraintCompiler(tokenizer, tokenizer.vocab_size)
-            engine_config = EngineConfig(
-                "mock://echo", max_num_sequence=8, context_window_size=8192,
-                prefix_cache_mode="disable",
-            )  # fmt: skip
-            core = EngineCore(runner, tokenizer, engine_config, constraints=compiler)
-            info = ModelInfo(
-                model_id="smol",
-                context_window_size=runner.context_window_size,
-                tokenizer=tokenizer,
-                chat_template=template,
-                check_constraint=compiler.check,
-                tool_call_format=template.call_format,
-                limits=core.scheduler.limits,
-            )
-            return core, info
-
-        return build
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(mlctrio.serve, "core_factory", factory)
-    handle = start_server(make_config())
-    patch.undo()
-    yield handle
-    handle.stop()
+    with grammar_echo_server(
+        template, model_id="smol", tool_call_format=template.call_format
+    ) as handle:
+        yield handle
 
 
 def _chat(handle: ServerHandle, **body: Any) -> dict[str, Any]:
