@@ -35,7 +35,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import trio
 if __package__ in (None, ""):  # run as a script: make the `bench` namespace package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import print_table
+from bench._common import free_port_run, print_table
 from bench.serve import _WORDS, LoadConfig, ServerTokenizer, _exact_prompt
 
 REAL_MODEL = "embedded://SmolLM2-135M-Instruct"
@@ -75,24 +74,6 @@ class Tally:
     output_tokens: int = 0
     first_s: float = 0.0
     last_s: float = 0.0
-
-
-def free_port_run(n: int) -> int:
-    """A port P with P..P+n-1 all free a moment ago, below the kernel's ephemeral range (where
-    other processes' outgoing connections and free_port()'s picks land, so a neighbour of an
-    ephemeral pick is often taken)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(max(1024, low - 12000), low - n)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + n):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError(f"no run of {n} free ports found")
 
 
 def _get_ok(url: str, predicate: Any = None) -> bool:

@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
+from bench._common import free_port_run
 from mlctrio.replicas import child_argv, core_sets, parse_cpulist
 
 from .cluster import ECHO, MODEL, get_ok, wait_until
-
-
-def free_port_run(n: int) -> int:
-    """A port P with P..P+n-1 all free a moment ago, below the kernel's ephemeral range (where
-    other processes' outgoing connections and free_port()'s picks land, so a neighbour of an
-    ephemeral pick is often taken)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(max(1024, low - 12000), low - n)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + n):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError(f"no run of {n} free ports found")
 
 
 def test_cpulist_and_numa_ordered_disjoint_sets(tmp_path: Path) -> None:
