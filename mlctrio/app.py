@@ -13,9 +13,11 @@ parser, so both ways of starting behave the same:
     MLCTRIO_MAX_BODY_BYTES   MLCTRIO_LOG_LEVEL   MLCTRIO_ACCESS_LOG=1   MLCTRIO_VLLM_METRICS=1
     MLCTRIO_DISABLE_CHAT_PAGE=1
 
-Host and port are Hypercorn's (`--bind`). On SIGTERM Hypercorn stops accepting, waits its graceful
-timeout, then the app's lifespan shutdown aborts what is left and joins the engine thread (a
-model still loading is abandoned: its thread is not waited for).
+Host and port are Hypercorn's (`--bind`). On SIGTERM Hypercorn stops accepting and waits its
+graceful timeout; then it cuts the connections still open (each cut stream ends with an error
+event and `[DONE]`: server/asgi.py), and the app's lifespan shutdown aborts what is left and joins
+the engine thread (a model still loading is abandoned: its thread is not waited for). With
+`-w 0` Hypercorn installs no signal handler: SIGTERM ends the process at once.
 
 Failures end the process, so that Hypercorn does not serve "loading" forever nor restart a
 worker that cannot work: a bad MLCTRIO_* value at import is one `mlctrio: error: ...` line and

@@ -13,6 +13,11 @@ Rules:
 - `on_request_end(scope, callback)` runs callback once the request is over, however it ended (body
   sent, client gone, exception): streaming routes use it to close their engine stream even when
   the response body was never iterated.
+- A response body cut off after it started (the request's task cancelled: Hypercorn's graceful
+  timeout at shutdown, or an exception) ends with the epilogue its route registered with
+  `on_stream_cut` (an SSE error event and `[DONE]`, built only then), sent shielded and
+  bounded, so a stream never ends silently after its 200. Where the client is gone the send
+  fails quietly.
 """
 
 from __future__ import annotations
@@ -30,12 +35,20 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _CALLBACKS = "mlctrio.on_request_end"
+_CUT = "mlctrio.on_stream_cut"
+CUT_SEND_TIMEOUT_S = 2.0
 
 
 def on_request_end(scope: Any, callback: Callable[[], None]) -> None:
     """Run the synchronous `callback` when the request is over (at most once); `scope` is the
     request's ASGI scope (`quart.request.scope`)."""
     scope.setdefault(_CALLBACKS, []).append(callback)
+
+
+def on_stream_cut(scope: Any, epilogue: Callable[[], bytes]) -> None:
+    """What ends this request's response body if it is cut off after it started; called only
+    then (an epilogue may advance per-stream state, e.g. the Responses API's sequence numbers)."""
+    scope[_CUT] = epilogue
 
 
 @attrs.define
@@ -69,6 +82,22 @@ class _Body:
             self.complete.set()
 
 
+@attrs.define
+class _Response:
+    started: bool = False  # http.response.start sent
+    ended: bool = False  # the final body message sent
+
+
+async def _send_epilogue(send: Send, epilogue: bytes) -> None:
+    """End a cut-off body with `epilogue`, whatever cancellation is under way; a connection that
+    is gone makes this a no-op."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CUT_SEND_TIMEOUT_S):
+        try:
+            await send({"type": "http.response.body", "body": epilogue, "more_body": False})
+        except Exception:
+            pass
+
+
 @attrs.frozen
 class ConnectionGuard:
     """The ASGI middleware applying this module's rules (see the module docstring)."""
@@ -88,6 +117,8 @@ class ConnectionGuard:
             body.note(message)
             return message
 
+        response = _Response()
+
         async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start" and not body.complete.is_set():
                 if not await self._drained(body):
@@ -96,14 +127,20 @@ class ConnectionGuard:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.CancelScope(shield=True):
                     await send(message)
+                response.ended = True
                 return
             await send(message)
+            response.started = True
 
         try:
             await self.app(scope, receive_noting, guarded_send)
         finally:
-            for callback in scope.pop(_CALLBACKS, ()):
-                callback()
+            try:
+                if response.started and not response.ended and _CUT in scope:
+                    await _send_epilogue(send, scope[_CUT]())
+            finally:
+                for callback in scope.pop(_CALLBACKS, ()):
+                    callback()
 
     async def _drained(self, body: _Body) -> bool:
         """Wait for the rest of the body if it is small enough to be worth it."""

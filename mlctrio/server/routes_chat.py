@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import attrs
-from quart import Response, request
+from quart import Response
 
 from ..engine.model_info import ModelInfo
 from ..engine.types import (
@@ -25,10 +25,9 @@ from ..protocol.chat import ChatCompletionRequest
 from ..protocol.openai import parse_chat_request
 from . import generation as g
 from . import prompts, tools
-from .asgi import on_request_end
 from .sse import event
 from .state import ServerState, current_state, json_response, read_json
-from .streaming import collect, deadline_for, in_thread, sse_response, stream_events
+from .streaming import collect, deadline_for, in_thread, streamed_response
 
 
 async def chat_completions() -> Response:
@@ -47,8 +46,7 @@ async def chat_completions() -> Response:
         return json_response(_whole(head, req, outputs, params.n, call_format))
     writer = ChatWriter(head, params.n, req.include_usage, call_format, len(prompt))
     stream = state.engine.submit([gen])  # admitted and submitted in one step: no await between
-    on_request_end(request.scope, stream.close)  # also if the body is never iterated
-    return sse_response(stream_events(state, stream, writer, deadline))
+    return streamed_response(state, stream, writer, deadline)
 
 
 async def prepare_chat(

@@ -11,17 +11,16 @@ import time
 from typing import Any
 
 import attrs
-from quart import Response, request
+from quart import Response
 
 from ..engine.types import GenerationRequest, RequestOutput, Usage
 from ..errors import InvalidRequestError
 from ..protocol.openai import parse_completion_request
 from . import generation as g
 from . import prompts, tools
-from .asgi import on_request_end
 from .sse import event
 from .state import current_state, json_response, read_json
-from .streaming import collect, deadline_for, in_thread, sse_response, stream_events
+from .streaming import collect, deadline_for, in_thread, streamed_response
 
 
 async def completions() -> Response:
@@ -77,8 +76,7 @@ async def completions() -> Response:
         return json_response(_whole(head, outputs, index_of, n, echo, want_logprobs))
     writer = CompletionWriter(head, gens, index_of, echo, want_logprobs, req.include_usage)
     stream = state.engine.submit(gens)  # admitted and submitted in one step: no await between
-    on_request_end(request.scope, stream.close)  # also if the body is never iterated
-    return sse_response(stream_events(state, stream, writer, deadline))
+    return streamed_response(state, stream, writer, deadline)
 
 
 def _total(usage: dict[str, Usage]) -> Usage:

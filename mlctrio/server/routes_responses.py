@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
-from quart import Response, request
+from quart import Response
 
 from ..engine.types import GenerationRequest, SamplingParams, Usage
 from ..errors import InvalidRequestError
@@ -29,11 +29,10 @@ from ..protocol.responses import (
 )
 from ..protocol.responses_output import ResponseObject, new_item_id
 from . import tools
-from .asgi import on_request_end
 from .responses_events import OutputBuilder, ResponsesWriter
 from .routes_chat import prepare_chat
 from .state import ServerState, current_state, json_response, read_json
-from .streaming import collect, deadline_for, sse_response, stream_events
+from .streaming import collect, deadline_for, streamed_response
 
 #: Chat parameter names as the Responses API calls them, for errors from the chat pipeline.
 _PARAMS: Final = {
@@ -81,10 +80,7 @@ async def responses() -> Response:
         return json_response(to_json(builder.result))
     writer = ResponsesWriter(builder, Usage(len(prompt), 0))
     stream = state.engine.submit([gen])  # admitted and submitted in one step: no await between
-    on_request_end(request.scope, stream.close)  # also if the body is never iterated
-    return sse_response(
-        stream_events(state, stream, writer, deadline, failure=writer.failure, done=b"")
-    )
+    return streamed_response(state, stream, writer, deadline, failure=writer.failure, done=b"")
 
 
 def _head(

@@ -21,11 +21,12 @@ from typing import Any, Protocol
 
 import attrs
 import trio
-from quart import Response
+from quart import Response, request
 
 from ..engine.types import GenerationRequest, RequestOutput
-from ..errors import EngineFailedError, RequestError, RequestTimeoutError
+from ..errors import EngineFailedError, RequestError, RequestTimeoutError, ServiceUnavailableError
 from ..service import AbortReason, RequestStream, abort_reason_for
+from .asgi import on_request_end, on_stream_cut
 from .sse import DONE, PING, event
 from .state import ServerState
 
@@ -34,6 +35,9 @@ log = logging.getLogger("mlctrio.server")
 _TIMEOUT = object()
 
 INTERNAL_ERROR = EngineFailedError("Internal server error.", code="internal_error")
+STREAM_CUT = ServiceUnavailableError(
+    "The server stopped this stream before it finished (shutting down); retry the request."
+)
 
 #: How a failed stream ends, given the error (what follows the events already written).
 Failure = Callable[[RequestError], bytes]
@@ -139,6 +143,23 @@ async def stream_events(
         raise
     finally:
         stream.close(reason)
+
+
+def streamed_response(
+    state: ServerState,
+    stream: RequestStream,
+    writer: StreamWriter,
+    deadline: float,
+    *,
+    failure: Failure = error_and_done,
+    done: bytes = DONE,
+) -> Response:
+    """The SSE response of a submitted stream. The engine stream is closed when the request
+    ends, even if the body is never iterated; a body cut off after its 200 (the server's own
+    shutdown) still ends with `failure` (server/asgi.py)."""
+    on_request_end(request.scope, stream.close)
+    on_stream_cut(request.scope, lambda: failure(STREAM_CUT))
+    return sse_response(stream_events(state, stream, writer, deadline, failure=failure, done=done))
 
 
 def sse_response(body: AsyncIterator[bytes]) -> Response:
