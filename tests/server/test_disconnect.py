@@ -70,8 +70,14 @@ def test_disconnect_during_prefill(server_factory, stream: bool) -> None:  # typ
         ),
     )
     sock = _raw_request(handle, "p" * 3000, stream, max_tokens=10)
-    handle.wait_until(lambda: handle.core_stats().free_pages < handle.core_stats().total_pages)
-    time.sleep(0.1)
+
+    def pages_in_use() -> int:
+        stats = handle.core_stats()
+        return int(stats.total_pages - stats.free_pages)
+
+    handle.wait_until(lambda: pages_in_use() > 0)
+    first = pages_in_use()
+    handle.wait_until(lambda: pages_in_use() > first)  # prefill is under way, chunk by chunk
     # Still in prefill: nothing generated yet.
     assert handle.core_stats().num_generation_tokens_total == 0
     sock.close()
