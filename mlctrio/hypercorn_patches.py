@@ -16,14 +16,22 @@ pinned Hypercorn fixes it.
   connections = 200 descriptors). The idle timer is stopped once the read loop has ended: the
   connection closes at once. (A short keep-alive timeout instead races clients whose own pool
   expiry is the same 5 s, httpx's default: a reused connection closes under a POST.)
+- `TCPServer.run` (trio, Hypercorn 0.18.0): an exception raised while handling one connection
+  escapes its task into the server's nursery and ends the whole server. Seen twice with
+  sglang-router's HTTP/2 probe (the BusyResourceError above, and a KeyError for a stream
+  h2 had already dropped). One connection's failure now ends that connection only (it is
+  closed as usual) and is logged in one line; cancellation still propagates.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import trio
 from hypercorn.trio import tcp_server
+
+log = logging.getLogger("mlctrio.server")
 
 _original_close = tcp_server.TCPServer._close
 
@@ -50,3 +58,17 @@ async def _read_data_then_stop_idle_timer(self: Any) -> None:
 
 
 tcp_server.TCPServer._read_data = _read_data_then_stop_idle_timer  # type: ignore[method-assign]
+
+
+_original_run = tcp_server.TCPServer.run
+
+
+async def _run_contained(self: Any) -> None:
+    try:
+        await _original_run(self)
+    except Exception as exc:  # an ExceptionGroup of Exceptions too; never Cancelled
+        log.warning("a connection failed and was closed: %s: %s", type(exc).__name__, exc)
+        log.debug("connection failure", exc_info=exc)
+
+
+tcp_server.TCPServer.run = _run_contained  # type: ignore[method-assign]
