@@ -47,6 +47,9 @@ class PagePool:
     _refcount: list[int]
     _free: list[int]
     _seqs: dict[int, _Seq]
+    #: Bumped whenever a page gains or loses a reference other than by a fresh allocation (fork,
+    #: remove, pop, copy-on-write): who shares which page can only have changed when it moved.
+    sharing_version: int
 
     def __init__(self, total_pages: int, page_size: int) -> None:
         if total_pages <= 0 or page_size <= 0:
@@ -57,6 +60,7 @@ class PagePool:
         # Pop from the end: lowest ids are handed out first (only to make dumps readable).
         self._free = list(range(total_pages - 1, -1, -1))
         self._seqs = {}
+        self.sharing_version = 0
 
     @property
     def num_free(self) -> int:
@@ -142,6 +146,7 @@ class PagePool:
         shared = parent.pages[:num_full]
         for page in shared:
             self._refcount[page] += 1
+        self.sharing_version += 1
         child = _Seq(length=pos, pages=list(shared))
         if pos % self.page_size:
             child.pages.append(self._alloc())
@@ -165,6 +170,7 @@ class PagePool:
         return page
 
     def _decref(self, page: int) -> None:
+        self.sharing_version += 1
         self._refcount[page] -= 1
         if self._refcount[page] == 0:
             self._free.append(page)

@@ -4,7 +4,7 @@ output, usage and stats, and eviction before preemption."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mlctrio.engine.pages import PagePool
@@ -274,3 +274,53 @@ def test_disabled_cache_behaves_as_before() -> None:
     stats = core.stats()
     assert stats.free_pages == stats.total_pages and stats.num_cached_pages == 0
     assert stats.num_prefix_cache_query_tokens_total == 0
+
+
+def _recount_cached_pages(pool: PagePool, cache: PrefixCache) -> int:
+    """num_cached_pages from scratch: pages every one of whose references is a cached sequence."""
+    cached = set(cache.seq_ids())
+    held_by_live = {p for s in pool.seq_ids() if s not in cached for p in pool.pages_of(s)}
+    return len({p for s in cached for p in pool.pages_of(s)} - held_by_live)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["cache", "fork", "grow", "finish", "evict"]),
+            st.lists(st.integers(0, 2), min_size=1, max_size=12),
+        ),
+        max_size=40,
+    )
+)
+# a finished fork gives its shared page back to the cache alone; growth copies nothing shared
+@example([("cache", [0, 0, 0]), ("fork", [0, 0, 0]), ("grow", [1]), ("finish", [0])])
+def test_the_kept_cached_page_count_always_equals_a_recount(
+    ops: list[tuple[str, list[int]]],
+) -> None:
+    """num_cached_pages is kept between calls (it is read every step); after any sequence of
+    inserts, prefix forks, decode growth, finished forks and evictions it equals a recount."""
+    pool = PagePool(total_pages=64, page_size=2)
+    cache = PrefixCache(pool, max_num_seqs=4)
+    live: dict[int, list[int]] = {}
+    next_id = [100]
+
+    def new_id() -> int:
+        next_id[0] += 1
+        return next_id[0]
+
+    for op, tokens in ops:
+        if op == "cache" and pool.num_free >= 8:
+            _cached(pool, cache, new_id(), tokens)
+        elif op == "fork" and pool.num_free >= 8:
+            forked, _ = cache.fork_prefix([*tokens, 9], new_id)
+            if forked is not None:
+                live[forked[1]] = list(tokens)  # (parent, child, fork position)
+            cache.unpin_all()
+        elif op == "grow" and live and pool.num_free >= 8:
+            seq = next(iter(live))
+            pool.append(seq, len(tokens))
+        elif op == "finish" and live:
+            pool.remove(live.popitem()[0])
+        elif op == "evict":
+            cache.evict_lru()
+        assert cache.num_cached_pages() == _recount_cached_pages(pool, cache), (op, tokens)
