@@ -25,9 +25,9 @@ from ..protocol.chat import ChatCompletionRequest
 from ..protocol.openai import parse_chat_request
 from . import generation as g
 from . import prompts, tools
-from .sse import event
+from .sse import DONE, event
 from .state import ServerState, current_state, json_response, read_json
-from .streaming import collect, deadline_for, in_thread, streamed_response
+from .streaming import EndsWithDone, collect, deadline_for, in_thread, streamed_response
 
 
 async def chat_completions() -> Response:
@@ -115,7 +115,7 @@ def _whole(
 
 
 @attrs.define
-class ChatWriter:
+class ChatWriter(EndsWithDone):
     """The chat.completion.chunk events of one streamed chat completion."""
 
     head: g.ResponseHead
@@ -159,7 +159,8 @@ class ChatWriter:
         return events
 
     def closing(self) -> list[bytes]:
-        return [event(g.usage_chunk(self.head, self.usage))] if self.include_usage else []
+        usage = [event(g.usage_chunk(self.head, self.usage))] if self.include_usage else []
+        return [*usage, DONE]
 
     def _tool_chunks(self, d: ChoiceDelta, parser: tools.ToolOutput) -> list[bytes]:
         """Chunks for one delta of a choice whose text may hold tool calls: content and tool-call

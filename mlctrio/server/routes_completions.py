@@ -18,9 +18,9 @@ from ..errors import InvalidRequestError
 from ..protocol.openai import parse_completion_request
 from . import generation as g
 from . import prompts, tools
-from .sse import event
+from .sse import DONE, event
 from .state import current_state, json_response, read_json
-from .streaming import collect, deadline_for, in_thread, streamed_response
+from .streaming import EndsWithDone, collect, deadline_for, in_thread, streamed_response
 
 
 async def completions() -> Response:
@@ -121,7 +121,7 @@ def _whole(
 
 
 @attrs.define
-class CompletionWriter:
+class CompletionWriter(EndsWithDone):
     """The text_completion events of one streamed completion (all its prompts and choices)."""
 
     head: g.ResponseHead
@@ -174,5 +174,5 @@ class CompletionWriter:
 
     def closing(self) -> list[bytes]:
         if not self.include_usage:
-            return []
-        return [event(g.usage_chunk(self.head, _total(self.usage)))]
+            return [DONE]
+        return [event(g.usage_chunk(self.head, _total(self.usage))), DONE]

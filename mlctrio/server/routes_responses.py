@@ -80,7 +80,7 @@ async def responses() -> Response:
         return json_response(to_json(builder.result))
     writer = ResponsesWriter(builder, Usage(len(prompt), 0))
     stream = state.engine.submit([gen])  # admitted and submitted in one step: no await between
-    return streamed_response(state, stream, writer, deadline, failure=writer.failure, done=b"")
+    return streamed_response(state, stream, writer, deadline)
 
 
 def _head(

@@ -3,9 +3,11 @@ the one SSE loop both streaming APIs share.
 
 Rules:
 - `stream_events` is the only streaming loop; chat, completions and responses pass their per-API
-  part (a `StreamWriter`). A stream that got its 200 always ends with `done` (`[DONE]`), or with
-  `failure(error)` if it failed (engine error, deadline, or an exception in our own per-token
-  work): by default the error event and `[DONE]`; /v1/responses sends response.failed instead.
+  part (a `StreamWriter`). A stream that got its 200 always ends with the writer's `closing()`
+  (its last events and `[DONE]`), or with `writer.failure(error)` if it failed (engine error,
+  deadline, an exception in our own per-token work, the server cutting it at shutdown): the error
+  event and `[DONE]` for chat and completions (`EndsWithDone`), response.failed for
+  /v1/responses.
 - `next_batch` is what a streaming body awaits between writes: every output already delivered
   (so a stream that fell behind catches up in one write), plus the control bytes that must follow
   them (a keep-alive comment, or an error event and `[DONE]` that end the stream).
@@ -49,7 +51,8 @@ def error_and_done(error: RequestError) -> bytes:
 
 
 class StreamWriter(Protocol):
-    """The per-API part of a streamed response: the events around and for each output."""
+    """The per-API part of a streamed response: the events around and for each output, and how
+    the stream ends."""
 
     def opening(self) -> list[bytes]:
         """Events before any output (chat's role chunks, completions' echo)."""
@@ -58,8 +61,19 @@ class StreamWriter(Protocol):
     def output_events(self, output: RequestOutput) -> list[bytes]: ...
 
     def closing(self) -> list[bytes]:
-        """Events after the last output, before [DONE] (the usage chunk)."""
+        """Events after the last output, the terminator included (the usage chunk, [DONE])."""
         ...
+
+    def failure(self, error: RequestError) -> bytes:
+        """How a failed stream ends, after the events already written."""
+        ...
+
+
+class EndsWithDone:
+    """The OpenAI chat/completions ending of a failed stream: the error envelope, then [DONE]."""
+
+    def failure(self, error: RequestError) -> bytes:
+        return error_and_done(error)
 
 
 @attrs.frozen
@@ -95,7 +109,7 @@ async def _next_output(stream: RequestStream, deadline: float, ping_s: float) ->
 
 
 async def next_batch(
-    stream: RequestStream, state: ServerState, deadline: float, failure: Failure = error_and_done
+    stream: RequestStream, state: ServerState, deadline: float, failure: Failure
 ) -> Batch:
     output = await _next_output(stream, deadline, state.sse_ping_interval_s)
     if output is None:
@@ -113,31 +127,25 @@ async def next_batch(
 
 
 async def stream_events(
-    state: ServerState,
-    stream: RequestStream,
-    writer: StreamWriter,
-    deadline: float,
-    *,
-    failure: Failure = error_and_done,
-    done: bytes = DONE,
+    state: ServerState, stream: RequestStream, writer: StreamWriter, deadline: float
 ) -> AsyncIterator[bytes]:
     """The SSE body of a submitted stream; closes `stream` however it ends."""
     reason = AbortReason.ABORT
     try:
         if opening := b"".join(writer.opening()):
             yield opening
-        while not (batch := await next_batch(stream, state, deadline, failure)).done:
+        while not (batch := await next_batch(stream, state, deadline, writer.failure)).done:
             events = [e for output in batch.outputs for e in writer.output_events(output)]
             events.append(batch.control)
             if data := b"".join(events):  # one write for everything that was ready
                 yield data
             if batch.end:
                 return
-        yield b"".join([*writer.closing(), done])
+        yield b"".join(writer.closing())
     except Exception:  # a bug in our per-token work: fail this stream, keep the server serving
         log.exception("streaming response failed")
         reason = AbortReason.ERROR
-        yield failure(INTERNAL_ERROR)
+        yield writer.failure(INTERNAL_ERROR)
     except BaseException as exc:
         reason = abort_reason_for(exc)
         raise
@@ -146,20 +154,14 @@ async def stream_events(
 
 
 def streamed_response(
-    state: ServerState,
-    stream: RequestStream,
-    writer: StreamWriter,
-    deadline: float,
-    *,
-    failure: Failure = error_and_done,
-    done: bytes = DONE,
+    state: ServerState, stream: RequestStream, writer: StreamWriter, deadline: float
 ) -> Response:
     """The SSE response of a submitted stream. The engine stream is closed when the request
     ends, even if the body is never iterated; a body cut off after its 200 (the server's own
-    shutdown) still ends with `failure` (server/asgi.py)."""
+    shutdown) still ends with the writer's `failure` (server/asgi.py)."""
     on_request_end(request.scope, stream.close)
-    on_stream_cut(request.scope, lambda: failure(STREAM_CUT))
-    return sse_response(stream_events(state, stream, writer, deadline, failure=failure, done=done))
+    on_stream_cut(request.scope, lambda: writer.failure(STREAM_CUT))
+    return sse_response(stream_events(state, stream, writer, deadline))
 
 
 def sse_response(body: AsyncIterator[bytes]) -> Response:
