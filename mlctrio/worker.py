@@ -25,7 +25,7 @@ from .engine.types import ChoiceDelta, GenerationRequest, RequestOutput, Usage
 
 
 class CoreStats(Protocol):
-    """What the server reads of the engine core's statistics (runtime.core.EngineStats)."""
+    """What the server reads of the engine core's statistics (runtime.engine_stats.EngineStats)."""
 
     @property
     def num_running(self) -> int: ...

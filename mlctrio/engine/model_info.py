@@ -15,7 +15,7 @@ import attrs
 
 from .request import EngineLimits
 from .tokens import ChatTemplate, Tokenizer
-from .types import OutputConstraint
+from .types import OutputConstraint, Pooling
 
 
 @attrs.frozen
@@ -40,3 +40,7 @@ class ModelInfo:
     #: The engine's admission limits (n vs max_num_sequence, prompt vs window and KV cache),
     #: checked before a request is submitted so a refusal is a 400 before any stream starts.
     limits: EngineLimits | None = None
+    #: Width of the model's hidden state (an embedding's length) and how /v1/embeddings pools
+    #: it; None: the model computes no embeddings.
+    hidden_size: int | None = None
+    pooling: Pooling = "mean"

@@ -29,6 +29,7 @@ class BatchEntry:
     token_ids: tuple[int, ...]
     fork_seq_ids: tuple[int, ...] = ()  # children forked from seq_id after the step
     sample_branches: tuple[int, ...] = ()  # branch indices sampling from this row's logits
+    start: int = 0  # position in the sequence of token_ids[0]
 
 
 @attrs.frozen

@@ -8,7 +8,12 @@ Sequence ids are small non-negative ints chosen by the caller. Page accounting: 
 length L holds ceil(L / page_size) pages, except that a forked child shares its parent's full
 pages (copy-on-write at page granularity, as TVM's paged KV cache does).
 
-`PromptAwareRunner` is an optional extra hook (only the echo fake needs it).
+`PromptAwareRunner` is an optional extra hook (only the echo fake needs it). Two optional
+methods, looked up by name, serve requests that need the model's output at every prompt
+position (runtime/forward.py): `verify(batch)` returns the logits at every new position
+((sum of lengths, vocab_size): prompt logprobs) and `hidden(batch)` the final hidden states at
+every new position ((sum of lengths, hidden_size): embeddings). A runner without them refuses
+such requests with an EngineError.
 """
 
 from __future__ import annotations

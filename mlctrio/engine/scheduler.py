@@ -26,7 +26,8 @@ Rules (each is checked by tests/engine):
   sequences hold pages and runner slots: both are reclaimed from the cache (LRU) before anything
   is preempted or a request is kept waiting, so `reserved seats + cached sequences <=
   max_num_sequence` at every step boundary. A finished or aborted request leaves one of its
-  sequences in the cache instead of removing it.
+  sequences in the cache instead of removing it. A request that needs the model's output at every
+  prompt position (prompt logprobs, embeddings) never starts from a cached prefix.
 """
 
 from __future__ import annotations
@@ -267,8 +268,10 @@ class Scheduler:
         """Plan chunks for req within budget tokens; returns the tokens planned."""
         planned = 0
         primary, siblings, target = self._prefill_target(req)
-        hit = -1  # -1: no prefix lookup (the primary holds its sequence, or no cache)
-        if primary.seq_id is None and self.prefix_cache is not None:
+        hit = -1  # -1: no prefix lookup (the primary holds its sequence, no cache, or the
+        # request needs every prompt position computed)
+        cache = self.prefix_cache
+        if primary.seq_id is None and cache is not None and not req.spec.needs_every_position:
             hit = self._fork_cached_prefix(draft, primary, target)
         want = min(target - primary.num_cached, budget)
         if want > 0:
@@ -368,7 +371,8 @@ class Scheduler:
         forks: list[Branch] | None = None,
     ) -> None:
         seq_id = self._seq(b)
-        tokens = b.token_slice(b.num_cached, b.num_cached + k)
+        start = b.num_cached
+        tokens = b.token_slice(start, start + k)
         self.pool.append(seq_id, k)
         b.num_cached += k
         fork_ids = []
@@ -382,7 +386,7 @@ class Scheduler:
         if sample is None:
             done = [c for c in [b, *(forks or ())] if c.num_cached == c.num_tokens]
             sample = tuple(c.index for c in done)
-        draft.entries.append(BatchEntry(req, seq_id, tokens, tuple(fork_ids), sample))
+        draft.entries.append(BatchEntry(req, seq_id, tokens, tuple(fork_ids), sample, start))
 
     # -- pages and ids ------------------------------------------------------------------------
 

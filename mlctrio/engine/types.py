@@ -14,6 +14,10 @@ import attrs
 
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
+#: How an embedding request pools the final hidden states of its prompt: their mean, the last
+#: position's (decoder embedders such as Qwen3-Embedding) or the first's (BERT's CLS).
+Pooling = Literal["mean", "last", "cls"]
+
 
 ConstraintKind = Literal[
     "json_object", "json_schema", "json_schema_string", "tools", "regex", "choice", "grammar"
@@ -71,6 +75,9 @@ class SamplingParams:
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     constraint: OutputConstraint | None = None
+    #: Logprobs of the prompt's tokens (completions' echo + logprobs, vLLM's prompt_logprobs):
+    #: None off; k >= 0 adds the k most likely tokens at each prompt position.
+    prompt_logprobs: int | None = None
 
 
 @attrs.frozen
@@ -81,6 +88,15 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     arrival_time: float = 0.0  # time.monotonic() when the server received it
+    #: Not None: an embedding request. The prompt's hidden states are pooled into
+    #: `RequestOutput.embedding` and no token is generated (params: n=1, max_tokens=1).
+    pooling: Pooling | None = None
+
+    @property
+    def needs_every_position(self) -> bool:
+        """It needs the model's output at every prompt position, so it cannot start from a
+        prefix-cache hit (whose positions are never computed)."""
+        return self.pooling is not None or self.params.prompt_logprobs is not None
 
 
 @attrs.frozen
@@ -144,3 +160,8 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None
     num_preemptions: int = 0
+    #: On the record where the prompt's computation ends, when params.prompt_logprobs asked:
+    #: one entry per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    #: An embedding request's final record: the pooled hidden state (not normalised).
+    embedding: tuple[float, ...] | None = None

@@ -261,6 +261,11 @@ class LlamaForCausalLM(nn.Module):
     def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
 
+    def batch_prefill_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        # The final (normed) hidden state at every position: embeddings pool it.
+        h = self._forward(input_embeds, paged_kv_cache)
+        return (h.astype("float32") if h.dtype != "float32" else h), paged_kv_cache
+
     def create_paged_kv_cache(
         self,
         max_batch_size: tirx.Var,
@@ -326,6 +331,11 @@ class LlamaForCausalLM(nn.Module):
                 "$": packed,
             },
             "batch_verify": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_prefill_to_last_hidden_states": {
                 "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
                 "paged_kv_cache": kv,
                 "$": packed,

@@ -132,8 +132,11 @@ class ReferenceLlama:
             x = q8_activations_np(x)
         return x @ w.T
 
-    def forward(self, cache: RefKVCache, seq_id: int, tokens: list[int]) -> F32:
-        """Append tokens to seq_id; return logits (len(tokens), vocab) at each new position."""
+    def forward(
+        self, cache: RefKVCache, seq_id: int, tokens: list[int], *, hidden: bool = False
+    ) -> F32:
+        """Append tokens to seq_id; return logits (len(tokens), vocab) at each new position, or
+        with `hidden` the final (normed) hidden states (len(tokens), hidden_size)."""
         c = self.c
         mm = self._linear
         h_q, h_kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -173,4 +176,4 @@ class ReferenceLlama:
             gate, up = gu[:, : c.intermediate_size], gu[:, c.intermediate_size :]
             x = x + mm(gate / (1 + np.exp(-gate)) * up, lw["down"])
         x = rms_norm(x, self.norm, c.rms_norm_eps)
-        return mm(x, self.lm_head).astype(np.float32)
+        return x.astype(np.float32) if hidden else mm(x, self.lm_head).astype(np.float32)

@@ -46,6 +46,8 @@ from ..engine.scheduler import BatchEntry, Scheduler, StepPlan
 from ..engine.tokens import Tokenizer
 from ..engine.types import GenerationRequest, RequestOutput
 from ..errors import EngineError
+from .engine_stats import EngineStats
+from .forward import forward
 from .grammar import apply_bitmasks
 from .output_processor import OutputProcessor, RequestState
 from .sampler import SampleOutput, Sampler, ban_tokens, sampling_vocab_size
@@ -53,25 +55,6 @@ from .sampler import SampleOutput, Sampler, ban_tokens, sampling_vocab_size
 log = logging.getLogger(__name__)
 
 _Sampled = list[tuple[BatchEntry, int, int, SampleOutput]]  # (entry, branch, row, output)
-
-
-@attrs.frozen
-class EngineStats:
-    """A snapshot of the engine for /metrics and /debug."""
-
-    num_running: int
-    num_waiting: int
-    num_preemptions_total: int
-    free_pages: int
-    total_pages: int
-    kv_cache_usage_ratio: float  # pages held by requests / total (cached-only pages excluded)
-    num_prompt_tokens_total: int  # prompt tokens of admitted requests, each request once
-    num_generation_tokens_total: int  # tokens sampled
-    num_prefix_cache_query_tokens_total: int = 0  # tokens looked up when prefills started
-    num_prefix_cache_hit_tokens_total: int = 0  # of which reused (not computed)
-    num_steps_total: int = 0
-    num_cached_pages: int = 0  # held only by the prefix cache: reclaimable, not free
-    num_requests_failed_total: int = 0  # requests ended by an engine error
 
 
 @attrs.define
@@ -118,7 +101,8 @@ class EngineCore:
             ),
         )
         self._out = OutputProcessor(tokenizer, extra_stop_token_ids)
-        self._sampler = Sampler(sampling_vocab_size(runner.vocab_size, tokenizer))
+        self._vocab = sampling_vocab_size(runner.vocab_size, tokenizer)
+        self._sampler = Sampler(self._vocab)
         self._seed_rng = np.random.default_rng()  # seeds requests that bring none
         self._tracked: dict[str, RequestState] = {}
         self._ready: list[RequestOutput] = []  # finished at add(): delivered by the next step
@@ -204,6 +188,10 @@ class EngineCore:
                     state.prefill_done = True
                     self._events.append((entry.request.request_id, "prefill_end", now))
                 self._guarded(step, state, self._on_token, state, index, row, out)
+            for entry in plan.entries:
+                if entry.request.spec.pooling is not None and entry.sample_branches:
+                    if (state := self._tracked.get(entry.request.request_id)) is not None:
+                        self._guarded(step, state, self._embedded, state)
         for request_id, state in step.touched.items():
             try:
                 record = self._out.output(state)
@@ -282,7 +270,8 @@ class EngineCore:
             for entry in plan.entries:
                 if entry.seq_id in new:  # (a cache fork would inherit another request's)
                     self._hint.set_prompt_length(entry.seq_id, entry.request.num_prompt_tokens)
-        logits = self.runner.step([(e.seq_id, e.token_ids) for e in plan.entries])
+        prompts = [self._tracked[e.request.request_id].prompt for e in plan.entries]
+        logits = forward(self.runner, plan.entries, prompts, self._vocab, self._out.token_str)
         for entry in plan.entries:
             for child in entry.fork_seq_ids:
                 self.runner.fork_sequence(entry.seq_id, child)
@@ -291,7 +280,12 @@ class EngineCore:
 
     def _sample(self, plan: StepPlan, logits: Any, step: _Step) -> _Sampled:
         """Mask and sample the rows that sample a token; requests whose mask fails drop out."""
-        rows = [(e, i, r) for r, e in enumerate(plan.entries) for i in e.sample_branches]
+        rows = [
+            (e, i, r)
+            for r, e in enumerate(plan.entries)
+            for i in e.sample_branches
+            if e.request.spec.pooling is None  # an embedding request ends instead (_embedded)
+        ]
         states = [self._tracked[e.request.request_id] for e, _, _ in rows]
         selected = logits[np.fromiter((r for _, _, r in rows), np.int64, len(rows))]
         matchers = [s.choices[i].matcher for s, (_, i, _) in zip(states, rows, strict=True)]
@@ -337,6 +331,16 @@ class EngineCore:
         if self._out.on_token(state, index, row, out) is not None:
             if not req.is_terminal and not req.branches[index].finished:
                 self._remove_seqs(self.scheduler.finish_branch(req, index))
+
+    def _embedded(self, state: RequestState) -> None:
+        """An embedding request whose prompt is computed: its result ends it (not cached: an
+        embedding burst must not evict the prompts of chat requests from the prefix cache)."""
+        assert state.prompt is not None
+        state.embedding = state.prompt.embedding()
+        state.prefill_done = True
+        self._events.append((state.req.request_id, "prefill_end", self._clock()))
+        self._remove_seqs(self.scheduler.finish_branch(state.req, 0, cache=False))
+        self._out.finish(state, 0, "stop")
 
     def _finish_capped(self, state: RequestState, index: int) -> None:
         """A choice the scheduler ended for lack of pages (its sequence is already gone)."""

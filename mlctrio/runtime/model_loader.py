@@ -28,6 +28,7 @@ from ..sizing import ModelFootprint, resolve_engine_config
 from .chat_template import load_chat_template
 from .constraints import ConstraintCompiler
 from .core import EngineCore
+from .pooling import detect_pooling
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         limits=core.scheduler.limits,
         tool_call_format=detect_tool_call_format(template),
         parallel_tool_calls=renders_tools(template),
+        hidden_size=art.config.hidden_size,
+        pooling=detect_pooling(art.path, art.gguf.metadata if art.gguf is not None else None),
         config={
             **attrs.asdict(engine_config),
             "model_path": str(path),

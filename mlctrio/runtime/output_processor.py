@@ -45,6 +45,7 @@ from ..engine.types import (
     TopLogprob,
     Usage,
 )
+from .prompt_outputs import PromptOutputs
 from .sampler import SampleOutput, make_generator
 
 
@@ -79,6 +80,9 @@ class RequestState:
     deltas: list[ChoiceDelta] = attrs.field(factory=list)
     prefill_started: bool = False
     prefill_done: bool = False
+    #: prompt logprobs / embedding accumulation (runtime/prompt_outputs.py), None when unasked
+    prompt: PromptOutputs | None = None
+    embedding: tuple[float, ...] | None = None  # an embedding request's result, once computed
 
     def banned_for(self, index: int) -> npt.NDArray[np.int64] | None:
         """The ids choice `index` may not sample next (min_tokens, ignore_eos), or None."""
@@ -121,7 +125,8 @@ class OutputProcessor:
         )
         banned = _ids(stop_tokens.banned_ids)
         early = _ids(stop_tokens.early_banned_ids) if params.min_tokens else None
-        return RequestState(req, choices, stop_tokens, banned, early)
+        prompt = PromptOutputs.for_request(req.spec)
+        return RequestState(req, choices, stop_tokens, banned, early, prompt=prompt)
 
     def on_token(
         self, state: RequestState, index: int, row: int, out: SampleOutput
@@ -198,8 +203,18 @@ class OutputProcessor:
             sum(c.num_emitted for c in state.choices),
             req.num_cached_prompt_tokens or 0,
         )
+        prompt_logprobs = None
+        if state.prompt is not None and state.prefill_done:
+            prompt_logprobs = state.prompt.take_logprobs()
         return RequestOutput(
-            req.request_id, deltas, usage, req.is_terminal, error, req.num_preemptions
+            req.request_id,
+            deltas,
+            usage,
+            req.is_terminal,
+            error,
+            req.num_preemptions,
+            prompt_logprobs,
+            state.embedding,
         )
 
     def error_output(self, state: RequestState, message: str) -> RequestOutput:
@@ -229,14 +244,15 @@ class OutputProcessor:
             ids = out.top_ids[row, : params.top_logprobs].tolist()
             values = out.top_logprobs[row, : params.top_logprobs].tolist()
             top = tuple(self._top(tid, lp) for tid, lp in zip(ids, values, strict=True))
-        text, raw = self._token_str(token_id)
+        text, raw = self.token_str(token_id)
         return (TokenLogprob(token_id, text, float(out.logprobs[row]), raw, top),)
 
     def _top(self, token_id: int, logprob: float) -> TopLogprob:
-        text, raw = self._token_str(token_id)
+        text, raw = self.token_str(token_id)
         return TopLogprob(token_id, text, logprob, raw)
 
-    def _token_str(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+    def token_str(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        """A token's text (invalid UTF-8 replaced) and its raw bytes, cached by id."""
         cached = self._token_text.get(token_id)
         if cached is None:
             raw = self.tokenizer.token_bytes(token_id)

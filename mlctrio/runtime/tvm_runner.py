@@ -2,9 +2,11 @@
 
 One instance lives on the engine worker thread; it is not thread-safe. Each `step` is:
 kv_state_begin_forward -> embed -> batch_decode (every entry 1 token) or batch_prefill (otherwise,
-logits only at each entry's last position) -> kv_state_end_forward. The KV cache ICHECKs raise on
-most misuse, but an out-of-range logit position segfaults inside `take`, so batches are validated
-here first; validation failures raise `EngineError` (the scheduler should never send them).
+logits only at each entry's last position) -> kv_state_end_forward. `verify` (logits at every
+position) and `hidden` (final hidden states at every position, for embeddings) run the same
+way. The KV cache ICHECKs raise on most misuse, but an out-of-range logit position segfaults
+inside `take`, so batches are validated here first; validation failures raise `EngineError`
+(the scheduler should never send them).
 
 Threads: TVM's pool sizes itself once, from TVM_NUM_THREADS, at its first parallel kernel (its
 default is half the cores on x86). `configure_threads` sets it, and OpenBLAS to one thread because
@@ -133,6 +135,7 @@ class TVMRunner:
         self._f_decode = self._vm["batch_decode"]
         self._f_decode1 = _optional_function(self._vm, "decode")  # libraries before cpu-9 lack it
         self._f_verify = self._vm["batch_verify"]
+        self._f_hidden = _optional_function(self._vm, "batch_prefill_to_last_hidden_states")
         shape = tvm_ffi.Shape
         self._kv = self._vm["create_paged_kv_cache"](
             shape([max_num_sequence]),
@@ -238,6 +241,13 @@ class TVMRunner:
         seq_ids, lengths, tokens = self._validate(batch)
         return self._forward(seq_ids, lengths, tokens, all_positions=True)
 
+    def hidden(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
+        """Like `verify` but returns the final hidden states: (sum of lengths, hidden_size)."""
+        if self._f_hidden is None:
+            raise EngineError("this model library predates embeddings: compile it again")
+        seq_ids, lengths, tokens = self._validate(batch)
+        return self._forward(seq_ids, lengths, tokens, all_positions=True, hidden=True)
+
     def _validate(
         self, batch: Sequence[tuple[int, Sequence[int]]]
     ) -> tuple[list[int], list[int], npt.NDArray[np.int32]]:
@@ -277,9 +287,10 @@ class TVMRunner:
         lengths: list[int],
         tokens: npt.NDArray[np.int32],
         all_positions: bool,
+        hidden: bool = False,
     ) -> npt.NDArray[np.float32]:
         dev = tvm.cpu()
-        hidden = self._config.hidden_size
+        width = self._config.hidden_size
         total = int(tokens.size)
         self._f_begin(self._kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lengths))
         try:
@@ -287,17 +298,16 @@ class TVMRunner:
             if self.launch_hook is not None:
                 self.launch_hook()
             if all_positions:
-                out = self._f_verify(
-                    embeds._create_view((1, total, hidden)), self._kv, self._params
-                )
+                f = self._f_hidden if hidden else self._f_verify
+                out = f(embeds._create_view((1, total, width)), self._kv, self._params)
             elif all(n == 1 for n in lengths):
                 decode = self._f_decode1 if total == 1 and self._f_decode1 else self._f_decode
-                out = decode(embeds._create_view((total, 1, hidden)), self._kv, self._params)
+                out = decode(embeds._create_view((total, 1, width)), self._kv, self._params)
             else:
                 # Positions are in range by construction (cumsum of lengths >= 1 each, < total).
                 pos = np.cumsum(lengths, dtype=np.int32) - 1
                 out = self._f_prefill(
-                    embeds._create_view((1, total, hidden)),
+                    embeds._create_view((1, total, width)),
                     tvm.runtime.tensor(pos, dev),
                     self._kv,
                     self._params,

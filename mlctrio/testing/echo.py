@@ -18,6 +18,9 @@
   partial page (possible only after popn) copies it first. This bookkeeping is written separately
   from engine/pages.py on purpose: the tests compare the two.
 * `delay_s` sleeps inside step(), releasing the GIL as a real TVM call does.
+* `verify` gives at every new position the logits `step` would have given had the entry ended
+  there; `hidden` gives, at every position, `HIDDEN_SIZE` features of that token alone
+  (cos(id * k), k = 1..8), so an embedding is a function of the prompt's tokens only.
 
 `ByteTokenizer` (256 byte tokens + <|endoftext|>, <|im_start|>, <|im_end|>) and `RawChatTemplate`
 (message contents joined by "\\n") complete the fake; `build_echo_core` wires them into an
@@ -47,6 +50,7 @@ _SPECIALS = (ENDOFTEXT, IM_START, IM_END)
 _MASKED_LOGIT = -1e4
 _FILLER_LOGIT = -1e3  # the runner-up: sampled only when the echoed token is banned
 FILLER = "~"
+HIDDEN_SIZE = 8  # width of the fake's "hidden states" (its embeddings)
 
 
 class ByteDetokenizer:
@@ -273,6 +277,27 @@ class EchoRunner:
         return len(self._seqs[seq_id].tokens)
 
     def step(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
+        self._append(batch)
+        return self._logits([self._next_token(self._seqs[seq_id]) for seq_id, _ in batch])
+
+    def verify(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
+        """Logits at every new position: what `step` would return had the entry ended there."""
+        self._append(batch)
+        next_ids = []
+        for seq_id, new_tokens in batch:
+            seq = self._seqs[seq_id]
+            end = len(seq.tokens)
+            for pos in range(end - len(new_tokens), end):
+                next_ids.append(self._next_token(seq, pos + 1))
+        return self._logits(next_ids)
+
+    def hidden(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
+        """Fake hidden states at every new position: `HIDDEN_SIZE` features of the token alone."""
+        self._append(batch)
+        ids = np.fromiter((t for _, tokens in batch for t in tokens), np.float64)
+        return np.cos(np.outer(ids, np.arange(1, HIDDEN_SIZE + 1))).astype(np.float32)
+
+    def _append(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
         if self._failure is not None:
             exc, self._failure = self._failure, None
             raise exc
@@ -284,8 +309,7 @@ class EchoRunner:
             time.sleep(self.delay_s)
         self.num_steps += 1
         self.num_tokens_total += sum(len(tokens) for _, tokens in batch)
-        next_ids = np.empty(len(batch), dtype=np.int64)
-        for row, (seq_id, new_tokens) in enumerate(batch):
+        for seq_id, new_tokens in batch:
             seq = self._seqs[seq_id]
             if not new_tokens:
                 raise EngineError(f"echo: empty entry for sequence {seq_id}")
@@ -295,19 +319,21 @@ class EchoRunner:
             seq.tokens.extend(new_tokens)
             if seq.prompt_length is None:
                 seq.prompt_length = len(seq.tokens)
-            next_ids[row] = self._next_token(seq)
-        logits = np.full((len(batch), self._vocab_size), _MASKED_LOGIT, dtype=np.float32)
+
+    def _logits(self, next_ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        logits = np.full((len(next_ids), self._vocab_size), _MASKED_LOGIT, dtype=np.float32)
         if self._filler is not None:
             logits[:, self._filler] = _FILLER_LOGIT
-        logits[np.arange(len(batch)), next_ids] = 0.0
+        logits[np.arange(len(next_ids)), np.asarray(next_ids, dtype=np.int64)] = 0.0
         return logits
 
     def close(self) -> None:
         self.closed = True
 
-    def _next_token(self, seq: _EchoSeq) -> int:
+    def _next_token(self, seq: _EchoSeq, length: int | None = None) -> int:
+        """The token after the first `length` tokens of seq (default: all of them)."""
         assert seq.prompt_length is not None
-        echoed = len(seq.tokens) - seq.prompt_length
+        echoed = (len(seq.tokens) if length is None else length) - seq.prompt_length
         if 0 <= echoed < seq.prompt_length:
             return seq.tokens[echoed]
         return self._eos  # past the prompt (or inside a prefill chunk, whose logits are unused)

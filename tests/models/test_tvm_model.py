@@ -209,6 +209,20 @@ def test_verify_returns_every_position(compiled) -> None:
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+def test_hidden_returns_the_final_hidden_state_at_every_position(compiled) -> None:
+    """What embeddings pool: the normed hidden states, beside a sequence that keeps decoding."""
+    pair = make_pair(compiled("tiny", "q0f32"), TINY)
+    rng = np.random.default_rng(6)
+    pair.add(0, 1)
+    pair.step_and_check([(0, toks(rng, 9))])
+    chunks = [(1, toks(rng, 5)), (0, toks(rng, 1))]
+    got = pair.runner.hidden(chunks)
+    want = np.concatenate([pair.ref.forward(pair.cache, s, t, hidden=True) for s, t in chunks])
+    assert got.shape == (6, TINY.hidden_size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    pair.step_and_check([(0, toks(rng, 1)), (1, toks(rng, 2))])  # the cache stayed in step
+
+
 @pytest.mark.parametrize("quant", ["q0f32", "q4f32_1"])
 def test_tied_bias_llama3_rope_variant(compiled, quant: str) -> None:
     pair = make_pair(compiled("tiny_qwen", quant), TINY_QWEN, seed=7)

@@ -1,0 +1,81 @@
+"""One step's batch on the runner: one model call for most steps, up to three for mixed ones.
+
+Rules:
+
+* A batch of plain entries is one `runner.step` call and nothing else (the common path pays
+  nothing for the features below).
+* An entry whose request still needs the model's output at every prompt position
+  (`PromptOutputs.covers`) goes through `runner.verify` (logits at every position: prompt
+  logprobs) or, for an embedding request, `runner.hidden` (final hidden states at every
+  position); those rows are handed to the request's `PromptOutputs`. The other entries of the
+  step still go through `step`, so a long prompt asking for logprobs does not make the whole
+  batch pay for logits at every position.
+* The returned logits have one row per entry, in plan order: the row a sampled token is drawn
+  from. An embedding entry's row is zeros (it never samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from ..engine.runner import ModelRunner
+from ..engine.scheduler import BatchEntry
+from ..errors import EngineError
+from .prompt_outputs import PromptOutputs, TokenStr
+
+
+def forward(
+    runner: ModelRunner,
+    entries: Sequence[BatchEntry],
+    prompts: Sequence[PromptOutputs | None],
+    vocab: int,
+    token_str: TokenStr,
+) -> npt.NDArray[np.float32]:
+    """Run `entries` (with each one's `PromptOutputs`, or None) and return their logits rows."""
+    batch = [(e.seq_id, e.token_ids) for e in entries]
+    every = [
+        k for k, (e, p) in enumerate(zip(entries, prompts, strict=True)) if p and p.covers(e.start)
+    ]
+    if not every:
+        return runner.step(batch)
+    hidden = [k for k in every if prompts[k].pooling is not None]  # type: ignore[union-attr]
+    logits_all = [k for k in every if prompts[k].pooling is None]  # type: ignore[union-attr]
+    chosen = set(every)
+    plain = [k for k in range(len(entries)) if k not in chosen]
+    out: npt.NDArray[np.float32] | None = None
+    if plain:
+        rows = runner.step([batch[k] for k in plain])
+        out = _rows_for(len(entries), rows.shape[1])
+        out[plain] = rows
+    if logits_all:
+        verify = getattr(runner, "verify", None)
+        if verify is None:
+            raise EngineError("this model cannot compute prompt logprobs")
+        rows = verify([batch[k] for k in logits_all])
+        out = out if out is not None else _rows_for(len(entries), rows.shape[1])
+        for k, chunk in zip(logits_all, _split(rows, entries, logits_all), strict=True):
+            prompts[k].add_logits(entries[k].start, chunk, vocab, token_str)  # type: ignore[union-attr]
+            out[k] = chunk[-1]
+    if hidden:
+        hidden_of = getattr(runner, "hidden", None)
+        if hidden_of is None:
+            raise EngineError("this model cannot compute embeddings")
+        rows = hidden_of([batch[k] for k in hidden])
+        for k, chunk in zip(hidden, _split(rows, entries, hidden), strict=True):
+            prompts[k].add_hidden(entries[k].start, chunk)  # type: ignore[union-attr]
+    return out if out is not None else _rows_for(len(entries), runner.vocab_size)
+
+
+def _rows_for(num_entries: int, width: int) -> npt.NDArray[np.float32]:
+    return np.zeros((num_entries, width), dtype=np.float32)
+
+
+def _split(
+    rows: npt.NDArray[np.float32], entries: Sequence[BatchEntry], picked: Sequence[int]
+) -> list[npt.NDArray[np.float32]]:
+    """Cut the per-position rows of a verify/hidden call into one block per picked entry."""
+    bounds = np.cumsum([len(entries[k].token_ids) for k in picked])[:-1]
+    return np.split(rows, bounds)
