@@ -84,6 +84,9 @@ class EngineConfig:
     prefix_cache_mode: PrefixCacheMode = "radix"
     prefix_cache_max_num_recycling_seqs: int = 16
     num_threads: int | None = None
+    #: Prompt tokens a step may carry while requests are decoding (engine/scheduler.py): on a
+    #: CPU a step of 2048 prompt tokens takes seconds, and every running stream waits for it.
+    max_prefill_tokens_while_decoding: int = 256
 
 
 @attrs.frozen

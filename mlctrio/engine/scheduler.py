@@ -12,7 +12,9 @@ Rules (each is checked by tests/engine):
   is preempted (pages freed, cursors reset, generated tokens kept) and put at the head of the queue.
   A request that cannot fit even alone ends its page-starved choices with "length".
 * Then prefills (new prompts, continued chunks, recompute after preemption), FIFO, chunked into the
-  rest of the step's token budget (`prefill_chunk_size` tokens per step in all), bounded by the free
+  rest of the step's token budget (`prefill_chunk_size` tokens per step in all; at most
+  `prefill_tokens_while_decoding` prompt tokens in a step that also decodes, so that a long prompt
+  or an embedding burst slows the running streams by a bounded step time), bounded by the free
   pages and by `max_num_sequence` seats (a request reserves one seat per unfinished choice). A
   running prefill that gets no page preempts newer requests that are not in the batch, so partial
   prefills can never wait on each other forever. Nothing is admitted in a step that preempted.
@@ -54,6 +56,7 @@ class Scheduler:
     pool: PagePool
     max_num_sequence: int
     prefill_chunk_size: int
+    prefill_tokens_while_decoding: int | None
     context_window_size: int
     waiting: collections.deque[Request]
     running: list[Request]  # in the order they (re)started: most recent last
@@ -72,6 +75,7 @@ class Scheduler:
         prefill_chunk_size: int,
         context_window_size: int,
         prefix_cache_max_num_seqs: int = 0,
+        prefill_tokens_while_decoding: int | None = None,
     ) -> None:
         self.pool = PagePool(total_pages, page_size)
         self.prefix_cache = (
@@ -79,6 +83,7 @@ class Scheduler:
         )
         self.max_num_sequence = max_num_sequence
         self.prefill_chunk_size = prefill_chunk_size
+        self.prefill_tokens_while_decoding = prefill_tokens_while_decoding
         self.context_window_size = context_window_size
         self.waiting = collections.deque()
         self.running = []
@@ -170,6 +175,8 @@ class Scheduler:
             (decoding if self._is_decoding(r) else prefilling).append(r)
         self._plan_decodes(draft, decoding)
         budget = self.prefill_chunk_size - sum(len(e.token_ids) for e in draft.entries)
+        if draft.entries and self.prefill_tokens_while_decoding is not None:
+            budget = min(budget, self.prefill_tokens_while_decoding)
         for req in prefilling:
             if budget <= 0:
                 break

@@ -93,6 +93,7 @@ class EngineCore:
             page_size=runner.page_size,
             max_num_sequence=min(config.max_num_sequence, runner.max_num_sequence),
             prefill_chunk_size=config.prefill_chunk_size,
+            prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
             context_window_size=min(config.context_window_size, runner.context_window_size),
             prefix_cache_max_num_seqs=(
                 config.prefix_cache_max_num_recycling_seqs

@@ -46,6 +46,27 @@ def tokens_by_request(plan: StepPlan) -> dict[str, int]:
     return out
 
 
+def test_steps_that_decode_carry_at_most_the_decoding_prefill_budget() -> None:
+    s = Scheduler(
+        total_pages=64,
+        page_size=16,
+        max_num_sequence=8,
+        prefill_chunk_size=256,
+        context_window_size=512,
+        prefill_tokens_while_decoding=24,
+    )
+    long = submit(s, "long", 300)
+    assert tokens_by_request(run_step(s)) == {"long": 256}  # nobody decodes: the whole chunk
+    run_step(s)  # the rest of its prompt (44 tokens): now it decodes
+    assert long.branches[0].num_generated == 1
+    second = submit(s, "second", 100)
+    steps = []
+    while second.branches[0].num_generated == 0:
+        steps.append(tokens_by_request(run_step(s)))
+    assert [step["long"] for step in steps] == [1] * len(steps)
+    assert [step["second"] for step in steps] == [24, 24, 24, 24, 4]
+
+
 def test_long_prompt_never_stalls_running_decodes() -> None:
     s = make(chunk=32)
     submit(s, "a", 10)
