@@ -12,24 +12,27 @@ parser, so both ways of starting behave the same:
     MLCTRIO_MAX_QUEUED_REQUESTS   MLCTRIO_REQUEST_TIMEOUT   MLCTRIO_SHUTDOWN_TIMEOUT
     MLCTRIO_MAX_BODY_BYTES   MLCTRIO_LOG_LEVEL   MLCTRIO_ACCESS_LOG=1   MLCTRIO_VLLM_METRICS=1
     MLCTRIO_DISABLE_CHAT_PAGE=1
+    MLCTRIO_ADDITIONAL_MODELS (MODEL[:NAME] entries separated by spaces or commas)
+    MLCTRIO_EMBEDDING_MODEL
 
 Host and port are Hypercorn's (`--bind`). On SIGTERM Hypercorn stops accepting and waits its
 graceful timeout; then it cuts the connections still open (each cut stream ends with an error
 event and `[DONE]`: server/asgi.py), and the app's lifespan shutdown aborts what is left and joins
-the engine thread (a model still loading is abandoned: its thread is not waited for). With
+the engine threads (a model still loading is abandoned: its thread is not waited for). With
 `-w 0` Hypercorn installs no signal handler: SIGTERM ends the process at once.
 
 Failures end the process, so that Hypercorn does not serve "loading" forever nor restart a
 worker that cannot work: a bad MLCTRIO_* value at import is one `mlctrio: error: ...` line and
-exit status 2; a model that fails to load (or an engine that dies) is one ERROR log line and
-exit status 1 (`exit_now`: Hypercorn's lifespan only logs an error raised after startup, and
-startup cannot wait for a load of minutes: /health says 503 "loading" meanwhile).
+exit status 2; a model that fails to load (or an engine that dies) is one ERROR log line, naming
+that model, and exit status 1 (`exit_now`: Hypercorn's lifespan only logs an error raised after
+startup, and startup cannot wait for a load of minutes: /health says 503 "loading" meanwhile).
 
 Logging is set up when the app starts serving, not at import: the "mlctrio" loggers write to
 stderr at MLCTRIO_LOG_LEVEL unless logging is configured already (Hypercorn's --log-config: the
 root logger or "mlctrio" has a handler; Hypercorn's default logging touches neither); the
-model's "ready" line comes once it is loaded; MLCTRIO_ACCESS_LOG=1 logs each request as
-`mlctrio serve --access-log` does (Hypercorn's own --access-logfile works too, in its format).
+"ready" line comes once every model is loaded (one after another); MLCTRIO_ACCESS_LOG=1 logs
+each request as `mlctrio serve --access-log` does (Hypercorn's own --access-logfile works too,
+in its format).
 """
 
 from __future__ import annotations
@@ -45,17 +48,9 @@ from quart_trio import QuartTrio
 from .cli import RaisingParser, build_parser, config_from_args, configure_logging
 from .config import ServerConfig
 from .errors import MlctrioError
-from .loader import core_factory
-from .serve import (
-    ModelLoad,
-    add_access_log,
-    exit_now,
-    load_unless_stopped,
-    one_line,
-    serve_engine_announced,
-)
+from .serve import ModelSet, add_access_log, exit_now, one_line, serve_engines_announced
 from .server.app import create_app
-from .service import AsyncEngine, EngineState, stop_engine
+from .service import AbortReason, EngineState, stop_engine
 
 log = logging.getLogger("mlctrio")
 
@@ -72,6 +67,7 @@ _VALUE_FLAGS = (
     "allow_headers",
     "api_key_file",
     "served_model_name",
+    "embedding_model",
     "max_queued_requests",
     "request_timeout",
     "shutdown_timeout",
@@ -102,15 +98,19 @@ def config_from_env(env: Mapping[str, str]) -> ServerConfig:
     for key in env.get("MLCTRIO_API_KEY", "").split(","):
         if key.strip():
             argv += ["--api-key", key.strip()]
+    more = env.get("MLCTRIO_ADDITIONAL_MODELS", "").replace(",", " ").split()
+    if more:
+        argv += ["--additional-models", *more]
     return config_from_args(build_parser(RaisingParser).parse_args(argv))
 
 
 def create_app_from_env(env: Mapping[str, str] | None = None) -> QuartTrio:
     config = config_from_env(os.environ if env is None else env)
-    model_load = ModelLoad(config.model, core_factory(config))
-    engine = AsyncEngine(config.max_queued_requests, model_load)
-    # The lifespan runs the engine as create_app(own_engine=True) would, and says when it is ready.
-    app = create_app(config, engine, own_engine=False)
+    models = ModelSet.build(config)
+    # The lifespan runs the engines as create_app(own_engine=True) would, and says when ready.
+    app = create_app(
+        config, models.engines[0], additional_engines=models.engines[1:], own_engine=False
+    )
     if config.access_log:
         add_access_log(app)
     stopping = trio.Event()
@@ -119,16 +119,17 @@ def create_app_from_env(env: Mapping[str, str] | None = None) -> QuartTrio:
         loaded = False
         try:
             try:
-                loaded = await load_unless_stopped(model_load, stopping)
+                loaded = await models.load_all(stopping)
             finally:  # stopped while loading (by `stopping` or by Quart cancelling the task)
-                if model_load.abandoned:
-                    log.info("stopped before %s was loaded", config.model)
+                if models.abandoned:
+                    log.info("stopped before %s was loaded", ", ".join(models.names))
                     exit_now(0)  # the load's thread may still run: no interpreter teardown
-            await serve_engine_announced(engine, config)
+            await serve_engines_announced(models)
         except Exception as exc:  # a group of them too; not Cancelled (a BaseException)
             leaf = _first_error(exc)
             if not loaded:
-                log.error("cannot load %s: %s", config.model, one_line(leaf))
+                failed = models.failed_model() or config.model
+                log.error("cannot load %s: %s", failed, one_line(leaf))
             else:  # the engine died while serving: a bug, its traceback helps
                 log.error("engine failed: %s", one_line(leaf), exc_info=exc)
             exit_now(1)
@@ -143,9 +144,10 @@ def create_app_from_env(env: Mapping[str, str] | None = None) -> QuartTrio:
     @app.after_serving
     async def _stop_engine() -> None:
         stopping.set()  # a load still running is abandoned
-        engine.state = EngineState.DRAINING
-        engine.abort_all("shutdown")
-        stop_engine(engine)
+        for engine in models.engines:
+            engine.state = EngineState.DRAINING
+            engine.abort_all(AbortReason.SHUTDOWN)
+            stop_engine(engine)
 
     return app
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import EngineOverrides, ServerConfig
+from .config import EngineOverrides, ModelSpec, ServerConfig
 from .errors import ConfigError, MlctrioError
 
 DEFAULT_MODEL = "embedded://SmolLM2-135M-Instruct"
@@ -47,6 +47,13 @@ def _overrides(text: str) -> EngineOverrides:
         return EngineOverrides.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--overrides: ")) from None
+
+
+def _model_spec(text: str) -> ModelSpec:
+    try:
+        return ModelSpec.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,7 +92,8 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
         default=None,
         help="the same as the positional MODEL (vLLM's spelling); give one or the other",
     )
-    serve.add_argument("--model-lib", default=None, help="a compiled model library (.so)")
+    _add_model_flags(serve)
+    serve.add_argument("--model-lib", default=None, help="a compiled model library (.so) for MODEL")
     serve.add_argument(
         "--quantization",
         default=None,
@@ -154,6 +162,27 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
     )
     _add_model_commands(sub)
     return parser
+
+
+def _add_model_flags(serve: argparse.ArgumentParser) -> None:
+    """The models served beside MODEL, each with its own engine."""
+    serve.add_argument(
+        "--additional-models",
+        nargs="+",
+        action="extend",
+        type=_model_spec,
+        default=[],
+        metavar="MODEL[:NAME]",
+        help="more models to serve, each with its own engine; clients pick one by NAME (default: "
+        "as for MODEL). Give MODEL before this flag: the flag takes every word after it",
+    )
+    serve.add_argument(
+        "--embedding-model",
+        type=_model_spec,
+        default=None,
+        metavar="MODEL[:NAME]",
+        help="one more model to serve (mlc_llm's flag): the same as one --additional-models entry",
+    )
 
 
 QUANT_CHOICES = list(HF_QUANTIZATIONS)
@@ -300,7 +329,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         access_log=args.access_log,
         disable_chat_page=args.disable_chat_page,
         vllm_metrics=args.vllm_metrics,
+        additional_models=additional_models(args),
     )
+
+
+def additional_models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
+    """--additional-models, then --embedding-model (one more of them)."""
+    embedding = [args.embedding_model] if args.embedding_model is not None else []
+    return (*args.additional_models, *embedding)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

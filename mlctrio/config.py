@@ -7,6 +7,8 @@ in the same frozen values, so the two ways of starting the server behave the sam
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +92,47 @@ class EngineConfig:
 
 
 @attrs.frozen
+class ModelSpec:
+    """One more model to serve (`--additional-models MODEL[:NAME]`): the model string, as the
+    positional MODEL takes it, and the name clients send (default: `default_served_name`)."""
+
+    model: str
+    served_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.served_name or default_served_name(self.model)
+
+    @classmethod
+    def parse(cls, text: str, *, exists: Callable[[str], bool] = os.path.exists) -> ModelSpec:
+        """`MODEL[:NAME]`. MODEL may hold `:` itself (`demo://tiny`, `mock://echo?x=1`, a path),
+        so NAME is split off only at the last `:`, only when what follows has no `/` and what
+        precedes is still a model string (not a bare scheme like `demo`), and never when the
+        whole text is an existing path."""
+        text = text.strip()
+        if not text:
+            raise ConfigError("an empty model string")
+        model, sep, name = text.rpartition(":")
+        if not sep or "/" in name or not _is_model_string(model) or exists(text):
+            return cls(text)
+        if not name:
+            raise ConfigError(f"{text!r}: empty served name after ':'")
+        return cls(model, name)
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _is_model_string(text: str) -> bool:
+    """Whether `text` can be a model string on its own: not empty, and not cut inside a URL
+    scheme (`demo`, `mock://`: a scheme with nothing after it)."""
+    if not text or _SCHEME.fullmatch(text):
+        return False
+    _, sep, rest = text.partition("://")
+    return not sep or bool(rest.strip("/"))
+
+
+@attrs.frozen
 class ServerConfig:
     """Everything `mlctrio serve` / `hypercorn mlctrio.app:app` is configured with."""
 
@@ -120,10 +163,41 @@ class ServerConfig:
     vllm_metrics: bool = False  # also vllm:* names on /metrics (--vllm-metrics): metrics_vllm.py
     disable_chat_page: bool = False  # no chat page at / (--disable-chat-page): routes_page.py
     trace_buffer_size: int = 100_000
+    #: More models served by the same server, each with its own engine (--additional-models).
+    additional_models: tuple[ModelSpec, ...] = ()
+    #: Bytes this model may take (weights + KV cache + workspace), when the server decided it
+    #: (several models share the memory: model_loads.py); None: a share of the memory available.
+    memory_budget_bytes: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        names = [self.model_name, *(spec.name for spec in self.additional_models)]
+        sources = [self.model, *(spec.model for spec in self.additional_models)]
+        for k, name in enumerate(names):
+            if name in names[:k]:
+                first = sources[names.index(name)]
+                raise ConfigError(
+                    f"two models are served as {name!r} ({first} and {sources[k]}): "
+                    "give one another name with MODEL:NAME"
+                )
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or default_served_name(self.model)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """The names clients may send, the main model's first."""
+        return (self.model_name, *(spec.name for spec in self.additional_models))
+
+    def model_configs(self) -> tuple[ServerConfig, ...]:
+        """One configuration per served model, the main one (this) first. Additional models
+        share every setting but the model, its name and `--model-lib` (the main model's)."""
+        base = attrs.evolve(self, model_lib=None, additional_models=())
+        more = [
+            attrs.evolve(base, model=s.model, served_model_name=s.name)
+            for s in self.additional_models
+        ]
+        return (self, *more)
 
 
 def cache_root() -> Path:

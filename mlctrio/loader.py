@@ -1,8 +1,9 @@
 """Turn a model string into a factory of (engine core, model info), run on the worker thread.
 
-`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096&load_ms=0&prefix_cache=0]` is the
-fake engine (load_ms: its load sleeps that long, like a compile; prefix_cache=1: the prefix cache
-as --prefix-cache-mode says, else off); anything else (`demo://tiny|small`, a
+`mock://echo[?delay_ms=5&num_pages=4096&context_window=4096&load_ms=0&prefix_cache=0&weight_mb=0]`
+is the fake engine (load_ms: its load sleeps that long, like a compile; prefix_cache=1: the prefix
+cache as --prefix-cache-mode says, else off; weight_mb: the weights it claims to need, for
+memory sizing); anything else (`demo://tiny|small`, a
 model directory, `HF://org/name`) is served by the TVM runtime.
 """
 
@@ -27,6 +28,7 @@ _ECHO_KEYS = {
     "max_num_sequence": int,
     "load_ms": float,
     "prefix_cache": int,
+    "weight_mb": float,
 }
 
 
@@ -56,12 +58,15 @@ def core_factory(config: ServerConfig) -> CoreFactory:
 
             import attrs
 
-            from .testing.echo import build_echo_core
+            from .testing.echo import HIDDEN_SIZE, build_echo_core
 
             time.sleep(options.get("load_ms", 0.0) / 1000.0)
 
-            footprint = ModelFootprint(options.get("context_window", 4096))
-            engine_config, _ = resolve_engine_config(config, footprint)
+            footprint = ModelFootprint(
+                options.get("context_window", 4096),
+                weight_bytes=int(options.get("weight_mb", 0.0) * (1 << 20)),
+            )
+            engine_config, estimate = resolve_engine_config(config, footprint)
             if "max_num_sequence" in options:
                 engine_config = attrs.evolve(
                     engine_config, max_num_sequence=options["max_num_sequence"]
@@ -81,8 +86,9 @@ def core_factory(config: ServerConfig) -> CoreFactory:
                 context_window_size=engine_config.context_window_size,
                 tokenizer=tokenizer,
                 chat_template=template,
-                config=attrs.asdict(engine_config),
+                config={**attrs.asdict(engine_config), "memory": attrs.asdict(estimate)},
                 limits=core.scheduler.limits,
+                hidden_size=HIDDEN_SIZE,
             )
             return core, info
 

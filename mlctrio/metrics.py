@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server (its own registry: no global state).
+"""Prometheus metrics of one server (its own registry: no global state), one labelled child per
+served model (label model_name) of each metric family.
 
 With `vllm_aliases` (`--vllm-metrics`) each metric that has a vLLM twin is a `Tee` that writes
 both (metrics_vllm.py), so the callers (server/observer.py) update one attribute as before.
@@ -11,7 +12,7 @@ from typing import Any
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .metrics_vllm import Tee, VllmAliases
+from .metrics_vllm import Tee, VllmAliases, VllmFamilies
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -38,101 +39,121 @@ _LATENCY_BUCKETS = (
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
+# attribute -> (kind, name, help): the metrics with the one label model_name
+_PLAIN: dict[str, tuple[str, str, str]] = {
+    "num_requests_running": (
+        "gauge", "mlctrio_num_requests_running", "Requests in the running batch."
+    ),
+    "num_requests_waiting": (
+        "gauge", "mlctrio_num_requests_waiting", "Requests waiting for the engine."
+    ),
+    "kv_cache_usage_ratio": (
+        "gauge", "mlctrio_kv_cache_usage_ratio",
+        "Fraction of KV-cache pages held by requests (prefix-cache-only pages excluded).",
+    ),
+    "kv_cache_cached_pages": (
+        "gauge", "mlctrio_kv_cache_cached_pages",
+        "KV-cache pages held only by the prefix cache (reclaimable on demand).",
+    ),
+    "prefix_cache_queries": (
+        "counter", "mlctrio_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+    ),
+    "prefix_cache_hits": (
+        "counter", "mlctrio_prefix_cache_hits", "Prompt tokens found in the prefix cache."
+    ),
+    "prompt_tokens": ("counter", "mlctrio_prompt_tokens", "Prompt tokens processed."),
+    "generation_tokens": ("counter", "mlctrio_generation_tokens", "Tokens generated."),
+    "num_preemptions": (
+        "counter", "mlctrio_num_preemptions", "Sequences preempted for lack of KV pages."
+    ),
+}  # fmt: skip
+_LATENCY = {
+    "time_to_first_token_seconds": "Time to the first token.",
+    "inter_token_latency_seconds": "Time between two streamed tokens.",
+    "e2e_request_latency_seconds": "Time from arrival to the final token.",
+    "request_queue_time_seconds": "Time from arrival until the first output.",
+}
+_TOKENS = {
+    "request_prompt_tokens": "Prompt tokens per request.",
+    "request_generation_tokens": "Generated tokens per request.",
+}
+
+
+def _families(r: CollectorRegistry) -> dict[str, Any]:
+    """The mlctrio_* metric families of a registry, by attribute name (created once per
+    registry: prometheus refuses a name registered twice; each model labels its children)."""
+    lbl = ["model_name"]
+    out: dict[str, Any] = {}
+    for attr, (kind, name, doc) in _PLAIN.items():
+        out[attr] = (Gauge if kind == "gauge" else Counter)(name, doc, lbl, registry=r)
+    for attr, doc in _LATENCY.items():
+        out[attr] = Histogram(f"mlctrio_{attr}", doc, lbl, buckets=_LATENCY_BUCKETS, registry=r)
+    for attr, doc in _TOKENS.items():
+        out[attr] = Histogram(f"mlctrio_{attr}", doc, lbl, buckets=_TOKEN_BUCKETS, registry=r)
+    out["_success"] = Counter(
+        "mlctrio_request_success",
+        "Requests finished, by finish reason.",
+        ["model_name", "finished_reason"],
+        registry=r,
+    )
+    out["_aborted"] = Counter(
+        "mlctrio_requests_aborted", "Requests aborted, by reason.", ["model_name", "reason"],
+        registry=r,
+    )  # fmt: skip
+    return out
+
+
 @attrs.define(slots=False)
 class Metrics:
-    """The mlctrio_* metrics, labelled with model_name (and vLLM's names too, on request)."""
+    """The mlctrio_* metrics of one model, labelled with its model_name (and vLLM's names too, on
+    request). Several models share one registry: `for_model(name)` gives another model's
+    children of the same families, rendered together by `render()`."""
 
     model_name: str
     registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
     vllm_aliases: bool = False
+    _families: dict[str, Any] | None = None  # shared with the other models of the registry
+    _vllm_families: VllmFamilies | None = None
 
     def __attrs_post_init__(self) -> None:
-        r, m, lbl = self.registry, self.model_name, ["model_name"]
-        self.num_requests_running = Gauge(
-            "mlctrio_num_requests_running", "Requests in the running batch.", lbl, registry=r
-        ).labels(m)
-        self.num_requests_waiting = Gauge(
-            "mlctrio_num_requests_waiting", "Requests waiting for the engine.", lbl, registry=r
-        ).labels(m)
-        self.kv_cache_usage_ratio = Gauge(
-            "mlctrio_kv_cache_usage_ratio",
-            "Fraction of KV-cache pages held by requests (prefix-cache-only pages excluded).",
-            lbl,
-            registry=r,
-        ).labels(m)
-        self.kv_cache_cached_pages = Gauge(
-            "mlctrio_kv_cache_cached_pages",
-            "KV-cache pages held only by the prefix cache (reclaimable on demand).",
-            lbl,
-            registry=r,
-        ).labels(m)
-        self.prefix_cache_queries = Counter(
-            "mlctrio_prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            lbl,
-            registry=r,
-        ).labels(m)
-        self.prefix_cache_hits = Counter(
-            "mlctrio_prefix_cache_hits",
-            "Prompt tokens found in the prefix cache.",
-            lbl,
-            registry=r,
-        ).labels(m)
-        self.prompt_tokens = Counter(
-            "mlctrio_prompt_tokens", "Prompt tokens processed.", lbl, registry=r
-        ).labels(m)
-        self.generation_tokens = Counter(
-            "mlctrio_generation_tokens", "Tokens generated.", lbl, registry=r
-        ).labels(m)
-        self._success = Counter(
-            "mlctrio_request_success",
-            "Requests finished, by finish reason.",
-            ["model_name", "finished_reason"],
-            registry=r,
-        )
-        self._aborted = Counter(
-            "mlctrio_requests_aborted",
-            "Requests aborted, by reason.",
-            ["model_name", "reason"],
-            registry=r,
-        )
-        self.num_preemptions = Counter(
-            "mlctrio_num_preemptions", "Sequences preempted for lack of KV pages.", lbl, registry=r
-        ).labels(m)
-        hist = {
-            "time_to_first_token_seconds": "Time to the first token.",
-            "inter_token_latency_seconds": "Time between two streamed tokens.",
-            "e2e_request_latency_seconds": "Time from arrival to the final token.",
-            "request_queue_time_seconds": "Time from arrival until the first output.",
-        }
-        self._hist: dict[str, Any] = {
-            name: Histogram(
-                f"mlctrio_{name}", doc, lbl, buckets=_LATENCY_BUCKETS, registry=r
-            ).labels(m)
-            for name, doc in hist.items()
-        }
-        self.request_prompt_tokens = Histogram(
-            "mlctrio_request_prompt_tokens",
-            "Prompt tokens per request.",
-            lbl,
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        ).labels(m)
-        self.request_generation_tokens = Histogram(
-            "mlctrio_request_generation_tokens",
-            "Generated tokens per request.",
-            lbl,
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        ).labels(m)
+        if self._families is None:
+            self._families = _families(self.registry)
+        families, m = self._families, self.model_name
+
+        def child(attr: str) -> Any:
+            return families[attr].labels(m)
+
+        self.num_requests_running = child("num_requests_running")
+        self.num_requests_waiting = child("num_requests_waiting")
+        self.kv_cache_usage_ratio = child("kv_cache_usage_ratio")
+        self.kv_cache_cached_pages = child("kv_cache_cached_pages")
+        self.prefix_cache_queries = child("prefix_cache_queries")
+        self.prefix_cache_hits = child("prefix_cache_hits")
+        self.prompt_tokens = child("prompt_tokens")
+        self.generation_tokens = child("generation_tokens")
+        self.num_preemptions = child("num_preemptions")
+        self.request_prompt_tokens = child("request_prompt_tokens")
+        self.request_generation_tokens = child("request_generation_tokens")
+        self._hist: dict[str, Any] = {attr: child(attr) for attr in _LATENCY}
+        self._success = self._families["_success"]
+        self._aborted = self._families["_aborted"]
         self._last_totals: dict[str, int] = {}  # the engine's running totals, last seen
-        self._vllm = VllmAliases(r, m) if self.vllm_aliases else None
-        if self._vllm is not None:
+        self._vllm: VllmAliases | None = None
+        if self.vllm_aliases:
+            if self._vllm_families is None:
+                self._vllm_families = VllmFamilies(self.registry)
+            self._vllm = VllmAliases(self._vllm_families, m)
             for name, twin in self._vllm.children.items():
                 if name in self._hist:
                     self._hist[name] = Tee((self._hist[name], twin))
                 else:
                     setattr(self, name, Tee((getattr(self, name), twin)))
+
+    def for_model(self, model_name: str) -> Metrics:
+        """Another model's metrics: its own children of the same families and registry."""
+        return Metrics(
+            model_name, self.registry, self.vllm_aliases, self._families, self._vllm_families
+        )
 
     @property
     def time_to_first_token(self) -> Any:

@@ -5,8 +5,9 @@ written for vLLM then read mlctrio unchanged.
 
 Rules: names, types, label names (`model_name`, `engine`) and buckets are vLLM v1's
 (vllm/v1/metrics/loggers.py, PrometheusStatLogger); `engine` is always "0" (one engine core per
-server). Only metrics whose meaning mlctrio measures the same way get an alias: no prefill/decode
-time split, no LoRA or cache-config info, none of vLLM's deprecated names. Every value is written
+served model; several models are told apart by `model_name`). Only metrics whose meaning mlctrio
+measures the same way get an alias: no prefill/decode time split, no LoRA or cache-config info,
+none of vLLM's deprecated names. Every value is written
 at the same point as its mlctrio_* twin, through `Tee` (metrics.py): nothing is computed twice.
 """
 
@@ -109,13 +110,12 @@ class Tee:
             child.observe(value)
 
 
-class VllmAliases:
-    """The vllm:* metrics in `registry`, one child per mlctrio attribute in `children`."""
+class VllmFamilies:
+    """The vllm:* metric families of a registry (once per registry; every model labels them)."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
-        self.model_name = model_name
+    def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["model_name", "engine"]
-        self.children: dict[str, Any] = {}
+        self.families: dict[str, Any] = {}
         for attr, (name, kind, doc, buckets) in _ALIASES.items():
             if kind == "gauge":
                 metric: Any = Gauge(name, doc, labels, registry=registry)
@@ -123,13 +123,24 @@ class VllmAliases:
                 metric = Counter(name, doc, labels, registry=registry)
             else:
                 metric = Histogram(name, doc, labels, buckets=buckets, registry=registry)
-            self.children[attr] = metric.labels(model_name, ENGINE)
-        self._success = Counter(
+            self.families[attr] = metric
+        self.success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
             [*labels, "finished_reason"],
             registry=registry,
         )
+
+
+class VllmAliases:
+    """One model's children of the vllm:* metrics, one per mlctrio attribute in `children`."""
+
+    def __init__(self, families: VllmFamilies, model_name: str) -> None:
+        self.model_name = model_name
+        self.children: dict[str, Any] = {
+            attr: family.labels(model_name, ENGINE) for attr, family in families.families.items()
+        }
+        self._success = families.success
         for reason in FINISH_REASONS:
             self._success.labels(model_name, ENGINE, reason)
 

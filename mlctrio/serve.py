@@ -1,19 +1,21 @@
-"""Run the server: one nursery owns the Hypercorn trio server and the engine.
+"""Run the server: one nursery owns the Hypercorn trio server and the engines (one per model).
 
 On SIGINT/SIGTERM: /health turns 503 and new requests get 503, in-flight requests finish up to
---shutdown-timeout, the rest are aborted, Hypercorn stops, the engine thread is joined, exit 0.
+--shutdown-timeout, the rest are aborted, Hypercorn stops, every engine thread is joined, exit 0.
 
 Logs a person reads: "listening on URL (loading MODEL)" once the socket is bound, then exactly
-one "ready: serving MODEL at URL" once the model is loaded and /health answers 200. With
---access-log (MLCTRIO_ACCESS_LOG=1 under Hypercorn) `AccessLog` adds one line per request on
-the "mlctrio.access" logger: client, method, path, status, duration (for a stream: to its end).
+one "ready: serving NAME[, NAME...] at URL" once every model is loaded (one after another:
+model_loads.py) and /health answers 200. With --access-log (MLCTRIO_ACCESS_LOG=1 under
+Hypercorn) `AccessLog` adds one line per request on the "mlctrio.access" logger: client,
+method, path, status, duration (for a stream: to its end).
 
 Operator rules:
 - A failure an operator can fix (the address cannot be bound, the model cannot be loaded) comes
   out of `run()` as one MlctrioError whose message is one line: cli.py prints it, exit 2.
-- The model loads in `ModelLoad`, on a thread trio abandons when the load is cancelled: a signal
-  while the model loads or compiles (minutes, the first time) stops at once instead of waiting
-  for it; `run()` then leaves with `exit_now` (no interpreter teardown under a live compile).
+- A model loads in `ModelLoad` (model_loads.py), on a thread trio abandons when the load is
+  cancelled: a signal while a model loads or compiles (minutes, the first time) stops at once
+  instead of waiting for it; `run()` then leaves with `exit_now` (no interpreter teardown
+  under a live compile).
 - The first SIGINT/SIGTERM drains; a second one exits at once (`exit_now`, status 130).
 """
 
@@ -37,9 +39,23 @@ from quart_trio import QuartTrio
 from . import hypercorn_patches  # noqa: F401  (applied on import)
 from .config import ServerConfig
 from .errors import ConfigError, MlctrioError, ModelLoadError
-from .loader import CoreFactory, core_factory
+from .loader import core_factory
+from .model_loads import ModelLoad, ModelSet, load_unless_stopped, one_line
 from .server.app import ServerState, create_app, drain
-from .service import AsyncEngine, serve_engine, stop_engine
+from .service import serve_engine, stop_engine
+
+__all__ = [
+    "ModelLoad",
+    "ModelSet",
+    "RunningServer",
+    "add_access_log",
+    "exit_now",
+    "load_unless_stopped",
+    "one_line",
+    "run",
+    "serve",
+    "serve_engines_announced",
+]
 
 log = logging.getLogger("mlctrio")
 ACCESS_LOGGER = "mlctrio.access"
@@ -108,63 +124,6 @@ def exit_now(code: int, message: str | None = None) -> NoReturn:
     os._exit(code)
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one line for an operator: our own messages as they are, a foreign one
-    with its type (for a TVM error, its last line: its first is "Traceback ...")."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[-1] if "Traceback" in lines[0] else lines[0]
-    return text if isinstance(exc, MlctrioError) else f"{type(exc).__name__}: {text}"
-
-
-@attrs.define(eq=False)
-class ModelLoad:
-    """The model's load, run by `load()` on a thread trio abandons if the load is cancelled (a
-    thread cannot be stopped, and a first compile takes minutes). Handed to `AsyncEngine` as
-    its core factory: called on the engine thread after `load()`, it returns what was loaded."""
-
-    model: str
-    factory: CoreFactory
-    loaded: tuple[Any, Any] | None = None
-    abandoned: bool = False  # cancelled while loading: the thread may still run
-    failed: bool = False
-
-    async def load(self) -> None:
-        """Load; an error that is not ours becomes a one-line ModelLoadError."""
-        try:
-            self.loaded = await trio.to_thread.run_sync(self.factory, abandon_on_cancel=True)
-        except trio.Cancelled:
-            self.abandoned = True
-            raise
-        except MlctrioError:
-            self.failed = True
-            raise
-        except Exception as exc:
-            self.failed = True
-            raise ModelLoadError(one_line(exc)) from exc
-
-    def __call__(self) -> Any:
-        if self.loaded is None:  # not loaded beforehand: load here, on the engine thread
-            return self.factory()
-        loaded, self.loaded = self.loaded, None
-        return loaded
-
-
-async def load_unless_stopped(model_load: ModelLoad, stop: trio.Event) -> bool:
-    """Load the model unless `stop` is set first (the load is then abandoned). Loaded?"""
-    async with trio.open_nursery() as nursery:
-
-        async def cancel_on_stop() -> None:
-            await stop.wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(cancel_on_stop)
-        await model_load.load()
-        nursery.cancel_scope.cancel()
-    return model_load.loaded is not None
-
-
 async def watch_signals(stop_requested: trio.Event) -> None:
     """The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -177,18 +136,24 @@ async def watch_signals(stop_requested: trio.Event) -> None:
             stop_requested.set()
 
 
-async def serve_engine_announced(
-    engine: AsyncEngine,
-    config: ServerConfig,
+async def serve_engines_announced(
+    models: ModelSet,
     where: str | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`serve_engine`, logging the one "ready" line as soon as the engine accepts requests."""
+    """`serve_engine` for every model, logging the one "ready" line (naming them all) as soon
+    as every engine accepts requests. Returns once every engine thread is joined."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_engine, engine)
-        log.info("ready: serving %s%s", config.model_name, f" at {where}" if where else "")
+        for engine in models.engines:
+            await nursery.start(serve_engine, engine)
+        log.info("ready: serving %s%s", ", ".join(models.names), f" at {where}" if where else "")
         task_status.started()
+
+
+def stop_engines(models: ModelSet) -> None:
+    for engine in models.engines:
+        stop_engine(engine)
 
 
 def hypercorn_config(config: ServerConfig) -> HypercornConfig:
@@ -222,14 +187,19 @@ async def serve(
     *,
     handle_signals: bool = True,
     sse_ping_interval_s: float = 10.0,
-    model_load: ModelLoad | None = None,
+    models: ModelSet | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or until `RunningServer.shutdown` is set), then drain."""
-    if model_load is None:
-        model_load = ModelLoad(config.model, core_factory(config))
-    engine = AsyncEngine(config.max_queued_requests, model_load)
-    app = create_app(config, engine, own_engine=False, sse_ping_interval_s=sse_ping_interval_s)
+    if models is None:
+        models = ModelSet.build(config, factory_for=core_factory)
+    app = create_app(
+        config,
+        models.engines[0],
+        additional_engines=models.engines[1:],
+        own_engine=False,
+        sse_ping_interval_s=sse_ping_interval_s,
+    )
     state: ServerState = app.extensions["mlctrio"]
     if config.access_log:
         add_access_log(app)
@@ -251,7 +221,7 @@ async def serve(
                 task_status=task_status,
             )
         finally:
-            stop_engine(engine)  # HTTP is done: let the engine close and its thread end
+            stop_engines(models)  # HTTP is done: let the engines close and their threads end
             http_done.set()
 
     async with trio.open_nursery() as nursery:
@@ -259,14 +229,15 @@ async def serve(
             nursery.start_soon(watch_signals, stop_requested)
         nursery.start_soon(on_stop)
         binds = await _listen(nursery, run_http, config)
-        log.info("listening on %s (loading %s)", ", ".join(binds), config.model)
+        loading = ", ".join(c.model for c in models.configs)
+        log.info("listening on %s (loading %s)", ", ".join(binds), loading)
         task_status.started(RunningServer(binds, state, stop_requested))
         # A load error propagates and cancels HTTP; a stop while loading abandons the load.
-        if await load_unless_stopped(model_load, stop_requested):
-            # Returns once the engine thread is joined (after HTTP is done).
-            await serve_engine_announced(engine, config, binds[0])
+        if await models.load_all(stop_requested):
+            # Returns once the engine threads are joined (after HTTP is done).
+            await serve_engines_announced(models, binds[0])
         else:
-            log.info("stopped before %s was loaded", config.model)
+            log.info("stopped before %s was loaded", loading)
             await http_done.wait()
         nursery.cancel_scope.cancel()
 
@@ -290,20 +261,21 @@ async def _listen(
 
 def run(config: ServerConfig) -> int:
     """Serve until a signal; our own errors (bad model, address in use) come out unwrapped."""
-    model_load = ModelLoad(config.model, core_factory(config))
+    models = ModelSet.build(config, factory_for=core_factory)
     try:
-        trio.run(partial(serve, config, model_load=model_load))
+        trio.run(partial(serve, config, models=models))
     except BaseExceptionGroup as group:
         ours, rest = group.split(MlctrioError)
         if ours is None or rest is not None:
             raise
         leaf = _first_leaf(ours, MlctrioError)
         assert leaf is not None
-        if model_load.failed:
-            raise ModelLoadError(f"cannot load {config.model}: {leaf}") from leaf
+        failed = models.failed_model()
+        if failed is not None:
+            raise ModelLoadError(f"cannot load {failed}: {leaf}") from leaf
         # Its own cause (a wrapped foreign error) is the detail; the groups are noise.
         raise leaf from leaf.__cause__
-    if model_load.abandoned:  # the load still runs on its thread: do not wait for it
+    if models.abandoned:  # a load still runs on its thread: do not wait for it
         exit_now(0)
     return 0
 

@@ -7,6 +7,11 @@
 On the CPU `gpu_memory_utilization` is the fraction of *available* RAM that weights + KV cache +
 workspace may take. `--overrides` beat the mode's choice; a setting that cannot fit fails at start
 with a message that says by how much.
+
+Several models (`--additional-models`) share one budget, measured once before the first loads:
+`MemoryPlan` gives each model, in load order, what the models before it left (in server mode,
+whose KV cache grows into all it is given, an equal share of it among the models still to load),
+and a model that does not fit is refused with every model's numbers.
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ class MemoryEstimate:
         )
 
 
+class DoesNotFit(ConfigError):
+    """A model that does not fit its budget; `needed` is the least it would take."""
+
+    def __init__(self, message: str, needed: MemoryEstimate) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
 def available_memory_bytes() -> int:
     """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
     try:
@@ -86,7 +99,9 @@ def resolve_engine_config(
             f"context_window_size={ctx} exceeds the model's {footprint.context_window_size}"
         )
     utilization = o.gpu_memory_utilization or 0.85
-    budget = int(available_bytes() * utilization)
+    budget = config.memory_budget_bytes
+    if budget is None:
+        budget = int(available_bytes() * utilization)
     max_num_sequence = (
         o.max_num_sequence or {"interactive": 1, "local": 4, "server": 128}[config.mode]
     )
@@ -109,12 +124,7 @@ def resolve_engine_config(
             "a single full-length request could never run."
         )
     estimate = MemoryEstimate(footprint.weight_bytes, total * per_token, workspace, budget)
-    if estimate.total_bytes > budget or total < min(ctx, 16):
-        raise ConfigError(
-            f"the model does not fit: {estimate.describe()} (mode {config.mode}; lower "
-            "max_total_seq_length / max_num_sequence / prefill_chunk_size, raise "
-            "gpu_memory_utilization, or use a smaller quantization)"
-        )
+    _check_fits(estimate, total, ctx, per_token, config.mode)
     engine = EngineConfig(
         model=config.model,
         mode=config.mode,
@@ -134,6 +144,18 @@ def resolve_engine_config(
     return engine, estimate
 
 
+def _check_fits(estimate: MemoryEstimate, total: int, ctx: int, per_token: int, mode: str) -> None:
+    """DoesNotFit unless the estimate fits its budget with room for some tokens of KV cache."""
+    if estimate.total_bytes > estimate.budget_bytes or total < min(ctx, 16):
+        least = max(total, min(ctx, 16)) * per_token  # the least this check accepts
+        raise DoesNotFit(
+            f"the model does not fit: {estimate.describe()} (mode {mode}; lower "
+            "max_total_seq_length / max_num_sequence / prefill_chunk_size, raise "
+            "gpu_memory_utilization, or use a smaller quantization)",
+            attrs.evolve(estimate, kv_cache_bytes=least),
+        )
+
+
 def _refuse_unsupported(o: EngineOverrides) -> None:
     """mlc_llm's override keys this engine cannot honour: an error, never a silent no-op."""
     unsupported = {
@@ -151,3 +173,48 @@ def _refuse_unsupported(o: EngineOverrides) -> None:
         if value is None or value == neutral or (neutral == -1 and value <= 0):
             continue
         raise ConfigError(f"--overrides {key}={value} is not supported: {why}")
+
+
+@attrs.define
+class MemoryPlan:
+    """How the models of one server share its memory budget, in load order (module docstring).
+
+    `budget_for(k)` before model k loads, `taken(k, ...)` once it has; `refusal` turns model
+    k's DoesNotFit into one line with every model's numbers."""
+
+    names: tuple[str, ...]
+    mode: str
+    utilization: float
+    available_bytes: Callable[[], int] = available_memory_bytes
+    _available: int | None = None  # measured once, before the first model loads
+    _taken: dict[int, int] = attrs.field(factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        if self._available is None:
+            self._available = self.available_bytes()
+        return int(self._available * self.utilization)
+
+    def budget_for(self, k: int) -> int:
+        left = self.total_bytes - sum(self._taken.values())
+        if self.mode == "server":  # its KV cache would take all it is given
+            left //= len(self.names) - k
+        return max(0, left)
+
+    def taken(self, k: int, estimate: MemoryEstimate | None) -> None:
+        self._taken[k] = estimate.total_bytes if estimate is not None else 0
+
+    def refusal(self, k: int, needed: MemoryEstimate) -> ConfigError:
+        parts = [f"{self.names[j]} takes {b / GIB:.2f} GiB" for j, b in self._taken.items()]
+        parts.append(
+            f"{self.names[k]} needs {needed.total_bytes / GIB:.2f} GiB (weights "
+            f"{needed.weight_bytes / GIB:.2f} + KV cache {needed.kv_cache_bytes / GIB:.2f} + "
+            f"workspace {needed.workspace_bytes / GIB:.2f}) of the {self.budget_for(k) / GIB:.2f}"
+            " GiB left"
+        )
+        assert self._available is not None
+        return ConfigError(
+            f"the {len(self.names)} models do not fit in memory: " + ", ".join(parts)
+            + f"; their budget is {self.total_bytes / GIB:.2f} GiB ({self.utilization:.0%} of "
+            f"{self._available / GIB:.2f} GiB available; mode {self.mode})"
+        )  # fmt: skip

@@ -13,9 +13,8 @@ Rules:
 * Fields that only steer what mlctrio does not have are accepted with their default values (and
   dropped before structuring, as chat.UNSUPPORTED_FIELDS); any other value is a 400 naming the
   field and saying why. Nothing here accepts arbitrary unknown fields.
-* `prompt_logprobs` (and completions' echo + logprobs) stay a 400: the model runner returns the
-  logits of the last position of each sequence only, so prompt logprobs would need a second
-  pass over the prompt with full logits.
+* vLLM's own `prompt_logprobs` field stays a 400 (its response shape, with ranks and token-id
+  keys, is not built): prompt logprobs come the OpenAI way, with completions' echo + logprobs.
 """
 
 from __future__ import annotations
@@ -87,7 +86,8 @@ def _string(value: object) -> bool:
 
 _NO_PROMPT_LOGPROBS: Final = (
     _none,
-    "prompt logprobs are not computed (the model runner returns the last position's logits only)",
+    "vLLM's prompt_logprobs field is not supported; on /v1/completions, echo with logprobs "
+    "returns the prompt's logprobs",
 )
 
 #: Fields of both APIs: name -> (accepts the value?, why), merged into *.UNSUPPORTED_FIELDS.

@@ -1,7 +1,8 @@
 """The Quart-Trio application: hooks (auth, CORS, errors, limits) and the small routes.
 
 Rules: `create_app` builds the app and its `ServerState` (server/state.py, in
-`app.extensions["mlctrio"]`); every handler is a module-level function that finds the state
+`app.extensions["mlctrio"]`), with one `ServedModel` (its own engine and metrics children) per
+served model; every handler is a module-level function that finds the state
 through the app. The OpenAI generation routes live in server/openai_routes.py and below; nothing
 imports this module back (no cycle). The app knows the engine only through AsyncEngine
 (service.py): nothing here imports runtime/, models/ or tvm. The ASGI app is wrapped in
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -30,9 +32,9 @@ from .asgi import ConnectionGuard
 from .errors import error_response, from_http_exception, internal_error
 from .observer import EngineObserver, EventTrace
 from .openai_routes import register_openai_routes
-from .state import EXTENSION, ServerState, current_state, json_response, read_json
+from .state import EXTENSION, ServedModel, ServerState, current_state, json_response, read_json
 
-__all__ = ["ServerState", "create_app", "drain", "json_response", "read_json"]
+__all__ = ["ServedModel", "ServerState", "create_app", "drain", "json_response", "read_json"]
 
 log = logging.getLogger("mlctrio.server")
 
@@ -54,38 +56,61 @@ def _check_api_key(keys: tuple[bytes, ...]) -> None:
         raise AuthenticationError("Incorrect API key provided.")
 
 
+def served_models(
+    config: ServerConfig, engines: Sequence[AsyncEngine], metrics: Metrics, trace: EventTrace | None
+) -> dict[str, ServedModel]:
+    """One ServedModel per engine, in `config.served_names` order; each engine's observer feeds
+    its own model's metrics children (one registry for all) and its own trace process."""
+    names, sources = config.served_names, [c.model for c in config.model_configs()]
+    if len(engines) != len(names):
+        raise ValueError(f"{len(engines)} engines for {len(names)} models ({', '.join(names)})")
+    models = {}
+    for name, source, engine in zip(names, sources, engines, strict=True):
+        model_metrics = metrics if name == metrics.model_name else metrics.for_model(name)
+        pid = trace.process(name) if trace is not None else 1
+        engine._observer = EngineObserver(model_metrics, trace, pid=pid)
+        models[name] = ServedModel(name, source, engine)
+    return models
+
+
 def create_app(
     config: ServerConfig,
     engine: AsyncEngine,
     *,
+    additional_engines: Sequence[AsyncEngine] = (),
     own_engine: bool = True,
     sse_ping_interval_s: float = 10.0,
 ) -> QuartTrio:
-    """Build the app. With own_engine the app's lifespan nursery runs the engine (the
-    `hypercorn -k trio mlctrio.app:app` path); otherwise the caller's nursery does (`mlctrio
-    serve`, tests)."""
+    """Build the app: `engine` serves the main model, `additional_engines` the models of
+    `config.additional_models`, in order. With own_engine the app's lifespan nursery runs the
+    engines (the `hypercorn -k trio mlctrio.app:app` path); otherwise the caller's nursery does
+    (`mlctrio serve`, tests)."""
     app = QuartTrio("mlctrio")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # we enforce our own deadline; never cut streams
     app.config["BODY_TIMEOUT"] = 60
     metrics = Metrics(model_name=config.model_name, vllm_aliases=config.vllm_metrics)
     trace = EventTrace(config.trace_buffer_size) if config.enable_tracing else None
-    engine._observer = EngineObserver(metrics, trace)
-    app.extensions[EXTENSION] = ServerState(config, engine, metrics, trace, sse_ping_interval_s)
+    engines = [engine, *additional_engines]
+    models = served_models(config, engines, metrics, trace)
+    state = ServerState(config, engine, metrics, trace, sse_ping_interval_s, models)
+    app.extensions[EXTENSION] = state
     app.asgi_app = ConnectionGuard(app.asgi_app, config.max_body_bytes)  # type: ignore[method-assign,assignment,arg-type]
 
     if own_engine:
 
         @app.before_serving
         async def _start_engine() -> None:
-            # start_soon, not start: Hypercorn serves (/health 503) while the model loads.
-            app.nursery.start_soon(serve_engine, engine)
+            # start_soon, not start: Hypercorn serves (/health 503) while the models load.
+            for each in engines:
+                app.nursery.start_soon(serve_engine, each)
 
         @app.after_serving
         async def _stop_engine() -> None:
-            engine.state = EngineState.DRAINING
-            engine.abort_all(AbortReason.SHUTDOWN)
-            stop_engine(engine)
+            for each in engines:
+                each.state = EngineState.DRAINING
+                each.abort_all(AbortReason.SHUTDOWN)
+                stop_engine(each)
 
     app.before_request(_auth_and_cors)
     app.after_request(_cors_headers)
@@ -140,10 +165,26 @@ async def _internal(exc: Exception) -> Response:
 # ---- the small routes ------------------------------------------------------------------------
 
 
+#: Which state /health reports for the server when its models' states differ: the worst.
+_HEALTH_ORDER = (
+    EngineState.FAILED,
+    EngineState.STOPPED,
+    EngineState.DRAINING,
+    EngineState.LOADING,
+    EngineState.READY,
+)
+
+
 async def health() -> Response:
-    status = current_state().engine.state
-    code = 200 if status is EngineState.READY else 503
-    return json_response({"status": status.value}, code)
+    """200 once every model's engine is ready; 503 otherwise. With several models the body
+    also gives each model's state."""
+    models = current_state().models
+    states = {name: served.engine.state for name, served in models.items()}
+    status = min(states.values(), key=_HEALTH_ORDER.index)
+    body: dict[str, Any] = {"status": status.value}
+    if len(states) > 1:
+        body["models"] = {name: state.value for name, state in states.items()}
+    return json_response(body, 200 if status is EngineState.READY else 503)
 
 
 async def metrics_route() -> Response:
@@ -151,20 +192,22 @@ async def metrics_route() -> Response:
     return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
-    info = state.model_info()
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    info = served.info()
     return {
-        "id": state.model_name,
+        "id": served.name,
         "object": "model",
         "created": info.created,
         "owned_by": "mlctrio",
-        "root": state.config.model,
+        "root": served.source,
         "max_model_len": info.context_window_size,
     }
 
 
 async def list_models() -> Response:
-    return json_response({"object": "list", "data": [_model_card(current_state())]})
+    """Every served model (503 while one still loads: its card needs its info)."""
+    cards = [_model_card(served) for served in current_state().models.values()]
+    return json_response({"object": "list", "data": cards})
 
 
 class ModelIdConverter(PathConverter):
@@ -178,9 +221,7 @@ class ModelIdConverter(PathConverter):
 
 
 async def get_model(model: str) -> Response:
-    state = current_state()
-    state.check_model(model)
-    return json_response(_model_card(state))
+    return json_response(_model_card(current_state().served(model)))
 
 
 async def openapi() -> Response:
@@ -251,13 +292,22 @@ def _jsonable(_inst: Any, _field: Any, value: Any) -> Any:
 
 
 async def drain(state: ServerState, timeout_s: float) -> None:
-    """Stop taking requests, let in-flight ones finish up to timeout_s, abort the rest."""
-    engine = state.engine
-    engine.state = EngineState.DRAINING
-    with trio.move_on_after(timeout_s):
-        await engine.wait_idle()
-    if engine.num_in_flight:
-        log.warning("shutdown: aborting %d unfinished request(s)", engine.num_in_flight)
-        engine.abort_all(AbortReason.SHUTDOWN)
-        with trio.move_on_after(5):
+    """Stop taking requests, let in-flight ones finish up to timeout_s, abort the rest (every
+    model's engine, together)."""
+    engines = [served.engine for served in state.models.values()]
+    for engine in engines:
+        engine.state = EngineState.DRAINING
+
+    async def idle() -> None:
+        for engine in engines:
             await engine.wait_idle()
+
+    with trio.move_on_after(timeout_s):
+        await idle()
+    unfinished = sum(engine.num_in_flight for engine in engines)
+    if unfinished:
+        log.warning("shutdown: aborting %d unfinished request(s)", unfinished)
+        for engine in engines:
+            engine.abort_all(AbortReason.SHUTDOWN)
+        with trio.move_on_after(5):
+            await idle()

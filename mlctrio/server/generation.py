@@ -254,15 +254,25 @@ def usage_chunk(head: ResponseHead, usage: Usage) -> dict[str, Any]:
 # ---- completions -----------------------------------------------------------------------------
 
 
-def completion_logprobs(items: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
-    tokens, token_logprobs, tops, offsets = [], [], [], []
+def completion_logprobs(items: Sequence[TokenLogprob | str], text_offset: int) -> dict[str, Any]:
+    """Legacy logprobs. An item that is a plain string is a token with no logprob (the first
+    token of an echoed prompt): null in token_logprobs and top_logprobs, as OpenAI sends it."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     offset = text_offset
     for lp in items:
-        tokens.append(lp.token)
-        token_logprobs.append(lp.logprob)
-        tops.append({t.token: t.logprob for t in lp.top_logprobs})
+        if isinstance(lp, str):
+            tokens.append(lp)
+            token_logprobs.append(None)
+            tops.append(None)
+        else:
+            tokens.append(lp.token)
+            token_logprobs.append(lp.logprob)
+            tops.append({t.token: t.logprob for t in lp.top_logprobs})
         offsets.append(offset)
-        offset += len(lp.token)
+        offset += len(tokens[-1])
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,
@@ -275,7 +285,7 @@ def completion_choice(
     index: int,
     text: str,
     finish_reason: str | None,
-    logprobs: Sequence[TokenLogprob] | None,
+    logprobs: Sequence[TokenLogprob | str] | None,
     text_offset: int = 0,
 ) -> dict[str, Any]:
     return {

@@ -28,16 +28,26 @@ class _Track:
 
 @attrs.define
 class EventTrace:
-    """A bounded ring buffer of Chrome-trace events (one track per request)."""
+    """A bounded ring buffer of Chrome-trace events: one process per served model (`process()`),
+    one track per request."""
 
     capacity: int
     _events: collections.deque[dict[str, Any]] = attrs.field(init=False)
     _origin: float = attrs.field(factory=time.monotonic)
+    _processes: dict[int, str] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._events = collections.deque(maxlen=self.capacity)
 
-    def add(self, name: str, tid: int, ts: float, request_id: str, **args: Any) -> None:
+    def process(self, model_name: str) -> int:
+        """A new process id for a model's events, named after it in the trace."""
+        pid = len(self._processes) + 1
+        self._processes[pid] = model_name
+        return pid
+
+    def add(
+        self, name: str, tid: int, ts: float, request_id: str, *, pid: int = 1, **args: Any
+    ) -> None:
         self._events.append(
             {
                 "name": name,
@@ -45,28 +55,35 @@ class EventTrace:
                 "ph": "i",
                 "s": "t",
                 "ts": round((ts - self._origin) * 1e6, 1),
-                "pid": 1,
+                "pid": pid,
                 "tid": tid,
                 "args": {"request_id": request_id, **args},
             }
         )
 
     def dump(self) -> dict[str, Any]:
-        names: dict[int, str] = {}
+        names: dict[tuple[int, int], str] = {}
         for ev in self._events:
-            names.setdefault(ev["tid"], ev["args"]["request_id"])
+            names.setdefault((ev["pid"], ev["tid"]), ev["args"]["request_id"])
         meta = [
-            {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": rid}}
-            for tid, rid in names.items()
+            {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": model}}
+            for pid, model in self._processes.items()
+        ]
+        meta += [
+            {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": rid}}
+            for (pid, tid), rid in names.items()
         ]
         return {"traceEvents": meta + list(self._events), "displayTimeUnit": "ms"}
 
 
 @attrs.define
 class EngineObserver:
+    """One engine's observer: its model's metrics children, its process in the shared trace."""
+
     metrics: Metrics
     trace: EventTrace | None = None
     clock: Any = time.monotonic
+    pid: int = 1  # the model's process in the trace (EventTrace.process)
     _tracks: dict[str, _Track] = attrs.field(factory=dict)
     _next_tid: int = 1
 
@@ -77,10 +94,10 @@ class EngineObserver:
             arrival, self._next_tid, len(request.prompt_token_ids)
         )
         if self.trace is not None:
-            self.trace.add("received", self._next_tid, arrival, request.request_id)
+            self._trace("received", self._next_tid, arrival, request.request_id)
             # Tokenization and template rendering end right before submission.
-            self.trace.add("tokenized", self._next_tid, now, request.request_id)
-            self.trace.add(
+            self._trace("tokenized", self._next_tid, now, request.request_id)
+            self._trace(
                 "queued",
                 self._next_tid,
                 now,
@@ -105,14 +122,14 @@ class EngineObserver:
                 track.first_token = now
                 m.time_to_first_token.observe(now - track.arrival)
                 if self.trace is not None:
-                    self.trace.add("first_token", track.tid, now, output.request_id)
+                    self._trace("first_token", track.tid, now, output.request_id)
             elif track.last_token is not None:
                 m.inter_token_latency.observe(now - track.last_token)
             track.last_token = now
             track.num_tokens += num_new
             m.generation_tokens.inc(num_new)
             if self.trace is not None:
-                self.trace.add("step", track.tid, now, output.request_id, tokens=num_new)
+                self._trace("step", track.tid, now, output.request_id, tokens=num_new)
         if not output.finished:
             return
         del self._tracks[output.request_id]
@@ -131,7 +148,7 @@ class EngineObserver:
             reason = sorted(reasons)[0] if reasons else "stop"
             m.request_finished(reason)
         if self.trace is not None:
-            self.trace.add("finished", track.tid, now, output.request_id, reason=reason)
+            self._trace("finished", track.tid, now, output.request_id, reason=reason)
 
     def on_events(self, events: Any) -> None:
         """Engine-side events: prefill_start ends the queue time; both go to the trace."""
@@ -142,7 +159,11 @@ class EngineObserver:
             if name == "prefill_start":
                 self.metrics.request_queue_time.observe(max(0.0, ts - track.arrival))
             if self.trace is not None:
-                self.trace.add(name, track.tid, ts, request_id)
+                self._trace(name, track.tid, ts, request_id)
 
     def on_stats(self, stats: Any) -> None:
         self.metrics.observe_engine(stats)
+
+    def _trace(self, name: str, tid: int, ts: float, request_id: str, **args: Any) -> None:
+        assert self.trace is not None
+        self.trace.add(name, tid, ts, request_id, pid=self.pid, **args)

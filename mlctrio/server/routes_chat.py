@@ -34,7 +34,7 @@ async def chat_completions() -> Response:
     arrival = time.monotonic()
     state = current_state()
     req = parse_chat_request(await read_json())
-    state.check_model(req.model)
+    state = state.for_model(req.model)  # the named model: its engine, name and info
     info = state.model_info()
     prompt, params = await prepare_chat(state, info, req)
     call_format = info.tool_call_format if tools.tool_mode(req) else None

@@ -13,8 +13,8 @@ from typing import Any
 import attrs
 from quart import Response
 
-from ..engine.types import GenerationRequest, RequestOutput, Usage
-from ..errors import InvalidRequestError
+from ..engine.model_info import ModelInfo
+from ..engine.types import GenerationRequest, RequestOutput, TokenLogprob, Usage
 from ..protocol.openai import parse_completion_request
 from . import generation as g
 from . import prompts, tools
@@ -27,14 +27,8 @@ async def completions() -> Response:
     arrival = time.monotonic()
     state = current_state()
     req = parse_completion_request(await read_json())
-    state.check_model(req.model)
+    state = state.for_model(req.model)  # the named model: its engine, name and info
     info = state.model_info()
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequestError(
-            "echo together with logprobs needs prompt logprobs, which this server does not "
-            "compute (the model runner returns the last position's logits only).",
-            param="echo",
-        )
     guided = tools.guided_constraint(req)
     if guided is not None:
         await tools.check_constraint(info, state.model_name, *guided, rename=True)
@@ -58,6 +52,8 @@ async def completions() -> Response:
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,
         )
+        if req.echo and req.logprobs is not None:  # the echoed prompt carries logprobs too
+            params = attrs.evolve(params, prompt_logprobs=req.logprobs)
         if guided is not None:
             params = attrs.evolve(params, constraint=guided[0])
         request_id = head.id if len(prompt_ids) == 1 else f"{head.id}-{k}"
@@ -65,7 +61,10 @@ async def completions() -> Response:
     n = gens[0].params.n
     index_of = {gen.request_id: k * n for k, gen in enumerate(gens)}
     echo = (
-        [info.tokenizer.decode(p, skip_special_tokens=False) for p in prompt_ids]
+        [
+            Echo(info.tokenizer.decode(p, skip_special_tokens=False), _token_text(info, p[0]))
+            for p in prompt_ids
+        ]
         if req.echo
         else None
     )
@@ -77,6 +76,24 @@ async def completions() -> Response:
     writer = CompletionWriter(head, gens, index_of, echo, want_logprobs, req.include_usage)
     stream = state.engine.submit(gens)  # admitted and submitted in one step: no await between
     return streamed_response(state, stream, writer, deadline)
+
+
+@attrs.frozen
+class Echo:
+    """A prompt echoed before its completion: its text, and its first token's text (the one
+    prompt token without a logprob, listed first when logprobs are asked)."""
+
+    text: str
+    first_token: str
+
+    def logprobs(self, output: RequestOutput) -> list[TokenLogprob | str]:
+        """The legacy logprob items of the echoed prompt, from the engine's prompt logprobs."""
+        found = output.prompt_logprobs or (None,)
+        return [self.first_token, *(lp for lp in found[1:] if lp is not None)]
+
+
+def _token_text(info: ModelInfo, token_id: int) -> str:
+    return info.tokenizer.token_bytes(token_id).decode("utf-8", "replace")
 
 
 def _total(usage: dict[str, Usage]) -> Usage:
@@ -91,29 +108,27 @@ def _whole(
     outputs: list[RequestOutput],
     index_of: dict[str, int],
     n: int,
-    echo: list[str] | None,
+    echo: list[Echo] | None,
     want_logprobs: bool,
 ) -> dict[str, Any]:
     acc: dict[int, g.ChoiceAccumulator] = {}
     usage: dict[str, Usage] = {}
+    echo_lps: dict[int, list[TokenLogprob | str]] = {}  # base index -> the prompt's items
     for output in outputs:
         base = index_of[output.request_id]
         usage[output.request_id] = output.usage
+        if echo and want_logprobs and output.prompt_logprobs is not None:
+            echo_lps[base] = echo[base // n].logprobs(output)
         for d in output.deltas:
             acc.setdefault(base + d.index, g.ChoiceAccumulator(base + d.index)).add(d)
     choices = []
     for index in sorted(acc):
         c = acc[index]
-        prefix = echo[index // n] if echo else ""
-        choices.append(
-            g.completion_choice(
-                index,
-                prefix + "".join(c.text),
-                c.finish_reason,
-                c.logprobs if want_logprobs else None,
-                len(prefix),
-            )
-        )
+        prefix = echo[index // n].text if echo else ""
+        lps: list[TokenLogprob | str] | None = None
+        if want_logprobs:
+            lps = [*echo_lps.get(index - index % n, []), *(c.logprobs or [])]
+        choices.append(g.completion_choice(index, prefix + "".join(c.text), c.finish_reason, lps))
     body = head.base()
     body["choices"] = choices
     body["usage"] = g.usage_json(_total(usage))
@@ -127,7 +142,7 @@ class CompletionWriter(EndsWithDone):
     head: g.ResponseHead
     gens: list[GenerationRequest]
     index_of: dict[str, int]
-    echo: list[str] | None
+    echo: list[Echo] | None
     want_logprobs: bool
     include_usage: bool
     usage: dict[str, Usage] = attrs.field(init=False)
@@ -153,20 +168,28 @@ class CompletionWriter(EndsWithDone):
         return event(body)
 
     def opening(self) -> list[bytes]:
-        if self.echo is None:
+        """The echoed prompts, at once; with logprobs they wait for the engine's (the first
+        output of each request)."""
+        if self.echo is None or self.want_logprobs:
             return []
         n = self.gens[0].params.n
-        lps: list[Any] | None = [] if self.want_logprobs else None
         return [
-            self._choice(k * n + i, text, None, lps)
-            for k, text in enumerate(self.echo)
+            self._choice(k * n + i, echo.text, None, None)
+            for k, echo in enumerate(self.echo)
             for i in range(n)
         ]
 
     def output_events(self, output: RequestOutput) -> list[bytes]:
         self.usage[output.request_id] = output.usage
         base = self.index_of[output.request_id]
-        return [
+        events = []
+        if self.echo is not None and self.want_logprobs and output.prompt_logprobs is not None:
+            echo = self.echo[base // self.gens[0].params.n]
+            items = echo.logprobs(output)
+            events += [
+                self._choice(base + i, echo.text, None, items) for i in range(self.gens[0].params.n)
+            ]
+        return events + [
             self._choice(base + d.index, d.text, d.finish_reason, d.logprobs or [])
             for d in output.deltas
             if d.text or d.finish_reason or d.logprobs

@@ -57,7 +57,7 @@ async def responses() -> Response:
     arrival = time.monotonic()
     state = current_state()
     req = parse_responses_request(await read_json())
-    state.check_model(req.model)
+    state = state.for_model(req.model)  # the named model: its engine, name and info
     info = state.model_info()
     chat = to_chat_request(req)
     with _responses_params():

@@ -6,9 +6,11 @@ data-parallel size (`dp_size`), and, with the power_of_two policy, polls `GET /g
 each worker's load (`num_tokens`, summed over the worker's `dp_rank`s). SGLang's older names
 (`/get_server_info`, `/get_model_info`) answer the same.
 
-Rules: answers describe this server only; `model_path` is left out on purpose: the gateway
-would try to download a tokenizer from the Hugging Face hub by that name (it needs none to route
-HTTP workers). These routes need the API key when one is set, as every route but /health.
+Rules: answers describe this server only: its main model (with --additional-models the others
+are in /v1/models) and its load summed over every model. `model_path` is left out on purpose:
+the gateway would try to download a tokenizer from the Hugging Face hub by that name (it needs
+none to route HTTP workers). These routes need the API key when one is set, as every route but
+/health.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from quart import Response
 from quart_trio import QuartTrio
 
+from ..service import AsyncEngine
 from .state import ServerState, current_state, json_response
 
 
@@ -65,20 +68,25 @@ async def model_info() -> Response:
     )
 
 
+def _tokens_held(engine: AsyncEngine) -> int:
+    stats = engine.stats()
+    info = engine.info
+    if stats is None or info is None:
+        return 0
+    page_size = int(info.config.get("kv_page_size") or 1)
+    held_pages = int(stats.total_pages - stats.free_pages - stats.num_cached_pages)
+    return max(0, held_pages) * page_size
+
+
 def load(state: ServerState) -> dict[str, int]:
-    """This server's load in SGLang's shape: requests in flight, queued, KV tokens held."""
-    stats = state.engine.stats()
-    info = state.engine.info
-    tokens = 0
-    if stats is not None and info is not None:
-        page_size = int(info.config.get("kv_page_size") or 1)
-        held_pages = stats.total_pages - stats.free_pages - stats.num_cached_pages
-        tokens = max(0, held_pages) * page_size
+    """This server's load in SGLang's shape: requests in flight, queued, KV tokens held (summed
+    over every served model's engine: they share the machine)."""
+    engines = [served.engine for served in state.models.values()]
     return {
         "dp_rank": 0,
-        "num_reqs": state.engine.num_in_flight,
-        "num_waiting_reqs": state.engine.num_queued,
-        "num_tokens": tokens,
+        "num_reqs": sum(e.num_in_flight for e in engines),
+        "num_waiting_reqs": sum(e.num_queued for e in engines),
+        "num_tokens": sum(_tokens_held(e) for e in engines),
     }
 
 

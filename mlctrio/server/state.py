@@ -2,7 +2,12 @@
 
 Rules: this module imports no other route module (routes import it, never the reverse), so the
 server package has no import cycle. Handlers find the state through the app
-(`current_state()`), never through a closure or a global.
+(`current_state()`), never through a closure or a global. A server may serve several models
+(`--additional-models`), each a `ServedModel` with its own engine: a route that takes a `model`
+field finds its model with `state.served(req.model)` (None: the main model) and uses that
+model's `.engine`, `.name` and `.info()`, or works on `state.for_model(req.model)`, the state as
+that model's route sees it (the generation routes); `state.engine` and `state.model_name` are
+the main model's.
 """
 
 from __future__ import annotations
@@ -30,31 +35,91 @@ MAX_JSON_DEPTH = 64
 
 
 @attrs.define(eq=False)
+class ServedModel:
+    """One model this server serves: the name clients send, the model string it was loaded
+    from, and its own engine (worker thread, KV cache, metrics children)."""
+
+    name: str
+    source: str
+    engine: AsyncEngine
+
+    def info(self) -> ModelInfo:
+        """The model's info; 503 (Retry-After) while it loads."""
+        info = self.engine.info
+        if info is None or self.engine.state is EngineState.LOADING:
+            raise ServiceUnavailableError(
+                f"The model `{self.name}` is still loading; try again later.",
+                headers={"Retry-After": "5"},
+            )
+        return info
+
+
+@attrs.define(eq=False)
 class ServerState:
     """Everything the routes share; one per app (in `app.extensions`, no globals)."""
 
     config: ServerConfig
-    engine: AsyncEngine
+    engine: AsyncEngine  # the main model's
     metrics: Metrics
     trace: EventTrace | None
     sse_ping_interval_s: float = 10.0
+    #: Every served model by name, the main one first (built from `engine` when left empty).
+    models: dict[str, ServedModel] = attrs.field(factory=dict)
+    _views: dict[str, ServerState] = attrs.field(factory=dict, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.models:
+            main = ServedModel(self.config.model_name, self.config.model, self.engine)
+            self.models = {main.name: main}
 
     @property
     def model_name(self) -> str:
         return self.config.model_name
 
-    def model_info(self) -> ModelInfo:
-        info = self.engine.info
-        if info is None or self.engine.state is EngineState.LOADING:
-            raise ServiceUnavailableError(
-                "The model is still loading; try again later.", headers={"Retry-After": "5"}
+    @property
+    def main(self) -> ServedModel:
+        return self.models[self.model_name]
+
+    def served(self, model: str | None) -> ServedModel:
+        """The model a request names (None: the main one); 404 model_not_found otherwise."""
+        if model is None:
+            return self.main
+        found = self.models.get(model)
+        if found is None:
+            names = ", ".join(f"`{name}`" for name in self.models)
+            raise ModelNotFoundError(
+                f"The model `{model}` does not exist. This server serves {names}.",
+                param="model",
             )
-        return info
+        return found
+
+    def for_model(self, model: str | None) -> ServerState:
+        """This state as a route serving `model` sees it (None: the main model): `engine`,
+        `model_name` and `model_info()` are that model's, all else is shared. 404 for an
+        unknown name. Lets the generation routes take any served model unchanged."""
+        served = self.served(model)
+        if served.name == self.model_name:
+            return self
+        view = self._views.get(served.name)
+        if view is None:
+            config = attrs.evolve(
+                self.config, model=served.source, served_model_name=served.name,
+                additional_models=(),
+            )  # fmt: skip
+            view = attrs.evolve(self, config=config, engine=served.engine)
+            self._views[served.name] = view
+        return view
+
+    def model_info(self) -> ModelInfo:
+        """The main model's info; 503 while it loads."""
+        return self.main.info()
 
     def check_model(self, model: str | None) -> None:
+        """For routes that serve the main model only: 404 for any other name."""
         if model is not None and model != self.model_name:
+            self.served(model)  # an unknown name: 404 listing every served model
             raise ModelNotFoundError(
-                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                f"The model `{model}` is served, but this route serves `{self.model_name}` only.",
                 param="model",
             )
 

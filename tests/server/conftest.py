@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from mlctrio.config import ServerConfig
-from mlctrio.serve import RunningServer, serve
+from mlctrio.serve import ModelSet, RunningServer, serve
 
 
 @attrs.define
@@ -89,12 +89,18 @@ class ServerHandle:
 
 
 def start_server(
-    config: ServerConfig, ping_interval_s: float = 10.0, load_timeout_s: float = 60.0
+    config: ServerConfig,
+    ping_interval_s: float = 10.0,
+    load_timeout_s: float = 60.0,
+    *,
+    models: ModelSet | None = None,
+    wait_ready: bool = True,
 ) -> ServerHandle:
     """Serve `config` in a thread; return once /health says ready (the model is loaded: a real
-    model that compiles on first use needs a `load_timeout_s` of minutes). The timeouts are
-    generous because a cold, shared 2-core machine is slow; a healthy start takes well under a
-    second with mock://echo."""
+    model that compiles on first use needs a `load_timeout_s` of minutes), or once it listens
+    without `wait_ready`. `models`: the models to serve as built by the test (default: as
+    `mlctrio serve` builds them). The timeouts are generous because a cold, shared 2-core
+    machine is slow; a healthy start takes well under a second with mock://echo."""
     handle = ServerHandle(config)
     ready = threading.Event()
 
@@ -102,7 +108,13 @@ def start_server(
         handle.token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             handle.running = await nursery.start(
-                partial(serve, config, handle_signals=False, sse_ping_interval_s=ping_interval_s)
+                partial(
+                    serve,
+                    config,
+                    handle_signals=False,
+                    sse_ping_interval_s=ping_interval_s,
+                    models=models,
+                )
             )
             ready.set()
 
@@ -121,6 +133,8 @@ def start_server(
         if handle.error is not None:
             raise handle.error
         assert handle.running is not None
+        if not wait_ready:
+            return handle
         with httpx.Client(base_url=handle.url) as client:
             handle.wait_until(
                 partial(_healthy, handle, client), load_timeout_s, f"/health 200 ({config.model})"
@@ -189,8 +203,17 @@ def server_factory() -> Iterator[Callable[..., ServerHandle]]:
     """Start servers with special configurations; all are stopped at the end of the test."""
     handles: list[ServerHandle] = []
 
-    def factory(ping_interval_s: float = 10.0, **kwargs: Any) -> ServerHandle:
-        handle = start_server(make_config(**kwargs), ping_interval_s)
+    def factory(
+        ping_interval_s: float = 10.0,
+        *,
+        models: Callable[[ServerConfig], ModelSet] | None = None,
+        wait_ready: bool = True,
+        **kwargs: Any,
+    ) -> ServerHandle:
+        """`models`: builds the ModelSet to serve from the config (default: as the CLI does)."""
+        config = make_config(**kwargs)
+        model_set = models(config) if models is not None else None
+        handle = start_server(config, ping_interval_s, models=model_set, wait_ready=wait_ready)
         handles.append(handle)
         return handle
 

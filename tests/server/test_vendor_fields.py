@@ -176,11 +176,51 @@ def test_constraints_on_a_model_without_grammar_support_name_the_field(client: A
         assert "constrained output" in e.value.body["message"]
 
 
-def test_echo_with_logprobs_stays_a_clear_400(client: Any) -> None:
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="ab", echo=True, logprobs=1)
-    assert e.value.body["param"] == "echo"
-    assert "prompt logprobs" in e.value.body["message"]
+def test_echo_with_logprobs_scores_the_prompt(client: Any) -> None:
+    whole = client.completions.create(
+        model=MODEL, prompt="abc", echo=True, logprobs=2, max_tokens=2
+    )
+    [choice] = whole.choices
+    assert choice.text == "abcab"  # the prompt, then the echo fake's completion of it
+    lp = choice.logprobs
+    assert lp.tokens == ["a", "b", "c", "a", "b"]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts it
+    # Inside the prompt the fake puts all the mass on EOS: the prompt's tokens are unlikely...
+    assert all(v < -900 for v in lp.token_logprobs[1:3])
+    assert all(list(top) == ["<|endoftext|>", "~"] for top in lp.top_logprobs[1:3])
+    # ...and the completion's tokens are certain.
+    assert lp.token_logprobs[3:] == [pytest.approx(0.0, abs=1e-3)] * 2
+    assert lp.text_offset == [0, 1, 2, 3, 4]
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="abc", echo=True, logprobs=2, max_tokens=2, stream=True
+        )
+    )
+    streamed = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in streamed) == "abcab"
+    assert streamed[0].text == "abc" and streamed[0].logprobs.tokens == ["a", "b", "c"]
+    assert streamed[0].logprobs.token_logprobs == lp.token_logprobs[:3]
+    assert [t for c in streamed for t in c.logprobs.tokens] == lp.tokens
+
+
+def test_prompt_logprobs_agree_with_the_logprobs_of_generation(demo_server: Any) -> None:
+    """On the real engine: the logprob echo gives the prompt's last token equals the logprob
+    that token had when it was generated from the rest of the prompt (verify vs prefill)."""
+    with openai.OpenAI(base_url=demo_server.url + "/v1", api_key="x", max_retries=0) as sdk:
+        prompt = [5, 17, 99, 3, 42, 8]
+        first = sdk.completions.create(
+            model="demo://tiny", prompt=prompt, max_tokens=1, temperature=0, logprobs=0
+        )
+        token_logprob = first.choices[0].logprobs.token_logprobs[0]
+        ids = demo_server.engine.info.tokenizer.encode(first.choices[0].text)
+        assert len(ids) == 1  # the greedy token's text encodes back to that one token
+        scored = sdk.completions.create(
+            model="demo://tiny", prompt=[*prompt, *ids], max_tokens=1, echo=True, logprobs=1
+        )
+    lps = scored.choices[0].logprobs
+    assert lps.token_logprobs[0] is None
+    assert len(lps.token_logprobs) == len(prompt) + len(ids) + 1
+    assert lps.token_logprobs[len(prompt)] == pytest.approx(token_logprob, abs=1e-3)
 
 
 THINKING = (
