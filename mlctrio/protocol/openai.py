@@ -2,6 +2,7 @@
 
     parse_chat_request(body)        -> ChatCompletionRequest
     parse_completion_request(body)  -> CompletionRequest
+    parse_embedding_request(body)   -> EmbeddingRequest
     parse_tokenize_request(body)    -> TokenizeCompletionRequest | TokenizeChatRequest
     parse_detokenize_request(body)  -> DetokenizeRequest
     to_json(response)               -> dict, exactly the keys and nulls OpenAI sends
@@ -23,6 +24,7 @@ from mlctrio.protocol import chat, completions
 from mlctrio.protocol.chat import ChatCompletionRequest
 from mlctrio.protocol.completions import CompletionRequest
 from mlctrio.protocol.converter import make_converter
+from mlctrio.protocol.embeddings import EmbeddingRequest
 from mlctrio.protocol.tokenize import (
     DetokenizeRequest,
     TokenizeChatRequest,
@@ -67,6 +69,11 @@ def parse_chat_request(body: object) -> ChatCompletionRequest:
 def parse_completion_request(body: object) -> CompletionRequest:
     """Validate a POST /v1/completions body."""
     return _parse(body, CompletionRequest, completions.UNSUPPORTED_FIELDS)
+
+
+def parse_embedding_request(body: object) -> EmbeddingRequest:
+    """Validate a POST /v1/embeddings body."""
+    return _parse(body, EmbeddingRequest, _NO_UNSUPPORTED)
 
 
 def parse_tokenize_request(body: object) -> TokenizeRequest:

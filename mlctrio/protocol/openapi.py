@@ -15,6 +15,7 @@ from mlctrio.protocol import chat, completions, responses, sglang
 from mlctrio.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from mlctrio.protocol.common import ErrorResponse, Model, ModelList
 from mlctrio.protocol.completions import Completion, CompletionChunk, CompletionRequest
+from mlctrio.protocol.embeddings import EmbeddingRequest
 from mlctrio.protocol.responses_output import STREAM_EVENT_SCHEMA, ResponseObject
 from mlctrio.protocol.schema import SchemaBuilder
 from mlctrio.protocol.tokenize import (
@@ -32,11 +33,46 @@ ALL_ROUTES: Final = (
     "POST /v1/chat/completions",
     "POST /v1/completions",
     "POST /v1/responses",
+    "POST /v1/embeddings",
     "POST /tokenize",
     "POST /detokenize",
     "GET /health",
     "GET /metrics",
 )
+
+_EMBEDDINGS: Final = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": {"type": "integer"},
+                    "embedding": {
+                        "oneOf": [
+                            {"type": "array", "items": {"type": "number"}},
+                            {"type": "string", "description": "base64 of float32 LE bytes"},
+                        ]
+                    },
+                },
+            },
+        },
+        "model": {"type": "string"},
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "total_tokens"],
+            "properties": {
+                "prompt_tokens": {"type": "integer"},
+                "total_tokens": {"type": "integer"},
+            },
+        },
+    },
+}
 
 _ERROR_TEXT: Final = {
     "400": "Invalid request (the error's `param` names the offending field)",
@@ -150,6 +186,17 @@ def _operation(builder: SchemaBuilder, route: str) -> dict[str, Any]:
         stream["schema"]["description"] = _RESPONSES_SSE_TEXT
         stream["x-sse-data"] = STREAM_EVENT_SCHEMA
         return operation
+    if route == "POST /v1/embeddings":
+        return {
+            "summary": "Create embeddings (the model's final hidden states, pooled)",
+            "requestBody": {
+                "required": True,
+                "content": _json(builder.ref(EmbeddingRequest, "input")),
+            },
+            "responses": {
+                "200": {"description": "One vector per input", "content": _json(_EMBEDDINGS)}
+            },
+        }
     if route == "POST /tokenize":
         body = {
             "oneOf": [

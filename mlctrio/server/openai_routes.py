@@ -2,7 +2,8 @@
 
 Rules: handlers are module-level functions that find the server state through the app
 (`state.current_state()`); the generation routes live in routes_chat.py,
-routes_completions.py and routes_responses.py. Nothing here imports server/app.py (no cycle).
+routes_completions.py and routes_responses.py; /v1/embeddings in routes_embeddings.py.
+Nothing here imports server/app.py (no cycle).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..protocol.openai import parse_detokenize_request, parse_tokenize_request
 from . import prompts
 from .routes_chat import chat_completions
 from .routes_completions import completions
+from .routes_embeddings import embeddings
 from .routes_page import register_chat_page
 from .routes_responses import responses
 from .routes_router import register_router_routes
@@ -25,7 +27,7 @@ from .streaming import in_thread
 async def tokenize() -> Response:
     state = current_state()
     req = parse_tokenize_request(await read_json())
-    state.check_model(req.model)
+    state = state.for_model(req.model)
     info = state.model_info()
     tokens = await in_thread(lambda: prompts.tokenize(req, info.tokenizer, info.chat_template))
     return json_response(
@@ -36,7 +38,7 @@ async def tokenize() -> Response:
 async def detokenize() -> Response:
     state = current_state()
     req = parse_detokenize_request(await read_json())
-    state.check_model(req.model)
+    state = state.for_model(req.model)
     info = state.model_info()
     vocab = info.tokenizer.vocab_size
     for i, token in enumerate(req.tokens):
@@ -53,6 +55,7 @@ def register_openai_routes(app: QuartTrio) -> None:
     app.add_url_rule("/v1/chat/completions", view_func=chat_completions, methods=["POST"])
     app.add_url_rule("/v1/completions", view_func=completions, methods=["POST"])
     app.add_url_rule("/v1/responses", view_func=responses, methods=["POST"])
+    app.add_url_rule("/v1/embeddings", view_func=embeddings, methods=["POST"])
     app.add_url_rule("/tokenize", view_func=tokenize, methods=["POST"])
     app.add_url_rule("/detokenize", view_func=detokenize, methods=["POST"])
     register_router_routes(app)  # /server_info, /model_info, /get_load for sglang-router

@@ -12,12 +12,11 @@ Rules for big prompts (one request must not freeze the others, issue 16):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..engine.tokens import ChatTemplate, Tokenizer
 from ..errors import InvalidRequestError
 from ..protocol.chat import ChatCompletionRequest, ChatMessage, content_text
-from ..protocol.completions import CompletionRequest
 from ..protocol.openai import to_json
 from ..protocol.tokenize import TokenizeChatRequest, TokenizeRequest
 from .long_text import encode_text, too_long
@@ -81,19 +80,36 @@ def render_chat(
     )
 
 
+class PromptList(Protocol):
+    """A request holding a batch of prompts (completions, embeddings)."""
+
+    @property
+    def prompts(self) -> tuple[str | tuple[int, ...], ...]: ...
+
+    @property
+    def add_special_tokens(self) -> bool | None: ...
+
+
 def prompt_token_lists(
-    req: CompletionRequest, tokenizer: Tokenizer, context_window: int | None = None
+    req: PromptList,
+    tokenizer: Tokenizer,
+    context_window: int | None = None,
+    *,
+    keep_last: int | None = None,
+    param: str = "prompt",
 ) -> list[list[int]]:
-    """Each prompt of a completion request as token ids (strings get the tokenizer's BOS unless
-    add_special_tokens is false). With
-    `context_window`, every prompt is checked by the cheap bound before any is tokenized, and a
-    prompt that leaves no room in the window is refused (400, param "prompt")."""
+    """Each prompt of a request as token ids (strings get the tokenizer's BOS unless
+    add_special_tokens is false). With `context_window`, every prompt is checked by the cheap
+    bound before any is tokenized, and a prompt that leaves no room in the window is refused
+    (400, `param`). With `keep_last`, each prompt keeps its last `keep_last` tokens instead (vLLM's
+    truncate_prompt_tokens) and is not checked against the window."""
     vocab = tokenizer.vocab_size
+    window = context_window if keep_last is None else None
     for prompt in req.prompts:
         if isinstance(prompt, str):
-            check_bound(prompt, tokenizer, context_window, "prompt")
-        elif context_window is not None and len(prompt) >= context_window:
-            raise too_long(context_window, len(prompt), "prompt")
+            check_bound(prompt, tokenizer, window, param)
+        elif window is not None and len(prompt) >= window:
+            raise too_long(window, len(prompt), param)
     out: list[list[int]] = []
     for k, prompt in enumerate(req.prompts):
         if isinstance(prompt, str):
@@ -101,21 +117,21 @@ def prompt_token_lists(
                 prompt,
                 tokenizer,
                 add_special_tokens=req.add_special_tokens is not False,
-                stop_at=context_window,
-                param="prompt",
+                stop_at=window,
+                param=param,
             )
         else:
             ids = list(prompt)
             for token in ids:
                 if token >= vocab:
                     raise InvalidRequestError(
-                        f"Token id {token} in prompt {k} is outside the vocabulary "
+                        f"Token id {token} in {param} {k} is outside the vocabulary "
                         f"(0..{vocab - 1}).",
-                        param="prompt",
+                        param=param,
                     )
         if not ids:
-            raise InvalidRequestError(f"Prompt {k} is empty.", param="prompt")
-        out.append(ids)
+            raise InvalidRequestError(f"Prompt {k} is empty.", param=param)
+        out.append(ids if keep_last is None else ids[-keep_last:])
     return out
 
 

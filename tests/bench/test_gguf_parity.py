@@ -249,6 +249,54 @@ def test_a_cached_llama_server_built_with_other_flags_is_not_used(
     assert llama_cpp.find_llama_server() == binary
 
 
+@pytest.fixture(scope="module")
+def llama_embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = llama_cpp.find_llama_server()
+    if binary is None:
+        pytest.skip(
+            "llama-server is not built: run `python bench/llama_cpp.py` once (builds llama.cpp "
+            f"into {llama_cpp.cache_dir()}, ~15-30 min on 2 cores) or set $MLCTRIO_LLAMA_SERVER"
+        )
+    out = convert(
+        "demo://tiny", tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", verbose=False
+    )
+    extra = ("--embeddings", "--pooling", "mean")
+    with run.open_llama_server(
+        out, binary=binary, threads=2, ctx_per_slot=512, extra=extra
+    ) as server:
+        yield server.url
+
+
+def test_embeddings_match_llama_server(
+    llama_embedding_server: str, mlctrio_core: tuple[object, object]
+) -> None:
+    """Mean-pooled, L2-normalised final hidden states: llama.cpp's --pooling mean and
+    mlctrio's embedding requests agree on the same f32 model and token ids."""
+    import httpx
+
+    from mlctrio.engine.types import GenerationRequest, SamplingParams
+
+    core, _ = mlctrio_core
+    for k, prompt in enumerate(PROMPTS):
+        ids = run.tokenize(llama_embedding_server, prompt)
+        body = {"input": ids, "model": "tiny"}
+        r = httpx.post(f"{llama_embedding_server}/v1/embeddings", json=body, timeout=120)
+        theirs = np.asarray(r.json()["data"][0]["embedding"])
+        spec = GenerationRequest(
+            f"emb-{k}", tuple(ids), SamplingParams(max_tokens=1), pooling="mean"
+        )
+        core.add_request(spec)  # type: ignore[attr-defined]
+        ours: np.ndarray | None = None
+        while core.has_work():  # type: ignore[attr-defined]
+            for output in core.step():  # type: ignore[attr-defined]
+                if output.embedding is not None:
+                    ours = np.asarray(output.embedding)
+        assert ours is not None and theirs.shape == ours.shape
+        ours = ours / np.linalg.norm(ours)
+        assert float(ours @ theirs) > 0.99999, prompt
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
 # -- SmolLM2's GGUF: bench/gguf_parity.py's tokenization parity ---------------------------------
 
 

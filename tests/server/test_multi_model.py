@@ -283,3 +283,16 @@ def test_a_real_model_beside_the_echo_model(
     memory = info.config["memory"]
     assert memory["budget_bytes"] > memory["weight_bytes"] + memory["kv_cache_bytes"] > 0
 
+
+def test_tokenize_and_embeddings_take_any_served_model(two: ServerHandle) -> None:
+    with httpx.Client(base_url=two.url) as http:
+        for name in ("a", "b"):
+            tokens = http.post("/tokenize", json={"model": name, "prompt": "hi"}).json()
+            window = 4096 if name == "a" else 512
+            assert tokens["max_model_len"] == window and tokens["count"] == 2
+            text = http.post("/detokenize", json={"model": name, "tokens": [104, 105]}).json()
+            assert text == {"prompt": "hi"}
+            embedded = http.post("/v1/embeddings", json={"model": name, "input": "hi"}).json()
+            assert embedded["model"] == name and len(embedded["data"][0]["embedding"]) == 8
+        too_long = http.post("/v1/embeddings", json={"model": "b", "input": LONG})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input"
