@@ -23,6 +23,7 @@ logits of both engines* (and the tokens before it to match).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,8 +153,11 @@ def test_pre_tokenizer_names() -> None:
 # -- llama-server against mlctrio ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def _tiny_llama_server(
+    tmp_path_factory: pytest.TempPathFactory, extra: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """llama-server on the demo tiny model converted to an f32 GGUF (skip when not built)."""
     binary = llama_cpp.find_llama_server()
     if binary is None:
         pytest.skip(
@@ -163,8 +167,16 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     out = convert(
         "demo://tiny", tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", verbose=False
     )
-    with run.open_llama_server(out, binary=binary, threads=2, ctx_per_slot=512) as server:
+    with run.open_llama_server(
+        out, binary=binary, threads=2, ctx_per_slot=512, extra=extra
+    ) as server:
         yield server.url
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with _tiny_llama_server(tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -251,20 +263,8 @@ def test_a_cached_llama_server_built_with_other_flags_is_not_used(
 
 @pytest.fixture(scope="module")
 def llama_embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = llama_cpp.find_llama_server()
-    if binary is None:
-        pytest.skip(
-            "llama-server is not built: run `python bench/llama_cpp.py` once (builds llama.cpp "
-            f"into {llama_cpp.cache_dir()}, ~15-30 min on 2 cores) or set $MLCTRIO_LLAMA_SERVER"
-        )
-    out = convert(
-        "demo://tiny", tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", verbose=False
-    )
-    extra = ("--embeddings", "--pooling", "mean")
-    with run.open_llama_server(
-        out, binary=binary, threads=2, ctx_per_slot=512, extra=extra
-    ) as server:
-        yield server.url
+    with _tiny_llama_server(tmp_path_factory, ("--embeddings", "--pooling", "mean")) as url:
+        yield url
 
 
 def test_embeddings_match_llama_server(

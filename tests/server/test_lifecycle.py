@@ -31,6 +31,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_hypercorn(port: int, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`hypercorn -k trio mlctrio.app:app` on 127.0.0.1:port, configured by `env`; stderr piped."""
+    hypercorn = Path(sys.executable).with_name("hypercorn")
+    return subprocess.Popen(
+        [str(hypercorn), "-k", "trio", "--bind", f"127.0.0.1:{port}", "mlctrio.app:app"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _wait_ready(proc: subprocess.Popen[str]) -> StderrLines:
     """Wait for the "ready" line (logged once /health answers 200); the stderr reader."""
     lines = StderrLines(proc)
@@ -197,13 +208,7 @@ def test_hypercorn_app_configured_from_env(tmp_path: Path) -> None:
         MLCTRIO_ENABLE_DEBUG="1",
         MLCTRIO_OVERRIDES="max_num_sequence=3",
     )
-    hypercorn = Path(sys.executable).with_name("hypercorn")
-    proc = subprocess.Popen(
-        [str(hypercorn), "-k", "trio", "--bind", f"127.0.0.1:{port}", "mlctrio.app:app"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_hypercorn(port, env)
     lines = None
     try:
         lines = _wait_ready(proc)

@@ -26,7 +26,7 @@ from mlctrio.serve import ModelSet
 from mlctrio.service import EngineState
 
 from .conftest import ServerHandle, metric_total
-from .test_lifecycle import _free_port, _reap, _wait_ready
+from .test_lifecycle import _free_port, _reap, _wait_ready, start_hypercorn
 
 TWO = {
     "served_model_name": "a",
@@ -234,13 +234,7 @@ def test_hypercorn_serves_the_models_of_mlctrio_additional_models() -> None:
         "MLCTRIO_SERVED_MODEL_NAME": "a",
         "MLCTRIO_ADDITIONAL_MODELS": "mock://echo?context_window=512:b,mock://echo:c",
     }
-    hypercorn = Path(sys.executable).with_name("hypercorn")
-    proc = subprocess.Popen(
-        [str(hypercorn), "-k", "trio", "--bind", f"127.0.0.1:{port}", "mlctrio.app:app"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_hypercorn(port, env)
     lines = None
     try:
         lines = _wait_ready(proc)
