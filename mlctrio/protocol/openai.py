@@ -16,7 +16,7 @@ raises InvalidRequestError whose `param` is the dotted path of the offending val
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
 from mlctrio.errors import InvalidRequestError
@@ -44,7 +44,14 @@ _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _NO_UNSUPPORTED: Final[Mapping[str, tuple[Any, str]]] = {}
 
 
-def _parse(body: object, cls: type[T], unsupported: Mapping[str, tuple[Any, str]]) -> T:
+def parse_body(
+    body: object,
+    cls: type[T],
+    unsupported: Mapping[str, tuple[Any, str]] = _NO_UNSUPPORTED,
+    prepare: Callable[[dict[str, Any]], None] | None = None,
+) -> T:
+    """A decoded JSON body as `cls`: fields in `unsupported` are dropped when they hold an
+    accepted value, else a 400 naming them; `prepare` may then rewrite the fields in place."""
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     fields = dict(body)
@@ -53,6 +60,8 @@ def _parse(body: object, cls: type[T], unsupported: Mapping[str, tuple[Any, str]
             raise InvalidRequestError(
                 f"Unsupported parameter '{name}': {why}.", param=name, code="unsupported_parameter"
             )
+    if prepare is not None:
+        prepare(fields)
     try:
         return CONVERTER.structure(fields, cls)
     except FieldError as e:
@@ -63,29 +72,29 @@ def _parse(body: object, cls: type[T], unsupported: Mapping[str, tuple[Any, str]
 
 def parse_chat_request(body: object) -> ChatCompletionRequest:
     """Validate a POST /v1/chat/completions body."""
-    return _parse(body, ChatCompletionRequest, chat.UNSUPPORTED_FIELDS)
+    return parse_body(body, ChatCompletionRequest, chat.UNSUPPORTED_FIELDS)
 
 
 def parse_completion_request(body: object) -> CompletionRequest:
     """Validate a POST /v1/completions body."""
-    return _parse(body, CompletionRequest, completions.UNSUPPORTED_FIELDS)
+    return parse_body(body, CompletionRequest, completions.UNSUPPORTED_FIELDS)
 
 
 def parse_embedding_request(body: object) -> EmbeddingRequest:
     """Validate a POST /v1/embeddings body."""
-    return _parse(body, EmbeddingRequest, _NO_UNSUPPORTED)
+    return parse_body(body, EmbeddingRequest)
 
 
 def parse_tokenize_request(body: object) -> TokenizeRequest:
     """Validate a POST /tokenize body: `{"prompt": ...}` or `{"messages": [...]}`."""
     if isinstance(body, dict) and "messages" in body:
-        return _parse(body, TokenizeChatRequest, _NO_UNSUPPORTED)
-    return _parse(body, TokenizeCompletionRequest, _NO_UNSUPPORTED)
+        return parse_body(body, TokenizeChatRequest)
+    return parse_body(body, TokenizeCompletionRequest)
 
 
 def parse_detokenize_request(body: object) -> DetokenizeRequest:
     """Validate a POST /detokenize body."""
-    return _parse(body, DetokenizeRequest, _NO_UNSUPPORTED)
+    return parse_body(body, DetokenizeRequest)
 
 
 def to_json(response: object) -> dict[str, Any]:

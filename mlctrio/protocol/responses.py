@@ -21,10 +21,9 @@ from typing import Any, Final, Literal
 
 import attrs
 
-from mlctrio.errors import InvalidRequestError
 from mlctrio.protocol import chat
 from mlctrio.protocol.chat import NAME_PATTERN
-from mlctrio.protocol.openai import CONVERTER
+from mlctrio.protocol.openai import parse_body
 from mlctrio.protocol.validate import FieldError, constraints
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
@@ -272,21 +271,12 @@ def _with_message_types(items: object) -> object:
 
 def parse_responses_request(body: object) -> ResponsesRequest:
     """Validate a POST /v1/responses body (InvalidRequestError with `param`, nothing else)."""
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    fields = dict(body)
-    for name, (accepts, why) in UNSUPPORTED_FIELDS.items():
-        if name in fields and not accepts(fields.pop(name)):
-            raise InvalidRequestError(
-                f"Unsupported parameter '{name}': {why}.", param=name, code="unsupported_parameter"
-            )
+    return parse_body(body, ResponsesRequest, UNSUPPORTED_FIELDS, _prepare)
+
+
+def _prepare(fields: dict[str, Any]) -> None:
     if "input" in fields:
         fields["input"] = _with_message_types(fields["input"])
-    try:
-        return CONVERTER.structure(fields, ResponsesRequest)
-    except FieldError as e:
-        where = f"Invalid '{e.param}'" if e.param else "Invalid request"
-        raise InvalidRequestError(f"{where}: {e.message}.", param=e.param, code=e.code) from None
 
 
 # --- the chat equivalent --------------------------------------------------------------------
