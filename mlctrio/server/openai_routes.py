@@ -1,7 +1,7 @@
 """The OpenAI-style routes: registration, and the small ones (/tokenize, /detokenize).
 
 Rules: handlers are module-level functions that find the server state through the app
-(`state.current_state()`); the generation routes live in routes_chat.py,
+(`state.read_request()`, `state.current_state()`); the generation routes live in routes_chat.py,
 routes_completions.py and routes_responses.py; /v1/embeddings in routes_embeddings.py.
 Nothing here imports server/app.py (no cycle).
 """
@@ -20,15 +20,12 @@ from .routes_embeddings import embeddings
 from .routes_page import register_chat_page
 from .routes_responses import responses
 from .routes_router import register_router_routes
-from .state import current_state, json_response, read_json
+from .state import json_response, read_request
 from .streaming import in_thread
 
 
 async def tokenize() -> Response:
-    state = current_state()
-    req = parse_tokenize_request(await read_json())
-    state = state.for_model(req.model)
-    info = state.model_info()
+    _, req, info = await read_request(parse_tokenize_request)
     tokens = await in_thread(lambda: prompts.tokenize(req, info.tokenizer, info.chat_template))
     return json_response(
         {"tokens": tokens, "count": len(tokens), "max_model_len": info.context_window_size}
@@ -36,10 +33,7 @@ async def tokenize() -> Response:
 
 
 async def detokenize() -> Response:
-    state = current_state()
-    req = parse_detokenize_request(await read_json())
-    state = state.for_model(req.model)
-    info = state.model_info()
+    _, req, info = await read_request(parse_detokenize_request)
     vocab = info.tokenizer.vocab_size
     for i, token in enumerate(req.tokens):
         if not 0 <= token < vocab:

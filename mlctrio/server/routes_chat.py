@@ -26,16 +26,13 @@ from ..protocol.openai import parse_chat_request
 from . import generation as g
 from . import prompts, tools
 from .sse import DONE, event
-from .state import ServerState, current_state, json_response, read_json
+from .state import ServerState, json_response, read_request
 from .streaming import EndsWithDone, collect, deadline_for, in_thread, streamed_response
 
 
 async def chat_completions() -> Response:
     arrival = time.monotonic()
-    state = current_state()
-    req = parse_chat_request(await read_json())
-    state = state.for_model(req.model)  # the named model: its engine, name and info
-    info = state.model_info()
+    state, req, info = await read_request(parse_chat_request)
     prompt, params = await prepare_chat(state, info, req)
     call_format = info.tool_call_format if tools.tool_mode(req) else None
     head = g.ResponseHead.new("chatcmpl", "chat.completion", state.model_name)

@@ -19,16 +19,13 @@ from ..protocol.openai import parse_completion_request
 from . import generation as g
 from . import prompts, tools
 from .sse import DONE, event
-from .state import current_state, json_response, read_json
+from .state import json_response, read_request
 from .streaming import EndsWithDone, collect, deadline_for, in_thread, streamed_response
 
 
 async def completions() -> Response:
     arrival = time.monotonic()
-    state = current_state()
-    req = parse_completion_request(await read_json())
-    state = state.for_model(req.model)  # the named model: its engine, name and info
-    info = state.model_info()
+    state, req, info = await read_request(parse_completion_request)
     guided = tools.guided_constraint(req)
     if guided is not None:
         await tools.check_constraint(info, state.model_name, *guided, rename=True)

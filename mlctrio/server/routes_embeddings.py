@@ -28,7 +28,7 @@ from ..protocol.embeddings import embedding_response
 from ..protocol.openai import parse_embedding_request
 from . import generation as g
 from . import prompts
-from .state import current_state, json_response, read_json
+from .state import json_response, read_request
 from .streaming import collect, deadline_for, in_thread
 
 #: Engine requests in flight per HTTP request.
@@ -39,10 +39,7 @@ _PARAMS = SamplingParams(max_tokens=1, temperature=0.0)
 
 async def embeddings() -> Response:
     arrival = time.monotonic()
-    state = current_state()
-    req = parse_embedding_request(await read_json())
-    state = state.for_model(req.model)
-    info = state.model_info()
+    state, req, info = await read_request(parse_embedding_request)
     if info.hidden_size is None:
         raise InvalidRequestError(
             f"The model `{state.model_name}` does not compute embeddings.", param="model"
@@ -62,13 +59,13 @@ async def embeddings() -> Response:
             req, info.tokenizer, window, keep_last=keep, param="input"
         )
     )
-    head = g.ResponseHead.new("embd", "list", state.model_name)
+    request_id = g.new_id("embd")
     deadline = deadline_for(state)
     vectors: list[np.ndarray] = []
     for start in range(0, len(prompt_ids), WAVE):
         wave = [
             GenerationRequest(
-                f"{head.id}-{start + k}", tuple(ids), _PARAMS, arrival, pooling=info.pooling
+                f"{request_id}-{start + k}", tuple(ids), _PARAMS, arrival, pooling=info.pooling
             )
             for k, ids in enumerate(prompt_ids[start : start + WAVE])
         ]

@@ -31,7 +31,7 @@ from ..protocol.responses_output import ResponseObject, new_item_id
 from . import tools
 from .responses_events import OutputBuilder, ResponsesWriter
 from .routes_chat import prepare_chat
-from .state import ServerState, current_state, json_response, read_json
+from .state import ServerState, json_response, read_request
 from .streaming import collect, deadline_for, streamed_response
 
 #: Chat parameter names as the Responses API calls them, for errors from the chat pipeline.
@@ -55,10 +55,7 @@ def _responses_params() -> Iterator[None]:
 
 async def responses() -> Response:
     arrival = time.monotonic()
-    state = current_state()
-    req = parse_responses_request(await read_json())
-    state = state.for_model(req.model)  # the named model: its engine, name and info
-    info = state.model_info()
+    state, req, info = await read_request(parse_responses_request)
     chat = to_chat_request(req)
     with _responses_params():
         prompt, params = await prepare_chat(state, info, chat)

@@ -4,17 +4,17 @@ Rules: this module imports no other route module (routes import it, never the re
 server package has no import cycle. Handlers find the state through the app
 (`current_state()`), never through a closure or a global. A server may serve several models
 (`--additional-models`), each a `ServedModel` with its own engine: a route that takes a `model`
-field finds its model with `state.served(req.model)` (None: the main model) and uses that
-model's `.engine`, `.name` and `.info()`, or works on `state.for_model(req.model)`, the state as
-that model's route sees it (the generation routes); `state.engine` and `state.model_name` are
-the main model's.
+field reads it with `read_request(parse)`, which gives `state.for_model(req.model)` (the state as
+that model's route sees it: its engine, name and info; None names the main model) and the
+model's info; `state.engine` and `state.model_name` are the main model's.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from quart import Response, current_app, request
@@ -114,20 +114,30 @@ class ServerState:
         """The main model's info; 503 while it loads."""
         return self.main.info()
 
-    def check_model(self, model: str | None) -> None:
-        """For routes that serve the main model only: 404 for any other name."""
-        if model is not None and model != self.model_name:
-            self.served(model)  # an unknown name: 404 listing every served model
-            raise ModelNotFoundError(
-                f"The model `{model}` is served, but this route serves `{self.model_name}` only.",
-                param="model",
-            )
-
 
 def current_state() -> ServerState:
     """The state of the app serving the current request."""
     state: ServerState = current_app.extensions[EXTENSION]
     return state
+
+
+class NamesModel(Protocol):
+    """A parsed request body: every route's names the model it is for (None: the main one)."""
+
+    @property
+    def model(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=NamesModel)
+
+
+async def read_request(parse: Callable[[Any], R]) -> tuple[ServerState, R, ModelInfo]:
+    """The body parsed by `parse`, and the model it names: that model's view of the state
+    (`ServerState.for_model`) and its info. 400 for a bad body, 404 for a model not served,
+    503 while it loads."""
+    req = parse(await read_json())
+    state = current_state().for_model(req.model)
+    return state, req, state.model_info()
 
 
 def json_response(body: Any, status: int = 200) -> Response:
