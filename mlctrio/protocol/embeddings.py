@@ -36,7 +36,7 @@ class EmbeddingRequest:
             items={"minimum": 0, "minItems": 1, "items": {"minimum": 0}},
         )
     )
-    model: str | None = None
+    model: str
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = attrs.field(default=None, metadata=constraints(minimum=1))
     user: str | None = None

@@ -19,6 +19,8 @@ from mlctrio.testing.echo import HIDDEN_SIZE, ByteTokenizer
 
 from .conftest import ServerHandle
 
+M = "mock://echo"
+
 
 def _expected(ids: list[int]) -> np.ndarray:
     feats = np.cos(np.outer(np.asarray(ids, np.float64), np.arange(1, HIDDEN_SIZE + 1)))
@@ -60,8 +62,10 @@ def test_batch_vectors_equal_single_vectors_and_keep_order(client: openai.OpenAI
 
 def test_token_id_inputs_and_base64_on_the_wire(server: ServerHandle) -> None:
     with httpx.Client(base_url=server.url) as http:
-        one = http.post("/v1/embeddings", json={"input": [104, 105], "encoding_format": "base64"})
-        many = http.post("/v1/embeddings", json={"input": [[104, 105], [33]]})
+        one = http.post(
+            "/v1/embeddings", json={"model": M, "input": [104, 105], "encoding_format": "base64"}
+        )
+        many = http.post("/v1/embeddings", json={"model": M, "input": [[104, 105], [33]]})
     assert one.status_code == 200 and many.status_code == 200
     raw = one.json()["data"][0]["embedding"]
     assert isinstance(raw, str)
@@ -76,9 +80,12 @@ def test_token_id_inputs_and_base64_on_the_wire(server: ServerHandle) -> None:
 def test_vllm_options_truncate_and_unnormalised(server: ServerHandle) -> None:
     with httpx.Client(base_url=server.url) as http:
         cut = http.post(
-            "/v1/embeddings", json={"input": [1, 2, 3, 104, 105], "truncate_prompt_tokens": 2}
+            "/v1/embeddings",
+            json={"model": M, "input": [1, 2, 3, 104, 105], "truncate_prompt_tokens": 2},
         )
-        raw = http.post("/v1/embeddings", json={"input": [104, 105], "normalize": False})
+        raw = http.post(
+            "/v1/embeddings", json={"model": M, "input": [104, 105], "normalize": False}
+        )
     assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 2
     np.testing.assert_allclose(cut.json()["data"][0]["embedding"], _expected([104, 105]), 1e-6)
     mean = np.cos(np.outer([104.0, 105.0], np.arange(1, HIDDEN_SIZE + 1))).mean(axis=0)
@@ -98,13 +105,14 @@ def test_vllm_options_truncate_and_unnormalised(server: ServerHandle) -> None:
         ({"input": "x", "model": "nope"}, 404, "model"),
         ({"input": "x" * 10_000}, 400, "input"),  # past the 4096-token window
         ({"input": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+        ({"input": "x", "model": None}, 400, "model"),  # required, as in OpenAI's schema
     ],
 )
 def test_bad_requests_get_openai_errors(
     server: ServerHandle, body: dict[str, object], status: int, param: str
 ) -> None:
     with httpx.Client(base_url=server.url) as http:
-        response = http.post("/v1/embeddings", json=body)
+        response = http.post("/v1/embeddings", json={"model": M, **body})
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param
 
