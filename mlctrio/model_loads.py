@@ -31,7 +31,13 @@ from .config import ServerConfig
 from .errors import MlctrioError, ModelLoadError
 from .loader import CoreFactory, core_factory
 from .service import AsyncEngine
-from .sizing import DoesNotFit, MemoryEstimate, MemoryPlan, available_memory_bytes
+from .sizing import (
+    DoesNotFit,
+    MemoryEstimate,
+    MemoryPlan,
+    available_memory_bytes,
+    usable_cpu_count,
+)
 
 FactoryFor = Callable[[ServerConfig], CoreFactory]
 
@@ -93,13 +99,6 @@ async def load_unless_stopped(model_load: ModelLoad, stop: trio.Event) -> bool:
     return model_load.loaded is not None
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def split_threads(configs: tuple[ServerConfig, ...]) -> tuple[ServerConfig, ...]:
     """Each engine's TVM pool: cores // N threads with N models, unless the operator chose
     (TVM_NUM_THREADS, or `--overrides num_threads=`)."""
@@ -107,7 +106,7 @@ def split_threads(configs: tuple[ServerConfig, ...]) -> tuple[ServerConfig, ...]
         return configs
     if configs[0].overrides.num_threads is not None:
         return configs
-    threads = max(1, cpu_count() // len(configs))
+    threads = max(1, usable_cpu_count() // len(configs))
     overrides = attrs.evolve(configs[0].overrides, num_threads=threads)
     return tuple(attrs.evolve(c, overrides=overrides) for c in configs)
 

@@ -16,6 +16,7 @@ and a model that does not fit is refused with every model's numbers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import attrs
@@ -75,6 +76,15 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return 4 * GIB
+
+
+def usable_cpu_count() -> int:
+    """The cores this process may run on (its affinity set: taskset, a container's cpuset),
+    which can be fewer than the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _workspace_bytes(fp: ModelFootprint, prefill_chunk_size: int, max_num_sequence: int) -> int:

@@ -34,17 +34,19 @@ from tvm import relax
 from mlctrio.engine.runner import LaunchHook
 from mlctrio.errors import EngineError, ModelLoadError
 from mlctrio.models.llama_config import LlamaConfig
+from mlctrio.sizing import usable_cpu_count
 
 log = logging.getLogger(__name__)
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Set TVM_NUM_THREADS (default: all cores) and limit OpenBLAS to 1 thread. Returns TVM's count.
+    """Set TVM_NUM_THREADS (default: every core this process may use) and limit OpenBLAS to 1
+    thread. Returns TVM's count.
 
     An explicit TVM_NUM_THREADS in the environment wins. Takes effect only before TVM's thread pool
     starts (the first parallel kernel in the process).
     """
-    n = num_threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or os.cpu_count() or 1
+    n = num_threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or usable_cpu_count()
     os.environ.setdefault("TVM_NUM_THREADS", str(n))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # for libraries loaded later
     set_openblas_threads(1)  # numpy's OpenBLAS is already loaded: tell it directly

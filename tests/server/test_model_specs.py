@@ -203,7 +203,7 @@ def test_engines_split_the_cores_unless_the_operator_chose(
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr("mlctrio.model_loads.cpu_count", lambda: 8)
+    monkeypatch.setattr("mlctrio.model_loads.usable_cpu_count", lambda: 8)
     config = ServerConfig(
         model="mock://echo", overrides=overrides, additional_models=(ModelSpec("demo://tiny"),)
     )
