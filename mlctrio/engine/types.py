@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from typing import Literal
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
@@ -164,4 +166,4 @@ class RequestOutput:
     #: one entry per prompt token, None for the first (nothing predicts it).
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     #: An embedding request's final record: the pooled hidden state (not normalised).
-    embedding: tuple[float, ...] | None = None
+    embedding: npt.NDArray[np.float32] | None = attrs.field(default=None, eq=False)

@@ -65,18 +65,21 @@ class EmbeddingRequest:
         return value  # type: ignore[return-value]
 
 
-Vector = Sequence[float] | npt.NDArray[np.float32]
-
-
-def encode_vector(vector: Vector, encoding_format: str | None) -> list[float] | str:
+def encode_vector(
+    vector: npt.NDArray[np.float32], encoding_format: str | None
+) -> list[float] | str:
     """One embedding as the response carries it: a list of floats, or base64 of float32 bytes."""
     if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(v) for v in vector]
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
+    result: list[float] = vector.tolist()
+    return result
 
 
 def embedding_response(
-    model: str, vectors: Sequence[Vector], encoding_format: str | None, prompt_tokens: int
+    model: str,
+    vectors: Sequence[npt.NDArray[np.float32]],
+    encoding_format: str | None,
+    prompt_tokens: int,
 ) -> dict[str, Any]:
     """The JSON body of a successful POST /v1/embeddings."""
     return {

@@ -82,7 +82,7 @@ class RequestState:
     prefill_done: bool = False
     #: prompt logprobs / embedding accumulation (runtime/prompt_outputs.py), None when unasked
     prompt: PromptOutputs | None = None
-    embedding: tuple[float, ...] | None = None  # an embedding request's result, once computed
+    embedding: npt.NDArray[np.float32] | None = None  # an embedding request's result, once computed
 
     def banned_for(self, index: int) -> npt.NDArray[np.int64] | None:
         """The ids choice `index` may not sample next (min_tokens, ignore_eos), or None."""

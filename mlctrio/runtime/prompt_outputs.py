@@ -108,13 +108,13 @@ class PromptOutputs:
         self._delivered = True
         return tuple(self.logprobs)
 
-    def embedding(self) -> tuple[float, ...]:
+    def embedding(self) -> npt.NDArray[np.float32]:
         """The pooled hidden state (the whole prompt must have been added)."""
         if self._pooled is None:
             raise RuntimeError("the prompt's hidden states were never computed")
         pooled = self._pooled / len(self.prompt) if self.pooling == "mean" else self._pooled
         self._delivered = True
-        return tuple(pooled.astype(np.float32).tolist())
+        return pooled.astype(np.float32)
 
 
 def _text(token_str: TokenStr, token_id: int, logprob: float) -> tuple[str, float, tuple[int, ...]]:

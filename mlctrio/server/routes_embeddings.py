@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import numpy.typing as npt
 from quart import Response
 
 from ..engine.types import GenerationRequest, SamplingParams
@@ -61,7 +62,7 @@ async def embeddings() -> Response:
     )
     request_id = g.new_id("embd")
     deadline = deadline_for(state)
-    vectors: list[np.ndarray] = []
+    vectors: list[npt.NDArray[np.float32]] = []
     for start in range(0, len(prompt_ids), WAVE):
         wave = [
             GenerationRequest(
@@ -73,7 +74,7 @@ async def embeddings() -> Response:
         for request in wave:
             embedding = finals[request.request_id].embedding
             assert embedding is not None, "an embedding request ends with its embedding"
-            vectors.append(np.asarray(embedding, dtype=np.float32))
+            vectors.append(embedding)
     if req.normalize is not False:
         vectors = [v / max(float(np.linalg.norm(v)), 1e-12) for v in vectors]
     num_tokens = sum(len(ids) for ids in prompt_ids)
