@@ -37,35 +37,37 @@ def forward(
     """Run `entries` (with each one's `PromptOutputs`, or None) and return their logits rows."""
     batch = [(e.seq_id, e.token_ids) for e in entries]
     every = [
-        k for k, (e, p) in enumerate(zip(entries, prompts, strict=True)) if p and p.covers(e.start)
+        (k, p)
+        for k, (e, p) in enumerate(zip(entries, prompts, strict=True))
+        if p is not None and p.covers(e.start)
     ]
     if not every:
         return runner.step(batch)
-    hidden = [k for k in every if prompts[k].pooling is not None]  # type: ignore[union-attr]
-    logits_all = [k for k in every if prompts[k].pooling is None]  # type: ignore[union-attr]
-    chosen = set(every)
+    chosen = {k for k, _ in every}
     plain = [k for k in range(len(entries)) if k not in chosen]
     out: npt.NDArray[np.float32] | None = None
     if plain:
         rows = runner.step([batch[k] for k in plain])
         out = _rows_for(len(entries), rows.shape[1])
         out[plain] = rows
+    logits_all = [(k, p) for k, p in every if p.pooling is None]
     if logits_all:
         verify = getattr(runner, "verify", None)
         if verify is None:
             raise EngineError("this model cannot compute prompt logprobs")
-        rows = verify([batch[k] for k in logits_all])
+        rows = verify([batch[k] for k, _ in logits_all])
         out = out if out is not None else _rows_for(len(entries), rows.shape[1])
-        for k, chunk in zip(logits_all, _split(rows, entries, logits_all), strict=True):
-            prompts[k].add_logits(entries[k].start, chunk, vocab, token_str)  # type: ignore[union-attr]
+        for (k, p), chunk in zip(logits_all, _split(rows, entries, logits_all), strict=True):
+            p.add_logits(entries[k].start, chunk, vocab, token_str)
             out[k] = chunk[-1]
+    hidden = [(k, p) for k, p in every if p.pooling is not None]
     if hidden:
         hidden_of = getattr(runner, "hidden", None)
         if hidden_of is None:
             raise EngineError("this model cannot compute embeddings")
-        rows = hidden_of([batch[k] for k in hidden])
-        for k, chunk in zip(hidden, _split(rows, entries, hidden), strict=True):
-            prompts[k].add_hidden(entries[k].start, chunk)  # type: ignore[union-attr]
+        rows = hidden_of([batch[k] for k, _ in hidden])
+        for (k, p), chunk in zip(hidden, _split(rows, entries, hidden), strict=True):
+            p.add_hidden(entries[k].start, chunk)
     return out if out is not None else _rows_for(len(entries), runner.vocab_size)
 
 
@@ -74,8 +76,10 @@ def _rows_for(num_entries: int, width: int) -> npt.NDArray[np.float32]:
 
 
 def _split(
-    rows: npt.NDArray[np.float32], entries: Sequence[BatchEntry], picked: Sequence[int]
+    rows: npt.NDArray[np.float32],
+    entries: Sequence[BatchEntry],
+    picked: Sequence[tuple[int, PromptOutputs]],
 ) -> list[npt.NDArray[np.float32]]:
     """Cut the per-position rows of a verify/hidden call into one block per picked entry."""
-    bounds = np.cumsum([len(entries[k].token_ids) for k in picked])[:-1]
+    bounds = np.cumsum([len(entries[k].token_ids) for k, _ in picked])[:-1]
     return np.split(rows, bounds)
