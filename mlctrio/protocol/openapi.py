@@ -187,16 +187,12 @@ def _operation(builder: SchemaBuilder, route: str) -> dict[str, Any]:
         stream["x-sse-data"] = STREAM_EVENT_SCHEMA
         return operation
     if route == "POST /v1/embeddings":
-        return {
-            "summary": "Create embeddings (the model's final hidden states, pooled)",
-            "requestBody": {
-                "required": True,
-                "content": _json(builder.ref(EmbeddingRequest, "input")),
-            },
-            "responses": {
-                "200": {"description": "One vector per input", "content": _json(_EMBEDDINGS)}
-            },
-        }
+        return _json_post(
+            "Create embeddings (the model's final hidden states, pooled)",
+            builder.ref(EmbeddingRequest, "input"),
+            "One vector per input",
+            _EMBEDDINGS,
+        )
     if route == "POST /tokenize":
         body = {
             "oneOf": [
@@ -204,30 +200,19 @@ def _operation(builder: SchemaBuilder, route: str) -> dict[str, Any]:
                 builder.ref(TokenizeChatRequest, "input"),
             ]
         }
-        return {
-            "summary": "Tokenize a prompt or chat messages (after the chat template)",
-            "requestBody": {"required": True, "content": _json(body)},
-            "responses": {
-                "200": {
-                    "description": "Token ids",
-                    "content": _json(builder.ref(TokenizeResponse, "output")),
-                }
-            },
-        }
+        return _json_post(
+            "Tokenize a prompt or chat messages (after the chat template)",
+            body,
+            "Token ids",
+            builder.ref(TokenizeResponse, "output"),
+        )
     if route == "POST /detokenize":
-        return {
-            "summary": "Turn token ids back into text",
-            "requestBody": {
-                "required": True,
-                "content": _json(builder.ref(DetokenizeRequest, "input")),
-            },
-            "responses": {
-                "200": {
-                    "description": "The text",
-                    "content": _json(builder.ref(DetokenizeResponse, "output")),
-                }
-            },
-        }
+        return _json_post(
+            "Turn token ids back into text",
+            builder.ref(DetokenizeRequest, "input"),
+            "The text",
+            builder.ref(DetokenizeResponse, "output"),
+        )
     if route == "GET /health":
         return {
             "summary": "Liveness and readiness",
@@ -244,6 +229,15 @@ def _operation(builder: SchemaBuilder, route: str) -> dict[str, Any]:
             },
         }
     raise ValueError(f"unknown route {route!r}; known: {', '.join(ALL_ROUTES)}")
+
+
+def _json_post(summary: str, body: Any, answer: str, answer_schema: Any) -> dict[str, Any]:
+    """A POST operation taking and answering JSON."""
+    return {
+        "summary": summary,
+        "requestBody": {"required": True, "content": _json(body)},
+        "responses": {"200": {"description": answer, "content": _json(answer_schema)}},
+    }
 
 
 def _error_codes(route: str, api_key_required: bool) -> list[str]:
