@@ -38,6 +38,7 @@ class EngineOverrides:
     prefix_cache_max_num_recycling_seqs: int | None = None
     kv_page_size: int | None = None
     num_threads: int | None = None
+    max_prefill_tokens_while_decoding: int | None = None  # mlctrio's own (EngineConfig)
 
     @classmethod
     def parse(cls, text: str) -> EngineOverrides:

@@ -147,6 +147,10 @@ def resolve_engine_config(
         prefix_cache_mode=config.prefix_cache_mode,
         num_threads=o.num_threads,
     )
+    if o.max_prefill_tokens_while_decoding is not None:
+        engine = attrs.evolve(
+            engine, max_prefill_tokens_while_decoding=o.max_prefill_tokens_while_decoding
+        )
     if o.prefix_cache_max_num_recycling_seqs is not None:
         engine = attrs.evolve(
             engine, prefix_cache_max_num_recycling_seqs=o.prefix_cache_max_num_recycling_seqs

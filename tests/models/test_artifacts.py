@@ -164,6 +164,9 @@ def test_modes_and_overrides() -> None:
     assert estimate.total_bytes <= estimate.budget_bytes
     tuned, _ = _resolve("server", "max_num_sequence=8;max_total_seq_length=20000")
     assert tuned.max_num_sequence == 8 and tuned.max_total_seq_length == 20000
+    assert server.max_prefill_tokens_while_decoding == 256  # the default
+    smooth, _ = _resolve("server", "max_prefill_tokens_while_decoding=64")
+    assert smooth.max_prefill_tokens_while_decoding == 64
 
 
 def test_impossible_settings_fail_clearly() -> None:
