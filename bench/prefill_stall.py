@@ -2,8 +2,10 @@
 
 8 streams decode; then a 2,000-token prompt arrives. With chunked prefill (prefill_chunk_size
 256) the scheduler mixes each prompt chunk with the running decodes, so each stream keeps getting
-a token every step; without it (chunk >= prompt) one step carries the whole prompt and every
-stream waits for it. Prints the streams' ITL (p50, p99, max) before and after the arrival.
+a token every step; without it (chunk >= prompt, and the engine's cap on prompt tokens in a
+decoding step, `max_prefill_tokens_while_decoding`, raised to match) one step carries the whole
+prompt and every stream waits for it. Prints the streams' ITL (p50, p99, max) before and after
+the arrival, and the long prompt's time to first token (what the chunking costs it).
 
     python bench/prefill_stall.py [--model demo://small] [--prompt-tokens 2000]
 """
@@ -23,7 +25,10 @@ def run(model: str, chunk: int, prompt_tokens: int) -> dict[str, list[float]]:
         model=model,
         mode="server",
         overrides=EngineOverrides(
-            max_num_sequence=16, prefill_chunk_size=chunk, max_total_seq_length=16384
+            max_num_sequence=16,
+            prefill_chunk_size=chunk,
+            max_total_seq_length=16384,
+            max_prefill_tokens_while_decoding=chunk,  # else the 256 cap hides "unchunked"
         ),
     )
     core, _ = load_model(config)
@@ -41,11 +46,14 @@ def run(model: str, chunk: int, prompt_tokens: int) -> dict[str, list[float]]:
             prompt = tuple((7 * k) % (vocab - 10) + 5 for k in range(prompt_tokens))
             core.add_request(GenerationRequest("long", prompt, SamplingParams(max_tokens=1)))
             phase = "during"
+            arrived = time.perf_counter()
         outputs = core.step()
         now = time.perf_counter()
         steps += 1
         for out in outputs:
             if out.request_id == "long":
+                if out.finished and not long_done:
+                    gaps["ttft"] = [now - arrived]
                 long_done = long_done or out.finished
                 continue
             if out.request_id in last:
@@ -76,13 +84,17 @@ def main() -> None:
         gaps = run(args.model, chunk, args.prompt_tokens)
         rows.append((label, gaps))
     print(f"8 running streams; a {args.prompt_tokens}-token prompt arrives at step 30\n")
-    print(f"{'prefill':<15} {'phase':<8} {'ITL p50 ms':>11} {'p99 ms':>8} {'max ms':>8}")
+    print(
+        f"{'prefill':<15} {'phase':<8} {'ITL p50 ms':>11} {'p99 ms':>8} {'max ms':>8} "
+        f"{'long prompt TTFT ms':>20}"
+    )
     for label, gaps in rows:
         for phase in ("before", "during"):
             g = gaps[phase]
+            ttft = f"{1000 * gaps['ttft'][0]:>20.0f}" if phase == "during" else ""
             print(
                 f"{label:<15} {phase:<8} {_ms(g, 0.5):>11.1f} {_ms(g, 0.99):>8.1f} "
-                f"{1000 * max(g):>8.1f}"
+                f"{1000 * max(g):>8.1f} {ttft}"
             )
 
 
