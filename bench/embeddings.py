@@ -18,20 +18,36 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from _common import open_mlctrio_server, print_table
 
+if __package__ in (None, ""):  # run as a script: make the `bench` namespace package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import open_mlctrio_server, print_table
 from mlctrio.cli import DEFAULT_MODEL
 
+_WORDS = (
+    "the model server answers every request with tokens from a compiled graph while other "
+    "clients stream their chat replies over the same port and nobody waits too long for a "
+    "page of cache memory that holds keys and values for each sequence in the batch"
+).split()
 
-def _inputs(n: int, tokens: int, seed: int) -> list[list[int]]:
+
+def _inputs(http: httpx.Client, model: str, n: int, tokens: int, seed: int) -> list[list[int]]:
+    """n inputs of exactly `tokens` token ids of the served model: windows of a tokenized text
+    of shuffled words (valid ids for any tokenizer, unlike random ids)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(100, 20_000, tokens).tolist() for _ in range(n)]
+    text = " ".join(rng.choice(_WORDS, size=2 * n * tokens))
+    body = {"model": model, "prompt": text, "add_special_tokens": False}
+    ids = http.post("/tokenize", json=body, timeout=120).json()["tokens"]
+    return [ids[k * tokens : (k + 1) * tokens] for k in range(n)]
 
 
 def embed(http: httpx.Client, model: str, inputs: list[list[int]]) -> float:
@@ -45,12 +61,12 @@ def embed(http: httpx.Client, model: str, inputs: list[list[int]]) -> float:
 def throughput(url: str, model: str, tokens: int, batch: int, repeat: int) -> list[dict[str, Any]]:
     rows = []
     with httpx.Client(base_url=url) as http:
-        embed(http, model, _inputs(2, tokens, 0))  # warm-up
-        singles = _inputs(batch, tokens, 1)
+        embed(http, model, _inputs(http, model, 2, tokens, 0))  # warm-up
+        singles = _inputs(http, model, batch, tokens, 1)
         best1 = min(sum(embed(http, model, [x]) for x in singles) for _ in range(repeat))
         rows.append({"inputs per request": 1, "inputs": batch, "emb/s": batch / best1,
                      "prompt tok/s": batch * tokens / best1})  # fmt: skip
-        many = _inputs(batch, tokens, 2)
+        many = _inputs(http, model, batch, tokens, 2)
         best = min(embed(http, model, many) for _ in range(repeat))
         rows.append({"inputs per request": batch, "inputs": batch, "emb/s": batch / best,
                      "prompt tok/s": batch * tokens / best})  # fmt: skip
@@ -95,7 +111,7 @@ def burst(url: str, model: str, streams: int, tokens: int, n: int) -> list[dict[
     time.sleep(2.0)
     with httpx.Client(base_url=url) as http:
         start = time.perf_counter()
-        took = embed(http, model, _inputs(n, tokens, 3))
+        took = embed(http, model, _inputs(http, model, n, tokens, 3))
         end = time.perf_counter()
     for t in threads:
         t.join()

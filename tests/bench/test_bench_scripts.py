@@ -410,3 +410,24 @@ def test_max_logprob_diff() -> None:
     assert max_logprob_diff(ours, theirs, 1) == pytest.approx(0.0)
     assert max_logprob_diff(ours, theirs, 2) == pytest.approx(0.8)  # byte-token text skipped
     assert max_logprob_diff([{"a": 0.0}], [{"a": -1.0, "b": 0.0}], 1) is None  # one shared
+
+
+def test_embeddings_bench_counts_what_it_reports(server_url: str) -> None:
+    """bench/embeddings.py against mock://echo: both throughput rows embed `batch` inputs of
+    `tokens` tokens, and the ITL summary takes only the gaps inside its window."""
+    from bench.embeddings import _inputs, _itl, throughput
+
+    model = httpx.get(server_url + "/v1/models").json()["data"][0]["id"]
+    rows = throughput(server_url, model, tokens=8, batch=3, repeat=1)
+    assert [r["inputs per request"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["inputs"] == 3
+        assert row["prompt tok/s"] == pytest.approx(row["emb/s"] * 8)
+    with httpx.Client(base_url=server_url) as http:
+        inputs = _inputs(http, model, 5, 8, seed=0)
+    assert [len(i) for i in inputs] == [8] * 5 and inputs[0] != inputs[1]
+    stamps = [[0.0, 0.010, 0.030, 1.0], [0.005, 0.025]]
+    summary = _itl(stamps, 0.0, 0.5)  # gaps 10, 20 (stream 1) and 20 ms (stream 2); not 970
+    assert summary["gaps"] == 3.0
+    assert summary["ITL p50 ms"] == pytest.approx(20.0)
+    assert summary["ITL max ms"] == pytest.approx(20.0)
