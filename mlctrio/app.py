@@ -48,7 +48,8 @@ from quart_trio import QuartTrio
 from .cli import RaisingParser, build_parser, config_from_args, configure_logging
 from .config import ServerConfig
 from .errors import MlctrioError
-from .serve import ModelSet, add_access_log, exit_now, one_line, serve_engines_announced
+from .model_loads import ModelSet, one_line
+from .serve import add_access_log, exit_now, serve_engines_announced
 from .server.app import create_app
 from .service import AbortReason, EngineState, stop_engine
 

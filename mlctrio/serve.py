@@ -40,22 +40,9 @@ from . import hypercorn_patches  # noqa: F401  (applied on import)
 from .config import ServerConfig
 from .errors import ConfigError, MlctrioError, ModelLoadError
 from .loader import core_factory
-from .model_loads import ModelLoad, ModelSet, load_unless_stopped, one_line
+from .model_loads import ModelSet
 from .server.app import ServerState, create_app, drain
 from .service import serve_engine, stop_engine
-
-__all__ = [
-    "ModelLoad",
-    "ModelSet",
-    "RunningServer",
-    "add_access_log",
-    "exit_now",
-    "load_unless_stopped",
-    "one_line",
-    "run",
-    "serve",
-    "serve_engines_announced",
-]
 
 log = logging.getLogger("mlctrio")
 ACCESS_LOGGER = "mlctrio.access"

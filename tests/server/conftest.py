@@ -25,7 +25,8 @@ import pytest
 import trio
 
 from mlctrio.config import ServerConfig
-from mlctrio.serve import ModelSet, RunningServer, serve
+from mlctrio.model_loads import ModelSet
+from mlctrio.serve import RunningServer, serve
 
 
 @attrs.define

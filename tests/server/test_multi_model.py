@@ -22,7 +22,7 @@ import trio
 
 from mlctrio.config import ModelSpec, ServerConfig
 from mlctrio.loader import CoreFactory, core_factory
-from mlctrio.serve import ModelSet
+from mlctrio.model_loads import ModelSet
 from mlctrio.service import EngineState
 
 from .conftest import ServerHandle, metric_total
