@@ -51,7 +51,7 @@ from .errors import MlctrioError
 from .model_loads import ModelSet, one_line
 from .serve import add_access_log, exit_now, serve_engines_announced
 from .server.app import create_app
-from .service import AbortReason, EngineState, stop_engine
+from .service import shut_down
 
 log = logging.getLogger("mlctrio")
 
@@ -146,9 +146,7 @@ def create_app_from_env(env: Mapping[str, str] | None = None) -> QuartTrio:
     async def _stop_engine() -> None:
         stopping.set()  # a load still running is abandoned
         for engine in models.engines:
-            engine.state = EngineState.DRAINING
-            engine.abort_all(AbortReason.SHUTDOWN)
-            stop_engine(engine)
+            shut_down(engine)
 
     return app
 

@@ -363,3 +363,10 @@ def stop_engine(engine: AsyncEngine) -> None:
     """Make the worker close the core (aborting what is left) and exit. Synchronous."""
     engine._stop_requested.set()
     engine._commands.put(Stop())
+
+
+def shut_down(engine: AsyncEngine) -> None:
+    """At server shutdown: refuse new requests, abort the open ones (reason "shutdown"), stop."""
+    engine.state = EngineState.DRAINING
+    engine.abort_all(AbortReason.SHUTDOWN)
+    stop_engine(engine)

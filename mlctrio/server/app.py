@@ -26,7 +26,7 @@ from werkzeug.routing import PathConverter
 from ..config import ServerConfig
 from ..errors import AuthenticationError, InvalidRequestError, RequestError
 from ..metrics import Metrics
-from ..service import AbortReason, AsyncEngine, EngineState, serve_engine, stop_engine
+from ..service import AbortReason, AsyncEngine, EngineState, serve_engine, shut_down
 from . import cors
 from .asgi import ConnectionGuard
 from .errors import error_response, from_http_exception, internal_error
@@ -108,9 +108,7 @@ def create_app(
         @app.after_serving
         async def _stop_engine() -> None:
             for each in engines:
-                each.state = EngineState.DRAINING
-                each.abort_all(AbortReason.SHUTDOWN)
-                stop_engine(each)
+                shut_down(each)
 
     app.before_request(_auth_and_cors)
     app.after_request(_cors_headers)
