@@ -63,6 +63,7 @@ _VALUE_FLAGS = (
     "mode",
     "overrides",
     "prefix_cache_mode",
+    "speculative_mode",
     "allow_origins",
     "allow_methods",
     "allow_headers",

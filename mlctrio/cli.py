@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import EngineOverrides, ModelSpec, ServerConfig
+from .config import SPECULATIVE_MODES, EngineOverrides, ModelSpec, ServerConfig
 from .errors import ConfigError, MlctrioError
 
 DEFAULT_MODEL = "embedded://SmolLM2-135M-Instruct"
@@ -119,6 +119,14 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
         help='engine settings over the mode\'s, e.g. "max_num_sequence=8;prefill_chunk_size=512"',
     )
     serve.add_argument("--prefix-cache-mode", choices=["radix", "disable"], default="radix")
+    serve.add_argument(
+        "--speculative-mode",
+        choices=SPECULATIVE_MODES,
+        default="disable",
+        help="draft tokens and verify them in one model call (output unchanged): ngram (prompt "
+        "lookup) or small_draft (the first --additional-models entry drafts); see --overrides "
+        "spec_draft_length (0: adaptive) and spec_max_batch",
+    )
     serve.add_argument("--allow-origins", type=_json_list("--allow-origins"), default=())
     serve.add_argument("--allow-methods", type=_json_list("--allow-methods"), default=("*",))
     serve.add_argument("--allow-headers", type=_json_list("--allow-headers"), default=("*",))
@@ -329,14 +337,32 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         access_log=args.access_log,
         disable_chat_page=args.disable_chat_page,
         vllm_metrics=args.vllm_metrics,
+        speculative_mode=args.speculative_mode,
+        draft_model=draft_model(args),
         additional_models=additional_models(args),
     )
 
 
 def additional_models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
-    """--additional-models, then --embedding-model (one more of them)."""
+    """--additional-models, then --embedding-model (one more of them); with
+    `--speculative-mode small_draft` the first --additional-models entry is the draft model."""
     embedding = [args.embedding_model] if args.embedding_model is not None else []
-    return (*args.additional_models, *embedding)
+    more = list(args.additional_models)
+    if args.speculative_mode == "small_draft":
+        more = more[1:]
+    return (*more, *embedding)
+
+
+def draft_model(args: argparse.Namespace) -> ModelSpec | None:
+    """small_draft's draft model (mlc_llm's way: the first --additional-models entry)."""
+    if args.speculative_mode != "small_draft":
+        return None
+    if not args.additional_models:
+        raise ConfigError(
+            "--speculative-mode small_draft needs a draft model: --additional-models DRAFT"
+        )
+    first: ModelSpec = args.additional_models[0]
+    return first
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -18,6 +18,8 @@ from .errors import ConfigError
 
 Mode = Literal["local", "interactive", "server"]
 PrefixCacheMode = Literal["radix", "disable"]
+SpeculativeMode = Literal["disable", "small_draft", "eagle", "medusa", "ngram"]
+SPECULATIVE_MODES: tuple[str, ...] = ("disable", "small_draft", "eagle", "medusa", "ngram")
 
 
 @attrs.frozen
@@ -39,6 +41,9 @@ class EngineOverrides:
     kv_page_size: int | None = None
     num_threads: int | None = None
     max_prefill_tokens_while_decoding: int | None = None  # mlctrio's own (EngineConfig)
+    spec_draft_length: int | None = None  # 0: adaptive
+    spec_tree_width: int | None = None
+    spec_max_batch: int | None = None  # mlctrio's own (EngineConfig)
 
     @classmethod
     def parse(cls, text: str) -> EngineOverrides:
@@ -66,7 +71,13 @@ class EngineOverrides:
             if key == "gpu_memory_utilization":
                 if not 0.0 < value <= 1.0:
                     raise ConfigError("--overrides: gpu_memory_utilization must be in (0, 1]")
-            elif value <= 0 and key not in ("sliding_window_size", "attention_sink_size"):
+            elif key == "spec_draft_length" and value < 0:
+                raise ConfigError("--overrides: spec_draft_length must be >= 0 (0: adaptive)")
+            elif value <= 0 and key not in (
+                "sliding_window_size",
+                "attention_sink_size",
+                "spec_draft_length",
+            ):
                 raise ConfigError(f"--overrides: {key} must be positive, got {value}")
             values[key] = value
         return cls(**values)  # type: ignore[arg-type]
@@ -90,6 +101,11 @@ class EngineConfig:
     #: Prompt tokens a step may carry while requests are decoding (engine/scheduler.py): on a
     #: CPU a step of 2048 prompt tokens takes seconds, and every running stream waits for it.
     max_prefill_tokens_while_decoding: int = 256
+    #: Speculative decoding (runtime/speculative.py): the mode, the draft length (0: adaptive
+    #: per choice), and the most decoding choices a step may have and still draft.
+    speculative_mode: SpeculativeMode = "disable"
+    spec_draft_length: int = 0
+    spec_max_batch: int = 4
 
 
 @attrs.frozen
@@ -147,6 +163,10 @@ class ServerConfig:
     mode: Mode = "local"
     overrides: EngineOverrides = attrs.field(factory=EngineOverrides)
     prefix_cache_mode: PrefixCacheMode = "radix"
+    speculative_mode: SpeculativeMode = "disable"
+    #: small_draft's draft model (the first --additional-models entry in that mode): its
+    #: engine is the main model's, so it is not served under a name of its own
+    draft_model: ModelSpec | None = None
     allow_origins: tuple[str, ...] = ()
     allow_methods: tuple[str, ...] = ("*",)
     allow_headers: tuple[str, ...] = ("*",)
@@ -193,7 +213,9 @@ class ServerConfig:
     def model_configs(self) -> tuple[ServerConfig, ...]:
         """One configuration per served model, the main one (this) first. Additional models
         share every setting but the model, its name and `--model-lib` (the main model's)."""
-        base = attrs.evolve(self, model_lib=None, additional_models=())
+        base = attrs.evolve(self, model_lib=None, additional_models=(), draft_model=None)
+        if self.speculative_mode == "small_draft":  # the draft model drafts for MODEL only
+            base = attrs.evolve(base, speculative_mode="disable")
         more = [
             attrs.evolve(base, model=s.model, served_model_name=s.name)
             for s in self.additional_models

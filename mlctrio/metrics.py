@@ -79,6 +79,13 @@ _TOKENS = {
 }
 
 
+_SPEC = {  # attribute -> help; EngineStats field: spec_<name without spec_decode_>_total
+    "spec_decode_num_drafts": "Speculative drafts verified (one per decoding choice and step).",
+    "spec_decode_num_draft_tokens": "Tokens drafted and verified.",
+    "spec_decode_num_accepted_tokens": "Drafted tokens the target model accepted.",
+}
+
+
 def _families(r: CollectorRegistry) -> dict[str, Any]:
     """The mlctrio_* metric families of a registry, by attribute name (created once per
     registry: prometheus refuses a name registered twice; each model labels its children)."""
@@ -94,6 +101,14 @@ def _families(r: CollectorRegistry) -> dict[str, Any]:
         "mlctrio_request_success",
         "Requests finished, by finish reason.",
         ["model_name", "finished_reason"],
+        registry=r,
+    )
+    for attr, doc in _SPEC.items():
+        out[attr] = Counter(f"mlctrio_{attr}", doc, ["model_name", "mode"], registry=r)
+    out["spec_decode_mean_accepted_length"] = Gauge(
+        "mlctrio_spec_decode_mean_accepted_length",
+        "Drafted tokens accepted per verified draft, since start (tokens per step: this + 1).",
+        ["model_name", "mode"],
         registry=r,
     )
     out["_aborted"] = Counter(
@@ -191,6 +206,20 @@ class Metrics:
         self._advance(self.num_preemptions, stats, "num_preemptions_total")
         self._advance(self.prefix_cache_queries, stats, "num_prefix_cache_query_tokens_total")
         self._advance(self.prefix_cache_hits, stats, "num_prefix_cache_hit_tokens_total")
+        mode = getattr(stats, "spec_mode", "disable")
+        if mode != "disable":
+            self._observe_spec(stats, mode)
+
+    def _observe_spec(self, stats: Any, mode: str) -> None:
+        assert self._families is not None
+        for attr in _SPEC:
+            field = "spec_" + attr.removeprefix("spec_decode_") + "_total"
+            self._advance(self._families[attr].labels(self.model_name, mode), stats, field)
+        if stats.spec_num_drafts_total:
+            mean = stats.spec_num_accepted_tokens_total / stats.spec_num_drafts_total
+            self._families["spec_decode_mean_accepted_length"].labels(self.model_name, mode).set(
+                mean
+            )
 
     def _advance(self, counter: Any, stats: Any, total_field: str) -> None:
         total = int(getattr(stats, total_field, 0))

@@ -151,6 +151,10 @@ def resolve_engine_config(
         engine = attrs.evolve(
             engine, max_prefill_tokens_while_decoding=o.max_prefill_tokens_while_decoding
         )
+    engine = attrs.evolve(engine, speculative_mode=config.speculative_mode)
+    for key in ("spec_draft_length", "spec_max_batch"):
+        if (value := getattr(o, key)) is not None:
+            engine = attrs.evolve(engine, **{key: value})
     if o.prefix_cache_max_num_recycling_seqs is not None:
         engine = attrs.evolve(
             engine, prefix_cache_max_num_recycling_seqs=o.prefix_cache_max_num_recycling_seqs

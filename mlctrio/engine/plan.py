@@ -30,6 +30,9 @@ class BatchEntry:
     fork_seq_ids: tuple[int, ...] = ()  # children forked from seq_id after the step
     sample_branches: tuple[int, ...] = ()  # branch indices sampling from this row's logits
     start: int = 0  # position in the sequence of token_ids[0]
+    #: speculative decoding: the last num_draft token_ids are drafted (engine/drafts.py); the
+    #: entry then has num_draft + 1 rows of logits, one per position from the pending token on
+    num_draft: int = 0
 
 
 @attrs.frozen

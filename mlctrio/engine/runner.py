@@ -13,7 +13,9 @@ methods, looked up by name, serve requests that need the model's output at every
 position (runtime/forward.py): `verify(batch)` returns the logits at every new position
 ((sum of lengths, vocab_size): prompt logprobs) and `hidden(batch)` the final hidden states at
 every new position ((sum of lengths, hidden_size): embeddings). A runner without them refuses
-such requests with an EngineError.
+such requests with an EngineError. A third, `score(batch, num_logits)`, returns the logits at
+the last num_logits[i] positions of entry i ((sum of num_logits, vocab_size)): speculative
+decoding verifies its drafted tokens with it (runtime/speculative.py).
 """
 
 from __future__ import annotations

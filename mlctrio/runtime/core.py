@@ -41,16 +41,19 @@ import attrs
 import numpy as np
 
 from ..config import EngineConfig
+from ..engine.drafts import trim
+from ..engine.request import Branch
 from ..engine.runner import ModelRunner, PromptAwareRunner
 from ..engine.scheduler import BatchEntry, Scheduler, StepPlan
 from ..engine.tokens import Tokenizer
 from ..engine.types import GenerationRequest, RequestOutput
 from ..errors import EngineError
-from .engine_stats import EngineStats
+from .engine_stats import EngineStats, snapshot
 from .forward import forward
-from .grammar import apply_bitmasks
 from .output_processor import OutputProcessor, RequestState
-from .sampler import SampleOutput, Sampler, ban_tokens, sampling_vocab_size
+from .row_sampling import one_row, sample_rows
+from .sampler import SampleOutput, Sampler, sampling_vocab_size
+from .speculative import Speculator, take_drafted
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class _Step:
 
     touched: dict[str, RequestState] = attrs.field(factory=dict)
     failed: dict[str, RequestOutput] = attrs.field(factory=dict)
+    drafted: dict[int, Any] = attrs.field(factory=dict)  # entry index -> its rows (forward.py)
 
 
 class EngineCore:
@@ -77,9 +81,11 @@ class EngineCore:
         extra_stop_token_ids: Sequence[int] = (),
         clock: Callable[[], float] = time.monotonic,
         constraints: Any = None,
+        speculator: Speculator | None = None,
     ) -> None:
         """`constraints` (runtime.constraints.ConstraintCompiler) enables OutputConstraints;
-        without it a constrained request is refused at add_request."""
+        without it a constrained request is refused at add_request. `speculator`
+        (runtime/speculative.py) drafts tokens for decoding choices; None: plain decoding."""
         if runner.free_pages() != runner.total_pages():
             raise EngineError("the runner's KV cache must start empty")
         self.runner = runner
@@ -88,6 +94,7 @@ class EngineCore:
         self._clock = clock
         self._constraints = constraints
         self._hint = runner if isinstance(runner, PromptAwareRunner) else None
+        self._spec = speculator
         self.scheduler = Scheduler(
             total_pages=runner.total_pages(),
             page_size=runner.page_size,
@@ -164,7 +171,10 @@ class EngineCore:
         if self._closed:
             return []
         outputs, self._ready = self._ready, []
+        started = self._clock()
         plan = self.scheduler.schedule()
+        if self._spec is not None:
+            plan = self._spec.draft(plan, self.scheduler)
         self._num_steps_total += 1
         step = _Step()
         for req in plan.aborted:
@@ -189,6 +199,8 @@ class EngineCore:
                     state.prefill_done = True
                     self._events.append((entry.request.request_id, "prefill_end", now))
                 self._guarded(step, state, self._on_token, state, index, row, out)
+            for k, rows in step.drafted.items():
+                self._take_drafted(plan.entries[k], rows, step)
             for entry in plan.entries:
                 if entry.request.spec.pooling is not None and entry.sample_branches:
                     if (state := self._tracked.get(entry.request.request_id)) is not None:
@@ -202,6 +214,8 @@ class EngineCore:
                 self._tracked.pop(request_id, None)
             outputs.append(record)
         outputs.extend(step.failed.values())
+        if self._spec is not None:
+            self._spec.step_done(self._clock() - started)
         return outputs
 
     def drain_events(self) -> list[tuple[str, str, float]]:
@@ -211,24 +225,15 @@ class EngineCore:
         return events
 
     def stats(self) -> EngineStats:
-        pool = self.scheduler.pool
-        cache = self.scheduler.prefix_cache
-        num_cached_pages = cache.num_cached_pages() if cache else 0
-        return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            num_preemptions_total=self.scheduler.num_preemptions_total,
-            free_pages=pool.num_free,
-            total_pages=pool.total_pages,
-            kv_cache_usage_ratio=(pool.num_used - num_cached_pages) / pool.total_pages,
-            num_prompt_tokens_total=self._num_prompt_tokens_total,
-            num_generation_tokens_total=self._num_generation_tokens_total,
-            num_steps_total=self._num_steps_total,
-            num_prefix_cache_query_tokens_total=cache.num_query_tokens_total if cache else 0,
-            num_prefix_cache_hit_tokens_total=cache.num_hit_tokens_total if cache else 0,
-            num_cached_pages=num_cached_pages,
-            num_requests_failed_total=self._num_requests_failed_total,
-        )
+        counts: dict[str, Any] = {
+            "num_prompt_tokens_total": self._num_prompt_tokens_total,
+            "num_generation_tokens_total": self._num_generation_tokens_total,
+            "num_steps_total": self._num_steps_total,
+            "num_requests_failed_total": self._num_requests_failed_total,
+        }
+        if self._spec is not None:
+            counts.update(self._spec.stats_fields())
+        return snapshot(self.scheduler, counts)
 
     def close(self) -> list[RequestOutput]:
         """Abort everything still in flight and close the runner; returns the final records."""
@@ -243,6 +248,8 @@ class EngineCore:
         self._remove_seqs(self.scheduler.clear_prefix_cache())
         self._closed = True
         self.runner.close()
+        if self._spec is not None:
+            self._spec.close()
         return outputs
 
     # -- one step -----------------------------------------------------------------------------
@@ -272,7 +279,9 @@ class EngineCore:
                 if entry.seq_id in new:  # (a cache fork would inherit another request's)
                     self._hint.set_prompt_length(entry.seq_id, entry.request.num_prompt_tokens)
         prompts = [self._tracked[e.request.request_id].prompt for e in plan.entries]
-        logits = forward(self.runner, plan.entries, prompts, self._vocab, self._out.token_str)
+        logits, step.drafted = forward(
+            self.runner, plan.entries, prompts, self._vocab, self._out.token_str
+        )
         for entry in plan.entries:
             for child in entry.fork_seq_ids:
                 self.runner.fork_sequence(entry.seq_id, child)
@@ -280,50 +289,54 @@ class EngineCore:
         return self._sample(plan, logits, step)
 
     def _sample(self, plan: StepPlan, logits: Any, step: _Step) -> _Sampled:
-        """Mask and sample the rows that sample a token; requests whose mask fails drop out."""
+        """Mask and sample the rows that sample a token; requests whose mask fails drop out.
+        Drafted entries are not among them: `_take_drafted` samples those position by position."""
         rows = [
             (e, i, r)
             for r, e in enumerate(plan.entries)
             for i in e.sample_branches
             if e.request.spec.pooling is None  # an embedding request ends instead (_embedded)
+            and not e.num_draft
         ]
         states = [self._tracked[e.request.request_id] for e, _, _ in rows]
         selected = logits[np.fromiter((r for _, _, r in rows), np.int64, len(rows))]
-        matchers = [s.choices[i].matcher for s, (_, i, _) in zip(states, rows, strict=True)]
-        if any(m is not None for m in matchers) and not self._apply_masks(
-            selected, matchers, states, step
-        ):
-            keep = [k for k, s in enumerate(states) if s.req.request_id not in step.failed]
-            rows, states = [rows[k] for k in keep], [states[k] for k in keep]
-            selected = selected[keep]
-        if not rows:
-            return []
-        banned = [s.banned_for(i) for s, (_, i, _) in zip(states, rows, strict=True)]
-        if any(b is not None for b in banned):
-            ban_tokens(selected, banned)
-        out = self._sampler.sample(
-            selected,
-            [e.request.spec.params for e, _, _ in rows],
-            [s.choices[i].generator for s, (_, i, _) in zip(states, rows, strict=True)],
-            [e.request.branches[i].output for e, i, _ in rows],
-            [e.request.spec.prompt_token_ids for e, _, _ in rows],
-        )
-        return [(e, i, k, out) for k, (e, i, _) in enumerate(rows)]
+        keep, out = sample_rows(
+            self._sampler, [(e, i, s) for (e, i, _), s in zip(rows, states, strict=True)],
+            selected, self._guard(step),
+        )  # fmt: skip
+        return [(rows[k][0], rows[k][1], j, out) for j, k in enumerate(keep) if out is not None]
 
-    def _apply_masks(
-        self, selected: Any, matchers: list[Any], states: list[RequestState], step: _Step
-    ) -> bool:
-        """Grammar masks on the constrained rows (unconstrained rows pay nothing). True when all
-        went well; otherwise each row is masked alone and the requests that fail are failed."""
-        try:
-            apply_bitmasks(selected, matchers)
-            return True
-        except Exception:
-            log.exception("grammar masks failed for the batch; masking row by row")
-        for k, matcher in enumerate(matchers):
-            if matcher is not None:
-                self._guarded(step, states[k], apply_bitmasks, selected[k : k + 1], [matcher])
-        return False
+    def _guard(self, step: _Step) -> Callable[..., bool]:
+        def guard(state: RequestState, work: Callable[..., object], *args: Any) -> bool:
+            self._guarded(step, state, work, *args)
+            return state.req.request_id not in step.failed
+
+        return guard
+
+    def _take_drafted(self, entry: BatchEntry, rows: Any, step: _Step) -> None:
+        """Verify a drafted entry (speculative.take_drafted), then drop the rejected KV."""
+        state = self._tracked.get(entry.request.request_id)
+        if state is None or entry.request.request_id in step.failed or self._spec is None:
+            return
+        index, guard = entry.sample_branches[0], self._guard(step)
+        branch = entry.request.branches[index]
+
+        def sample_at(k: int) -> SampleOutput | None:
+            keep, out = sample_rows(self._sampler, [(entry, index, state)], one_row(rows, k), guard)
+            return out if keep else None
+
+        def consume(out: SampleOutput) -> bool:
+            self._guarded(step, state, self._on_token, state, index, 0, out)
+            return not (branch.finished or state.req.is_terminal)
+
+        accepted = take_drafted(entry, sample_at, consume)
+        self._trim(branch)
+        self._spec.record(entry, accepted)
+
+    def _trim(self, branch: Branch) -> None:
+        """Drop the cache positions past the branch's tokens minus one (speculative drafts)."""
+        if (popped := trim(self.scheduler.pool, branch)) is not None:
+            self.runner.popn(*popped)
 
     def _on_token(self, state: RequestState, index: int, row: int, out: SampleOutput) -> None:
         req = state.req
@@ -331,6 +344,7 @@ class EngineCore:
         self._num_generation_tokens_total += 1
         if self._out.on_token(state, index, row, out) is not None:
             if not req.is_terminal and not req.branches[index].finished:
+                self._trim(req.branches[index])
                 self._remove_seqs(self.scheduler.finish_branch(req, index))
 
     def _embedded(self, state: RequestState) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from ..config import ServerConfig
+from ..config import EngineConfig, ServerConfig
 from ..engine.model_info import ModelInfo
 from ..errors import ConfigError, ModelLoadError
 from ..models import hub
@@ -29,6 +29,8 @@ from .chat_template import load_chat_template
 from .constraints import ConstraintCompiler
 from .core import EngineCore
 from .pooling import detect_pooling
+from .sampler import sampling_vocab_size
+from .spec_loader import build_speculator
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,13 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         engine_config,
         extra_stop_token_ids=template.stop_token_ids,
         constraints=constraints,
+        speculator=build_speculator(
+            config,
+            engine_config,
+            tokenizer,
+            sampling_vocab_size(runner.vocab_size, tokenizer),
+            load_draft,
+        ),
     )
     info = ModelInfo(
         model_id=config.model_name,
@@ -214,3 +223,35 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         },
     )
     return core, info
+
+
+def load_draft(config: ServerConfig, engine: EngineConfig) -> tuple[Any, Any]:
+    """small_draft's draft model (config.draft_model): its runner, sized like the target's
+    engine (sequences, chunk, pages; at most 4 contexts of KV), and its tokenizer."""
+    from .tvm_runner import TVMRunner, load_library
+
+    assert config.draft_model is not None
+    model = config.draft_model.model
+    # The draft's precision cannot change the output (the target verifies every token), so
+    # "auto" picks the fast int8-activation kernels for it.
+    activations = "q8" if config.activations == "auto" else config.activations
+    art = open_artifact(resolve_model_dir(model), config.quantization, activations)
+    draft_config = attrs.evolve(
+        config, model=model, model_lib=None, additional_models=(), activations=activations
+    )
+    tokenizer, _ = tokenizer_and_template(art)
+    lib, infos, _ = model_library(draft_config, art)
+    module = load_library(lib)
+    check_library(module, lib, art, "draft model library", model)
+    log.info("draft model %s: %s format, %s", model, art.format, art.quantization)
+    runner = TVMRunner(
+        module,
+        load_params(art, infos),
+        art.config,
+        max_num_sequence=engine.max_num_sequence,
+        max_total_seq_length=min(engine.max_total_seq_length, art.config.context_window_size * 4),
+        prefill_chunk_size=engine.prefill_chunk_size,
+        page_size=engine.kv_page_size,
+        num_threads=engine.num_threads,
+    )
+    return runner, tokenizer

@@ -243,6 +243,21 @@ class TVMRunner:
         seq_ids, lengths, tokens = self._validate(batch)
         return self._forward(seq_ids, lengths, tokens, all_positions=True)
 
+    def score(
+        self, batch: Sequence[tuple[int, Sequence[int]]], num_logits: Sequence[int]
+    ) -> npt.NDArray[np.float32]:
+        """Like `step` but with logits at the last num_logits[i] new positions of entry i, in
+        batch order: (sum(num_logits), vocab_size). Speculative decoding verifies drafts this
+        way (one `batch_prefill` call, its logit positions gathered before the LM head)."""
+        seq_ids, lengths, tokens = self._validate(batch)
+        if any(not 1 <= k <= n for k, n in zip(num_logits, lengths, strict=True)):
+            raise EngineError("num_logits must be in [1, entry length]")
+        ends = np.cumsum(lengths, dtype=np.int32)
+        pos = np.concatenate(
+            [np.arange(e - k, e, dtype=np.int32) for e, k in zip(ends, num_logits, strict=True)]
+        )
+        return self._forward(seq_ids, lengths, tokens, all_positions=False, positions=pos)
+
     def hidden(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
         """Like `verify` but returns the final hidden states: (sum of lengths, hidden_size)."""
         if self._f_hidden is None:
@@ -290,6 +305,7 @@ class TVMRunner:
         tokens: npt.NDArray[np.int32],
         all_positions: bool,
         hidden: bool = False,
+        positions: npt.NDArray[np.int32] | None = None,
     ) -> npt.NDArray[np.float32]:
         dev = tvm.cpu()
         width = self._config.hidden_size
@@ -302,12 +318,12 @@ class TVMRunner:
             if all_positions:
                 f = self._f_hidden if hidden else self._f_verify
                 out = f(embeds._create_view((1, total, width)), self._kv, self._params)
-            elif all(n == 1 for n in lengths):
+            elif positions is None and all(n == 1 for n in lengths):
                 decode = self._f_decode1 if total == 1 and self._f_decode1 else self._f_decode
                 out = decode(embeds._create_view((total, 1, width)), self._kv, self._params)
             else:
                 # Positions are in range by construction (cumsum of lengths >= 1 each, < total).
-                pos = np.cumsum(lengths, dtype=np.int32) - 1
+                pos = np.cumsum(lengths, dtype=np.int32) - 1 if positions is None else positions
                 out = self._f_prefill(
                     embeds._create_view((1, total, width)),
                     tvm.runtime.tensor(pos, dev),

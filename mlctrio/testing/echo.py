@@ -277,19 +277,27 @@ class EchoRunner:
         return len(self._seqs[seq_id].tokens)
 
     def step(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
-        self._append(batch)
-        return self._logits([self._next_token(self._seqs[seq_id]) for seq_id, _ in batch])
+        return self.score(batch, [1] * len(batch))
 
     def verify(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
         """Logits at every new position: what `step` would return had the entry ended there."""
+        return self.score(batch, [len(tokens) for _, tokens in batch])
+
+    def score(
+        self, batch: Sequence[tuple[int, Sequence[int]]], num_logits: Sequence[int]
+    ) -> npt.NDArray[np.float32]:
+        """Logits at the last num_logits[i] new positions of entry i (speculative decoding)."""
         self._append(batch)
-        next_ids = []
-        for seq_id, new_tokens in batch:
+        at: list[tuple[_EchoSeq, int]] = []
+        for (seq_id, _), k in zip(batch, num_logits, strict=True):
             seq = self._seqs[seq_id]
             end = len(seq.tokens)
-            for pos in range(end - len(new_tokens), end):
-                next_ids.append(self._next_token(seq, pos + 1))
-        return self._logits(next_ids)
+            at.extend((seq, length) for length in range(end - k + 1, end + 1))
+        return self._rows(at)
+
+    def _rows(self, at: Sequence[tuple[_EchoSeq, int]]) -> npt.NDArray[np.float32]:
+        """The logits after the first `length` tokens of each (sequence, length)."""
+        return self._logits([self._next_token(seq, length) for seq, length in at])
 
     def hidden(self, batch: Sequence[tuple[int, Sequence[int]]]) -> npt.NDArray[np.float32]:
         """Fake hidden states at every new position: `HIDDEN_SIZE` features of the token alone."""
