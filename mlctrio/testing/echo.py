@@ -377,14 +377,17 @@ def build_echo_core(
     prefill_chunk_size: int = 512,
     prefix_cache_mode: PrefixCacheMode = "disable",
     prefix_cache_max_num_recycling_seqs: int = 16,
+    speculator: Any = None,
+    runner_class: type[EchoRunner] | None = None,
 ) -> tuple[EngineCore, ByteTokenizer, RawChatTemplate]:
     """An `EngineCore` over `EchoRunner` + `ByteTokenizer` (the `mock://echo` model).
 
     The prefix cache is off by default, so that an idle echo engine has every page free (the
-    server tests rely on it); engine tests turn it on."""
+    server tests rely on it); engine tests turn it on. `speculator` (runtime/speculative.py)
+    drafts; `runner_class` swaps in a subclass of the fake (a different model of the tokens)."""
     tokenizer = ByteTokenizer()
     template = RawChatTemplate()
-    runner = EchoRunner(
+    runner = (runner_class or EchoRunner)(
         vocab_size=tokenizer.vocab_size,
         eos_token_id=tokenizer.eos_token_ids[0],
         filler_token_id=tokenizer.encode(FILLER)[0],
@@ -402,5 +405,11 @@ def build_echo_core(
         prefix_cache_mode=prefix_cache_mode,
         prefix_cache_max_num_recycling_seqs=prefix_cache_max_num_recycling_seqs,
     )
-    core = EngineCore(runner, tokenizer, config, extra_stop_token_ids=template.stop_token_ids)
+    core = EngineCore(
+        runner,
+        tokenizer,
+        config,
+        extra_stop_token_ids=template.stop_token_ids,
+        speculator=speculator,
+    )
     return core, tokenizer, template

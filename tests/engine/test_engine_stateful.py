@@ -1,9 +1,9 @@
 """Hypothesis state machine over EngineCore + EchoRunner: any interleaving of submits, steps and
 aborts keeps the page mirror exact, ends every request exactly once, frees an aborted request's
 pages within one step, and — under any page pressure and preemption — produces exactly the output
-the echo reference predicts. With the prefix cache on (prompts then often share prefixes with
-earlier ones) the same holds, the cache always mirrors the runner's sequences, evictions keep it
-within its budgets, and close() frees every page."""
+the echo reference predicts, with and without speculative drafts. With the prefix cache on
+(prompts then often share prefixes with earlier ones) the same holds, the cache always mirrors
+the runner's sequences, evictions keep it within its budgets, and close() frees every page."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 
 from mlctrio.engine.scheduler import PromptTooLongError
 from mlctrio.engine.types import GenerationRequest, SamplingParams
+from mlctrio.runtime.speculative import NgramDrafter, Speculator
 from mlctrio.testing.echo import EchoRunner, build_echo_core
 
 from .echo_harness import Collector, check_mirror, expected_echo
@@ -43,9 +44,16 @@ class EngineMachine(RuleBasedStateMachine):
         max_seqs=st.integers(N_MAX, 7),
         cache_mode=st.sampled_from(["radix", "radix", "disable"]),
         max_cached=st.integers(1, 4),
+        drafts=st.sampled_from([None, None, 1, 4]),
     )
     def start(
-        self, spare_pages: int, chunk: int, max_seqs: int, cache_mode: str, max_cached: int
+        self,
+        spare_pages: int,
+        chunk: int,
+        max_seqs: int,
+        cache_mode: str,
+        max_cached: int,
+        drafts: int | None,
     ) -> None:
         # Every request fits alone (n branches of a full window), so nothing is ever cut short
         # for lack of pages: pressure may only cause preemption, never change the output.
@@ -57,6 +65,12 @@ class EngineMachine(RuleBasedStateMachine):
             prefill_chunk_size=chunk,
             prefix_cache_mode="radix" if cache_mode == "radix" else "disable",
             prefix_cache_max_num_recycling_seqs=max_cached,
+            # speculative decoding (n-gram drafts of `drafts` tokens) must change nothing
+            speculator=(
+                Speculator("ngram", NgramDrafter(), draft_length=drafts, max_batch=max_seqs)
+                if drafts
+                else None
+            ),
         )
         self.cache_on = cache_mode == "radix"
         self.collector = Collector()
