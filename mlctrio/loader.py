@@ -47,6 +47,10 @@ def parse_mock_url(model: str) -> dict[str, Any]:
     return options
 
 
+def _no_draft(config: ServerConfig, engine: Any) -> tuple[Any, Any]:
+    raise ConfigError("mock://echo cannot load a draft model: use --speculative-mode ngram")
+
+
 def core_factory(config: ServerConfig) -> CoreFactory:
     model = config.model
     name = config.model_name
@@ -58,7 +62,8 @@ def core_factory(config: ServerConfig) -> CoreFactory:
 
             import attrs
 
-            from .testing.echo import HIDDEN_SIZE, build_echo_core
+            from .runtime.spec_loader import build_speculator
+            from .testing.echo import HIDDEN_SIZE, ByteTokenizer, build_echo_core
 
             time.sleep(options.get("load_ms", 0.0) / 1000.0)
 
@@ -79,6 +84,9 @@ def core_factory(config: ServerConfig) -> CoreFactory:
                 prefill_chunk_size=engine_config.prefill_chunk_size,
                 prefix_cache_mode=(
                     engine_config.prefix_cache_mode if options.get("prefix_cache") else "disable"
+                ),
+                speculator=build_speculator(
+                    config, engine_config, ByteTokenizer(), ByteTokenizer().vocab_size, _no_draft
                 ),
             )
             info = ModelInfo(

@@ -167,3 +167,6 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     #: An embedding request's final record: the pooled hidden state (not normalised).
     embedding: npt.NDArray[np.float32] | None = attrs.field(default=None, eq=False)
+    #: Speculative decoding, on the final record: (drafts verified, tokens drafted, drafted
+    #: tokens accepted) over the request's choices; None when nothing was drafted.
+    spec_counts: tuple[int, int, int] | None = None

@@ -330,6 +330,8 @@ class EngineCore:
             return not (branch.finished or state.req.is_terminal)
 
         accepted = take_drafted(entry, sample_at, consume)
+        drafts, drafted, kept = state.spec_counts
+        state.spec_counts = (drafts + 1, drafted + entry.num_draft, kept + accepted)
         self._trim(branch)
         self._spec.record(entry, accepted)
 

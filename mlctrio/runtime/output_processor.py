@@ -83,6 +83,8 @@ class RequestState:
     #: prompt logprobs / embedding accumulation (runtime/prompt_outputs.py), None when unasked
     prompt: PromptOutputs | None = None
     embedding: npt.NDArray[np.float32] | None = None  # an embedding request's result, once computed
+    #: speculative decoding: drafts verified, tokens drafted, drafted tokens accepted
+    spec_counts: tuple[int, int, int] = (0, 0, 0)
 
     def banned_for(self, index: int) -> npt.NDArray[np.int64] | None:
         """The ids choice `index` may not sample next (min_tokens, ignore_eos), or None."""
@@ -215,6 +217,7 @@ class OutputProcessor:
             req.num_preemptions,
             prompt_logprobs,
             state.embedding,
+            state.spec_counts if req.is_terminal and state.spec_counts[0] else None,
         )
 
     def error_output(self, state: RequestState, message: str) -> RequestOutput:

@@ -148,7 +148,13 @@ class EngineObserver:
             reason = sorted(reasons)[0] if reasons else "stop"
             m.request_finished(reason)
         if self.trace is not None:
-            self._trace("finished", track.tid, now, output.request_id, reason=reason)
+            spec = {}
+            if output.spec_counts is not None:  # accepted length: drafted tokens kept per draft
+                drafts, drafted, accepted = output.spec_counts
+                spec = {"spec_drafts": drafts, "spec_draft_tokens": drafted,
+                        "spec_accepted_tokens": accepted,
+                        "spec_mean_accepted_length": round(accepted / drafts, 3)}  # fmt: skip
+            self._trace("finished", track.tid, now, output.request_id, reason=reason, **spec)
 
     def on_events(self, events: Any) -> None:
         """Engine-side events: prefill_start ends the queue time; both go to the trace."""

@@ -153,6 +153,11 @@ def test_unknown_host_is_one_line(spawn: Callable[..., _Proc]) -> None:
         (["--allow-origins", "*"], "mlctrio serve: error: argument --allow-origins: "),
         (["a", "--model", "b"], "mlctrio: error: two models given: MODEL 'a' and --model 'b'"),
         (["--model-l", "x.so"], "mlctrio: error: unrecognized arguments: --model-l"),
+        (
+            ["--speculative-mode", "small_draft"],
+            "mlctrio: error: --speculative-mode small_draft needs a draft model",
+        ),
+        (["--speculative-mode", "lookahead"], "mlctrio serve: error: argument --speculative-mode"),
     ],
 )
 def test_bad_flag_values_are_one_line(
@@ -172,6 +177,23 @@ def test_missing_model_file_is_one_line(spawn: Callable[..., _Proc], tmp_path: P
         f"mlctrio: error: cannot load {missing}: model path {missing} does not exist"
     )
     assert not any("error" in line for line in p.seen[:-1]), p.seen
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("eagle", "--speculative-mode eagle: no eagle heads are available for this model"),
+        ("small_draft", "mock://echo cannot load a draft model"),
+    ],
+)
+def test_speculative_mode_the_model_cannot_do_is_one_line(
+    spawn: Callable[..., _Proc], mode: str, why: str
+) -> None:
+    extra = ["--additional-models", "mock://echo"] if mode == "small_draft" else []
+    p = spawn(_serve("mock://echo", "--port", "0", "--speculative-mode", mode, *extra))
+    assert p.exit_code() == 2
+    assert "Traceback" not in "\n".join(p.seen)
+    assert p.seen[-1].startswith("mlctrio: error: ") and why in p.seen[-1], p.seen
 
 
 # ---- --model ---------------------------------------------------------------------------------
