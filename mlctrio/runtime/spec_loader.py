@@ -15,6 +15,7 @@ from typing import Any
 from ..config import EngineConfig, ServerConfig
 from ..errors import ConfigError
 from .draft_model import DraftModelProposer
+from .spec_policy import DraftPolicy
 from .speculative import NgramDrafter, Proposer, Speculator
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,14 @@ def build_speculator(
         "speculative decoding: %s, draft length %s, up to %d decoding choices per step",
         mode, engine.spec_draft_length or "adaptive", engine.spec_max_batch,
     )  # fmt: skip
+    # n-gram proposals cost nothing to make: only the verification of longer drafts limits them
+    policy = DraftPolicy(max_length=16 if mode == "ngram" else 8)
     return Speculator(
-        mode, proposer, draft_length=engine.spec_draft_length, max_batch=engine.spec_max_batch
+        mode,
+        proposer,
+        draft_length=engine.spec_draft_length,
+        max_batch=engine.spec_max_batch,
+        policy=policy,
     )
 
 
