@@ -102,7 +102,8 @@ class EngineConfig:
     #: CPU a step of 2048 prompt tokens takes seconds, and every running stream waits for it.
     max_prefill_tokens_while_decoding: int = 256
     #: Speculative decoding (runtime/speculative.py): the mode, the draft length (0: adaptive
-    #: per choice), and the most decoding choices a step may have and still draft.
+    #: per choice), and the most decoding choices a step may have and still draft (by mode,
+    #: sizing.SPEC_MAX_BATCH, unless overridden).
     speculative_mode: SpeculativeMode = "disable"
     spec_draft_length: int = 0
     spec_max_batch: int = 4

@@ -151,15 +151,23 @@ def resolve_engine_config(
         engine = attrs.evolve(
             engine, max_prefill_tokens_while_decoding=o.max_prefill_tokens_while_decoding
         )
-    engine = attrs.evolve(engine, speculative_mode=config.speculative_mode)
-    for key in ("spec_draft_length", "spec_max_batch"):
-        if (value := getattr(o, key)) is not None:
-            engine = attrs.evolve(engine, **{key: value})
+    engine = attrs.evolve(
+        engine,
+        speculative_mode=config.speculative_mode,
+        spec_draft_length=o.spec_draft_length or 0,
+        spec_max_batch=o.spec_max_batch or SPEC_MAX_BATCH.get(config.speculative_mode, 4),
+    )
     if o.prefix_cache_max_num_recycling_seqs is not None:
         engine = attrs.evolve(
             engine, prefix_cache_max_num_recycling_seqs=o.prefix_cache_max_num_recycling_seqs
         )
     return engine, estimate
+
+
+#: Where drafting stops paying, measured with bench/speculative.py (SmolLM2 F32 target, 2 cores;
+#: docs/discussion/0009): small_draft gained 1.27x with 2 streams and lost from 4 on; n-gram
+#: drafts still gained with 4 and lost with 8 on chat.
+SPEC_MAX_BATCH = {"small_draft": 2, "ngram": 4}
 
 
 def _check_fits(estimate: MemoryEstimate, total: int, ctx: int, per_token: int, mode: str) -> None:

@@ -20,7 +20,8 @@ than its proposal allows), so the policy picks the k in [0, max_length] with the
 tokens / cost(B, B + drafted). k = 0 is a plain step: drafting stops by itself where it does
 not pay (narrow verification is slow on this model, the batch is large, the draft is poor). A
 policy that has not drafted for `explore_every` steps drafts one token, so a stale
-estimate cannot keep it from drafting forever.
+estimate cannot keep it from drafting forever (not for a cheap proposer, whose every proposal is
+scored anyway).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class DraftPolicy:
 
     # -- the decision -------------------------------------------------------------------------
 
-    def choose(self, keys: Sequence[object], room: Sequence[int], num_choices: int) -> int:
+    def choose(
+        self, keys: Sequence[object], room: Sequence[int], num_choices: int, explore: bool = True
+    ) -> int:
         """The draft length for this step's drafting choices (`room`: the most each may take,
         proposal length included); 0: draft nothing. A batch size whose plain step was never
         measured gets a plain step first: every estimate is relative to it."""
@@ -94,7 +97,7 @@ class DraftPolicy:
             if rate > best_rate:
                 best_k, best_rate = k, rate
         self._since_draft = 0 if best_k else self._since_draft + 1
-        if best_k == 0 and self._since_draft >= self.explore_every and any(room):
+        if best_k == 0 and explore and self._since_draft >= self.explore_every and any(room):
             self._since_draft = 0
             return 1
         return best_k

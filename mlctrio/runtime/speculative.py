@@ -121,7 +121,7 @@ class Speculator:
             proposals = self.proposer.propose(branches, room)
             self._check_unverified(keys, branches)
             room = [len(p) for p in proposals]
-        k = self.draft_length or self.policy.choose(keys, room, len(decodes))
+        k = self.draft_length or self.policy.choose(keys, room, len(decodes), explore=not cheap)
         if not cheap:
             proposals = self.proposer.propose(branches, [min(k, r) for r in room]) if k else []
         if not k:
