@@ -9,7 +9,9 @@ two things, both measured while serving:
   interpolated between measured sizes; beyond the longest draft measured it is extrapolated
   (with one drafted size measured, optimistically: half its mean cost per drafted token, so
   that longer drafts get tried and measured); with no drafted size measured, a prior of +15%
-  of a plain step per drafted token;
+  of a plain step per drafted token. The first step of each size is not counted (a shape's
+  first call pays one-off costs), and a drafted size not measured for 256 steps is forgotten,
+  so one bad measurement cannot rule it out for good;
 * each choice's acceptance rate alpha: the chance that a drafted token is kept given the ones
   before it were, as a running average over its verified drafts (and, for a cheap proposer like
   n-gram lookup, over proposals it was not asked to verify: they are checked against the
@@ -33,6 +35,7 @@ import attrs
 
 _EMA = 0.25  # weight of a new measurement
 _PRIOR_SLOPE = 0.15  # prior cost of one drafted token, as a fraction of a plain step
+_FORGET_AFTER = 256  # decode-only steps after which an unrefreshed drafted size is forgotten
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -49,6 +52,9 @@ class DraftPolicy:
     _alpha: dict[object, float] = attrs.field(factory=dict)
     _alpha_mode: float = attrs.field(init=False)
     _since_draft: int = 0
+    _seen: set[tuple[int, int]] = attrs.field(factory=set)
+    _stamp: dict[tuple[int, int], int] = attrs.field(factory=dict)  # last update, in steps
+    _steps: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._alpha_mode = self.alpha_prior
@@ -57,8 +63,19 @@ class DraftPolicy:
 
     def observe_step(self, num_choices: int, num_tokens: int, seconds: float) -> None:
         key = (num_choices, num_tokens)
+        self._steps += 1
+        if key not in self._seen:  # a shape's first call pays one-off costs: not typical
+            self._seen.add(key)
+            return
         old = self._cost.get(key)
         self._cost[key] = seconds if old is None else old + _EMA * (seconds - old)
+        self._stamp[key] = self._steps
+        # A size not chosen for long is forgotten (never the plain one): a bad measurement of
+        # it cannot rule it out forever, it gets estimated, and maybe tried, again.
+        for stale in [k for k, t in self._stamp.items() if self._steps - t > _FORGET_AFTER]:
+            if stale[0] != stale[1]:
+                self._cost.pop(stale, None)
+                self._stamp.pop(stale)
 
     def observe_draft(self, key: object, drafted: int, accepted: int) -> None:
         """A draft of `drafted` tokens of which the first `accepted` held."""
