@@ -20,8 +20,10 @@ Workloads (chat completions, temperature 0, the model's chat template):
     chat   ordinary questions (`CHAT`)
     copy   rewrite or repeat a paragraph or a code block given in the prompt (`COPY`)
 
-At each concurrency level every prompt of the workload is sent once by a closed loop of that
-many clients; output tok/s = completion tokens / wall time. The table shows each server's tok/s
+Each server first gets one short pass over the prompts (32 tokens each: mlctrio's draft-length
+policy learns its costs in the first requests after a start). Then, at each concurrency level,
+every prompt of the workload is sent once by a closed loop of that many clients; output tok/s =
+completion tokens / wall time. The table shows each server's tok/s
 and its ratio to the plain server of the same family (mlctrio modes / mlctrio plain, llama-draft /
 llama) and, for mlctrio, the drafts' acceptance from /metrics (drafted tokens kept per draft,
 and kept / drafted). Rounds alternate the servers; each keeps its best round. Only ratios from
@@ -151,8 +153,10 @@ def measure(mode: str, target: Path, draft: Path, args: argparse.Namespace) -> d
     out: dict[str, Any] = {}
     with open_server(mode, target, draft, args) as url:
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        # warm up, and let mlctrio's draft-length policy measure its step costs once
-        run_load(url, model, [CHAT[-1], COPY[0]], 1, 64)
+        # Warm up every server alike with one short pass over the workloads' prompts: mlctrio's
+        # draft-length policy learns its step costs and acceptance in the first requests after a
+        # start, and the table is about the steady state.
+        run_load(url, model, [p for w in args.workloads for p in WORKLOADS[w]], 1, 32)
         for workload in args.workloads:
             for level in args.levels:
                 before = _spec_counters(url)

@@ -89,6 +89,8 @@ class SpecStats:
 
 @attrs.define
 class Speculator:
+    """Drafts for an engine's decoding choices (see the module rules); one per EngineCore."""
+
     mode: SpeculativeMode
     proposer: Proposer
     draft_length: int = 0  # 0: adaptive (runtime/spec_policy.py)

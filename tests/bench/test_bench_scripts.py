@@ -5,6 +5,7 @@ These check that the load generator counts and summarises correctly; they time n
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -431,3 +432,23 @@ def test_embeddings_bench_counts_what_it_reports(server_url: str) -> None:
     assert summary["gaps"] == 3.0
     assert summary["ITL p50 ms"] == pytest.approx(20.0)
     assert summary["ITL max ms"] == pytest.approx(20.0)
+
+
+def test_speculative_bench_counts_tokens_and_drafts(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/speculative.py's pieces against `mock://echo --speculative-mode ngram`: the load
+    counts the completion tokens it got, the drafts' counters come from /metrics, and the table
+    gives each mode's ratio to plain."""
+    from bench.speculative import _spec_counters, report, run_load
+
+    args = ["--log-level", "warning", "--speculative-mode", "ngram", "--overrides",
+            "spec_draft_length=3"]  # fmt: skip
+    with open_mlctrio_server(MODEL, args) as url:
+        prompts = ["one two three one two three one two three"] * 3
+        tok_s = run_load(url, "mock://echo", prompts, clients=2, max_tokens=100)
+        drafts, drafted, accepted = _spec_counters(url) or (0, 0, 0)
+    assert tok_s > 0 and drafts > 0 and 0 < accepted <= drafted
+    best = {"plain": {"copy@1": {"tok_s": 10.0}},
+            "ngram": {"copy@1": {"tok_s": 25.0, "accept": (3.0, 0.75)}}}  # fmt: skip
+    report(best, argparse.Namespace(workloads=["copy"], levels=[1]))
+    table = capsys.readouterr().out
+    assert "25.0 (2.50x) acc 3.00/75%" in table and " | plain | 10.0" in table
