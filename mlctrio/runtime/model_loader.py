@@ -227,7 +227,7 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
 
 def load_draft(config: ServerConfig, engine: EngineConfig) -> tuple[Any, Any]:
     """small_draft's draft model (config.draft_model): its runner, sized like the target's
-    engine (sequences, chunk, pages; at most 4 contexts of KV), and its tokenizer."""
+    engine (sequences, chunk, pages; KV for spec_max_batch contexts), and its tokenizer."""
     from .tvm_runner import TVMRunner, load_library
 
     assert config.draft_model is not None
@@ -249,7 +249,11 @@ def load_draft(config: ServerConfig, engine: EngineConfig) -> tuple[Any, Any]:
         load_params(art, infos),
         art.config,
         max_num_sequence=engine.max_num_sequence,
-        max_total_seq_length=min(engine.max_total_seq_length, art.config.context_window_size * 4),
+        # the draft holds KV only for the choices that draft: at most spec_max_batch contexts
+        max_total_seq_length=min(
+            engine.max_total_seq_length,
+            engine.spec_max_batch * min(engine.context_window_size, art.config.context_window_size),
+        ),
         prefill_chunk_size=engine.prefill_chunk_size,
         page_size=engine.kv_page_size,
         num_threads=engine.num_threads,

@@ -8,7 +8,7 @@ Rules:
 
 * Exact by construction: the core samples every drafted position as a plain decode would, from
   the target's logits with the choice's own state and random stream, and keeps tokens while they
-  equal the draft (runtime/core._take_drafted). For a deterministic draft that is the rejection
+  equal the draft (`take_drafted`). For a deterministic draft that is the rejection
   rule of Leviathan et al. (accept d with probability p(d), else a token from p without d), and it
   draws exactly the uniforms a plain decode draws: greedy or seeded, the output is the one
   speculation-free decoding gives (up to float differences between the two kernels' logits).
@@ -70,11 +70,14 @@ def take_drafted(
     accepted = 0
     for k in range(len(draft) + 1):
         out = sample_at(k)
-        if out is None or not consume(out) or k == len(draft):
+        if out is None:
             break
-        if int(out.token_ids[0]) != draft[k]:
+        alive = consume(out)
+        if k == len(draft) or int(out.token_ids[0]) != draft[k]:
             break
-        accepted += 1
+        accepted += 1  # (also when this token ended the choice: the draft had it right)
+        if not alive:
+            break
     return accepted
 
 
