@@ -79,6 +79,33 @@ def test_flags_and_env_name_the_same_models() -> None:
     assert all(c.additional_models == () for c in configs[1:])
 
 
+def test_small_draft_takes_the_first_additional_model_as_its_draft() -> None:
+    args = build_parser().parse_args(
+        ["serve", "mock://echo", "--speculative-mode", "small_draft",
+         "--additional-models", "demo://tiny", "demo://small:s"]
+    )  # fmt: skip
+    from_cli = config_from_args(args)
+    from_env = config_from_env(
+        {
+            "MLCTRIO_MODEL": "mock://echo",
+            "MLCTRIO_SPECULATIVE_MODE": "small_draft",
+            "MLCTRIO_ADDITIONAL_MODELS": "demo://tiny demo://small:s",
+        }
+    )
+    assert from_cli == from_env
+    assert from_cli.draft_model == ModelSpec("demo://tiny")  # the draft is not served
+    assert from_cli.served_names == ("mock://echo", "s")
+    main, other = from_cli.model_configs()
+    assert (main.speculative_mode, main.draft_model) == ("small_draft", ModelSpec("demo://tiny"))
+    assert (other.speculative_mode, other.draft_model) == ("disable", None)  # MODEL's draft only
+    ngram = config_from_args(
+        build_parser().parse_args(["serve", "mock://echo", "--speculative-mode", "ngram",
+                                   "--additional-models", "demo://tiny"])
+    )  # fmt: skip
+    assert ngram.draft_model is None and ngram.served_names == ("mock://echo", "demo://tiny")
+    assert all(c.speculative_mode == "ngram" for c in ngram.model_configs())
+
+
 def test_duplicate_served_names_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"two models are served as 'mock://echo'"):
         ServerConfig(model="mock://echo", additional_models=(ModelSpec("mock://echo?x=1"),))
