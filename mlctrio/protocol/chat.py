@@ -214,6 +214,9 @@ class ChatCompletionRequest(SamplingRequest):
     # `enable_thinking`), and whether the prompt opens the assistant's turn
     chat_template_kwargs: Mapping[str, object] | None = None
     add_generation_prompt: bool | None = None
+    # OpenAI's reasoning_effort: a chat template variable for models whose template reads it
+    # (gpt-oss-style templates); chat_template_kwargs may set it too, and then wins
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
     def _check(self) -> None:
         super()._check()
@@ -231,6 +234,12 @@ class ChatCompletionRequest(SamplingRequest):
                     f"tool_choice names function {wanted!r}, which is not in tools",
                     ("tool_choice", "function", "name"),
                 )
+
+    def template_kwargs(self) -> dict[str, object] | None:
+        """The extra chat template variables: reasoning_effort, then chat_template_kwargs."""
+        if self.reasoning_effort is None:
+            return dict(self.chat_template_kwargs) if self.chat_template_kwargs else None
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
     def _check_vendor_fields(self) -> None:
         reserved = set(self.chat_template_kwargs or ()) & set(RESERVED_TEMPLATE_VARIABLES)
@@ -270,7 +279,6 @@ UNSUPPORTED_FIELDS: Final[Mapping[str, tuple[Any, str]]] = {
     "service_tier": (lambda v: v in (None, "auto", "default"), "only the default tier exists"),
     "store": (lambda v: v in (None, False), "stored completions are not supported"),
     "metadata": (lambda v: v is None or v == {}, "metadata requires store, not supported"),
-    "reasoning_effort": (lambda v: v is None, "reasoning_effort is not supported"),
     "verbosity": (lambda v: v is None, "verbosity is not supported"),
     "moderation": (lambda v: v is None, "moderation is not supported"),
     "functions": (lambda v: v is None, "functions is deprecated: use tools"),

@@ -62,7 +62,7 @@ async def prepare_chat(
             template,
             info.tokenizer,
             add_generation_prompt=req.add_generation_prompt is not False,
-            template_kwargs=req.chat_template_kwargs,
+            template_kwargs=req.template_kwargs(),
             context_window=info.context_window_size,
         )
     )

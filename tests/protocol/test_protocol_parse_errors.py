@@ -324,6 +324,10 @@ CHAT_CASES: list[tuple[str, object, str | None]] = [
     ),
 ]
 
+CHAT_CASES.append(
+    ("reasoning-effort-unknown", chat(reasoning_effort="extreme"), "reasoning_effort")
+)
+
 # OpenAI fields mlctrio cannot honour with a non-default value.
 UNSUPPORTED_CHAT_CASES: list[tuple[str, object, str | None]] = [
     ("audio", chat(audio={"voice": "alloy", "format": "wav"}), "audio"),
@@ -333,7 +337,6 @@ UNSUPPORTED_CHAT_CASES: list[tuple[str, object, str | None]] = [
     ("service-tier-flex", chat(service_tier="flex"), "service_tier"),
     ("store-true", chat(store=True), "store"),
     ("metadata", chat(metadata={"a": "b"}), "metadata"),
-    ("reasoning-effort", chat(reasoning_effort="low"), "reasoning_effort"),
     ("verbosity", chat(verbosity="low"), "verbosity"),
     ("functions", chat(functions=[{"name": "f", "parameters": {}}]), "functions"),
     ("function-call", chat(function_call="auto"), "function_call"),

@@ -386,3 +386,27 @@ def test_tool_results_become_user_turns_where_the_template_rejects_them() -> Non
         '[assistant]<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
         "</tool_call>[user]<tool_response>\n18C\n</tool_response>"
     )
+
+
+def test_reasoning_effort_reaches_the_template() -> None:
+    """OpenAI's reasoning_effort is a template variable (gpt-oss-style templates read it);
+    chat_template_kwargs may set it too, and then win."""
+    from mlctrio.protocol.openai import parse_chat_request
+
+    template = HFChatTemplate(
+        {"default": "effort={{ reasoning_effort | default('unset') }} "
+                    "thinking={{ enable_thinking | default('unset') }}"}
+    )  # fmt: skip
+    message = [{"role": "user", "content": "hi"}]
+
+    def rendered(**fields: Any) -> str:
+        req = parse_chat_request({"model": "m", "messages": message, **fields})
+        return template.render(message, template_kwargs=req.template_kwargs())
+
+    assert rendered() == "effort=unset thinking=unset"
+    assert rendered(reasoning_effort="high") == "effort=high thinking=unset"
+    both = rendered(
+        reasoning_effort="high",
+        chat_template_kwargs={"reasoning_effort": "low", "enable_thinking": False},
+    )
+    assert both == "effort=low thinking=False"
