@@ -32,9 +32,18 @@ _SHORT = 4  # catch-ups up to this many tokens are fed one token per call
 
 @attrs.define
 class _Held:
+    """What the draft cache holds for one branch: its first `confirmed` tokens (a branch's
+    tokens only ever grow, so these never need checking again), then the drafts fed after
+    them."""
+
     branch: Branch
     seq_id: int
-    tokens: list[int] = attrs.field(factory=list)  # what the draft cache holds for it
+    confirmed: int = 0
+    drafted: list[int] = attrs.field(factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.confirmed + len(self.drafted)
 
 
 class DraftModelProposer:
@@ -56,7 +65,7 @@ class DraftModelProposer:
         for b in branches:
             held = self._sync(b, live)
             if held is not None:
-                feeds.append((held, list(b.token_slice(len(held.tokens), b.num_tokens))))
+                feeds.append((held, list(b.token_slice(held.confirmed, b.num_tokens))))
         drafts: dict[int, list[int]] = {id(b): [] for b in branches}
         firsts = self._feed(feeds)
         active = []
@@ -73,7 +82,7 @@ class DraftModelProposer:
             last = [drafts[id(h.branch)][-1] for h in active]
             logits = self.runner.step([(h.seq_id, [t]) for h, t in zip(active, last, strict=True)])
             for h, t, row in zip(active, last, logits, strict=True):
-                h.tokens.append(t)
+                h.drafted.append(t)
                 drafts[id(h.branch)].append(self._argmax(row))
         return [drafts[id(b)][:n] for b, n in zip(branches, want, strict=True)]
 
@@ -97,12 +106,18 @@ class DraftModelProposer:
             held = _Held(branch, self._free_ids.pop())
             self.runner.add_sequence(held.seq_id)
             self._held[id(branch)] = held
-        tokens = branch.token_slice(0, branch.num_tokens)
-        keep = _common_prefix(held.tokens, tokens, len(tokens) - 1)
-        if keep < len(held.tokens):
-            self.runner.popn(held.seq_id, len(held.tokens) - keep)
-            del held.tokens[keep:]
-        if not self._room(held, len(tokens) - keep, protected):
+        # Only the drafts can differ from the branch's tokens: compare them, never the history
+        # (the last token is fed again in any case, to get the first draft from it).
+        limit = branch.num_tokens - 1
+        actual = branch.token_slice(held.confirmed, min(held.length, limit))
+        keep = 0
+        while keep < len(actual) and actual[keep] == held.drafted[keep]:
+            keep += 1
+        confirmed = min(held.confirmed + keep, limit)  # (a decoding branch grew since: no-op)
+        if held.length > confirmed:
+            self.runner.popn(held.seq_id, held.length - confirmed)
+        held.confirmed, held.drafted = confirmed, []
+        if not self._room(held, branch.num_tokens - held.confirmed, protected):
             self._drop(id(branch))
             return None
         return held
@@ -110,10 +125,10 @@ class DraftModelProposer:
     def _room(self, held: _Held, num_tokens: int, protected: set[int]) -> bool:
         """Whether num_tokens more fit (context window; pages, evicting the sequences of
         branches not in `protected`, this call's)."""
-        if len(held.tokens) + num_tokens > self.runner.context_window_size:
+        if held.length + num_tokens > self.runner.context_window_size:
             return False
         page = self.runner.page_size
-        need = -(-(len(held.tokens) + num_tokens) // page) - -(-len(held.tokens) // page)
+        need = -(-(held.length + num_tokens) // page) - -(-held.length // page)
         while need > self.runner.free_pages():
             others = [k for k in self._held if k not in protected]
             if not others:
@@ -150,7 +165,7 @@ class DraftModelProposer:
     def _call(self, batch: list[tuple[int, _Held, list[int]]], out: list[int]) -> None:
         logits = self.runner.step([(h.seq_id, t) for _, h, t in batch])
         for (k, h, t), row in zip(batch, logits, strict=True):
-            h.tokens.extend(t)
+            h.confirmed += len(t)  # a catch-up: the branch's own tokens
             out[k] = self._argmax(row)
 
     def _argmax(self, row: Any) -> int:
@@ -160,13 +175,3 @@ class DraftModelProposer:
         held = self._held.pop(key)
         self.runner.remove_sequence(held.seq_id)
         self._free_ids.append(held.seq_id)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    if n and list(a[:n]) == list(b[:n]):
-        return n
-    k = 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
