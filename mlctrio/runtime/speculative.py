@@ -38,7 +38,9 @@ from .spec_policy import DraftPolicy
 
 
 class Proposer(Protocol):
-    """Drafts up to `want[i]` tokens to follow `branches[i]`'s tokens (may return fewer)."""
+    """Drafts up to `want[i]` tokens to follow `branches[i]`'s tokens (may return fewer). A
+    proposer whose proposals cost nothing (`cheap`, looked up with False as the default) is
+    asked first, for as much as fits, and its unverified proposals are scored afterwards."""
 
     def propose(self, branches: Sequence[Branch], want: Sequence[int]) -> list[list[int]]: ...
 
@@ -48,6 +50,7 @@ class NgramDrafter:
     """The Proposer of `--speculative-mode ngram`: prompt lookup over each choice's tokens."""
 
     lookup: NgramProposer = attrs.field(factory=NgramProposer)
+    cheap = True
 
     def propose(self, branches: Sequence[Branch], want: Sequence[int]) -> list[list[int]]:
         return [
@@ -121,7 +124,7 @@ class Speculator:
             for _, e, _ in decodes
         ]  # fmt: skip
         branches = [b for _, _, b in decodes]
-        cheap = isinstance(self.proposer, NgramDrafter)
+        cheap = getattr(self.proposer, "cheap", False)
         if cheap:  # propose first: the proposals' lengths bound what can be drafted
             proposals = self.proposer.propose(branches, room)
             self._check_unverified(keys, branches)
