@@ -5,6 +5,7 @@ parser, so both ways of starting behave the same:
 
     MLCTRIO_MODEL (positional MODEL, same default)   MLCTRIO_MODEL_LIB    MLCTRIO_DEVICE
     MLCTRIO_MODE          MLCTRIO_OVERRIDES          MLCTRIO_PREFIX_CACHE_MODE
+    MLCTRIO_SPECULATIVE_MODE   MLCTRIO_REASONING_PARSER
     MLCTRIO_ALLOW_ORIGINS / _ALLOW_METHODS / _ALLOW_HEADERS (JSON lists)
     MLCTRIO_ALLOW_CREDENTIALS=1
     MLCTRIO_API_KEY (several separated by commas)   MLCTRIO_API_KEY_FILE
@@ -64,6 +65,7 @@ _VALUE_FLAGS = (
     "overrides",
     "prefix_cache_mode",
     "speculative_mode",
+    "reasoning_parser",
     "allow_origins",
     "allow_methods",
     "allow_headers",

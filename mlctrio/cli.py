@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import SPECULATIVE_MODES, EngineOverrides, ModelSpec, ServerConfig
+from .config import REASONING_PARSERS, SPECULATIVE_MODES, EngineOverrides, ModelSpec, ServerConfig
 from .errors import ConfigError, MlctrioError
+from .model_commands import HF_QUANTIZATIONS, add_model_commands, run_model_command
 
 DEFAULT_MODEL = "embedded://SmolLM2-135M-Instruct"
-# Mirrors models.quantization.HF_QUANTIZATIONS / ACTIVATIONS (the CLI does not import tvm-side
-# modules at startup; tests/runtime check that the lists agree).
-HF_QUANTIZATIONS = ("q0f32", "q0f16", "q4f16_1", "q4f32_1", "q8f16_1", "q8f32_1")
+# Mirrors models.quantization.ACTIVATIONS (the CLI does not import tvm-side modules at startup;
+# tests/runtime check that the lists agree); HF_QUANTIZATIONS is model_commands.py's.
 ACTIVATIONS = ("auto", "f32", "q8")
 
 
@@ -127,6 +127,14 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
         "lookup) or small_draft (the first --additional-models entry drafts); see --overrides "
         "spec_draft_length (0: adaptive) and spec_max_batch",
     )
+    serve.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default="auto",
+        help="split a thinking model's <think>...</think> block into reasoning_content (vLLM's "
+        "names: deepseek_r1 and qwen3 parse the same <think> tags); auto: when the chat template "
+        "mentions <think>; none: the raw text stays in content",
+    )
     serve.add_argument("--allow-origins", type=_json_list("--allow-origins"), default=())
     serve.add_argument("--allow-methods", type=_json_list("--allow-methods"), default=("*",))
     serve.add_argument("--allow-headers", type=_json_list("--allow-headers"), default=("*",))
@@ -168,7 +176,7 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
         action="store_true",
         help="do not serve the chat page at /",
     )
-    _add_model_commands(sub)
+    add_model_commands(sub)
     return parser
 
 
@@ -191,85 +199,6 @@ def _add_model_flags(serve: argparse.ArgumentParser) -> None:
         metavar="MODEL[:NAME]",
         help="one more model to serve (mlc_llm's flag): the same as one --additional-models entry",
     )
-
-
-QUANT_CHOICES = list(HF_QUANTIZATIONS)
-
-
-def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    demo = sub.add_parser("demo-model", help="write the demo Llama checkpoint (HF format)")
-    demo.add_argument("out", type=Path)
-    demo.add_argument("--preset", choices=["tiny", "small"], default="tiny")
-    demo.add_argument("--seed", type=int, default=0)
-    convert = sub.add_parser("convert-weight", help="HF checkpoint or GGUF file -> MLC weights")
-    convert.add_argument("model", help="HF checkpoint directory, HF://org/name or a GGUF file")
-    convert.add_argument(
-        "--quantization", default=None, choices=QUANT_CHOICES, help="required for HF checkpoints"
-    )
-    convert.add_argument("-o", "--output", type=Path, required=True)
-    convert.add_argument("--conv-template", default=None)
-    gen = sub.add_parser("gen-config", help="write mlc-chat-config.json for an HF checkpoint")
-    gen.add_argument("model")
-    gen.add_argument("--quantization", required=True, choices=QUANT_CHOICES)
-    gen.add_argument("--conv-template", default=None)
-    gen.add_argument("--context-window-size", type=int, default=None)
-    gen.add_argument("--prefill-chunk-size", type=int, default=None)
-    gen.add_argument("-o", "--output", type=Path, required=True)
-    comp = sub.add_parser("compile", help="compile a model library ahead of time")
-    comp.add_argument("model", help="model directory (HF or MLC), HF://org/name or demo://...")
-    comp.add_argument("--quantization", default=None, choices=QUANT_CHOICES)
-    comp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    comp.add_argument("-o", "--output", type=Path, required=True)
-
-
-def run_model_command(args: argparse.Namespace) -> int:
-    """demo-model, convert-weight, gen-config, compile (imports tvm only when needed)."""
-    if args.command == "demo-model":
-        from .models.demo import write_demo_model
-
-        print(write_demo_model(args.out, preset=args.preset, seed=args.seed))
-        return 0
-    from .models.artifact import convert_weight, gen_config, open_artifact
-    from .models.formats import write_mlc_chat_config
-    from .runtime.model_loader import resolve_model_dir
-
-    path = resolve_model_dir(args.model)
-    if args.command == "convert-weight":
-        from .models.gguf_file import find_gguf
-
-        if find_gguf(path) is not None:
-            if args.quantization is not None:
-                raise ConfigError("a GGUF file keeps its own formats: drop --quantization")
-            from .runtime.gguf_export import convert_gguf
-
-            print(convert_gguf(path, args.output))
-            return 0
-        if args.quantization is None:
-            raise ConfigError("convert-weight: --quantization is required for HF checkpoints")
-        print(
-            convert_weight(path, args.quantization, args.output, conv_template=args.conv_template)
-        )
-        return 0
-    if args.command == "gen-config":
-        art = open_artifact(path, args.quantization)
-        config = gen_config(
-            art,
-            conv_template=args.conv_template,
-            context_window_size=args.context_window_size,
-            prefill_chunk_size=args.prefill_chunk_size,
-        )
-        print(write_mlc_chat_config(args.output, config))
-        return 0
-    import shutil
-
-    from .models.compile import compile_model
-
-    art = open_artifact(path, args.quantization)
-    compiled = compile_model(art.config, art.quantization, target=args.device)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(compiled.lib_path, args.output)
-    print(args.output)
-    return 0
 
 
 def read_api_keys(keys: Sequence[str], key_file: Path | None) -> tuple[str, ...]:
@@ -336,6 +265,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         access_log=args.access_log,
         disable_chat_page=args.disable_chat_page,
+        reasoning_parser=args.reasoning_parser,
         vllm_metrics=args.vllm_metrics,
         speculative_mode=args.speculative_mode,
         draft_model=draft_model(args),

@@ -20,6 +20,10 @@ Mode = Literal["local", "interactive", "server"]
 PrefixCacheMode = Literal["radix", "disable"]
 SpeculativeMode = Literal["disable", "small_draft", "eagle", "medusa", "ngram"]
 SPECULATIVE_MODES: tuple[str, ...] = ("disable", "small_draft", "eagle", "medusa", "ngram")
+#: `--reasoning-parser` (vLLM's names): auto parses `<think>` blocks when the chat template
+#: mentions `<think>`; deepseek_r1 and qwen3 always do; none never does (server/reasoning.py).
+ReasoningParser = Literal["auto", "none", "deepseek_r1", "qwen3"]
+REASONING_PARSERS: tuple[str, ...] = ("auto", "none", "deepseek_r1", "qwen3")
 
 
 @attrs.frozen
@@ -184,6 +188,7 @@ class ServerConfig:
     access_log: bool = False  # one log line per request (--access-log, MLCTRIO_ACCESS_LOG=1)
     vllm_metrics: bool = False  # also vllm:* names on /metrics (--vllm-metrics): metrics_vllm.py
     disable_chat_page: bool = False  # no chat page at / (--disable-chat-page): routes_page.py
+    reasoning_parser: ReasoningParser = "auto"  # --reasoning-parser: server/reasoning.py
     trace_buffer_size: int = 100_000
     #: More models served by the same server, each with its own engine (--additional-models).
     additional_models: tuple[ModelSpec, ...] = ()

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: the request mlctrio accepts and the responses it sends.
+"""POST /v1/chat/completions: the request mlctrio accepts (the responses it sends are in
+protocol/chat_output.py).
 
 The request classes accept the subset of OpenAI's schema that mlctrio can honour (plus vLLM's
 sampling extensions, see SamplingRequest and protocol/vllm.py). Fields OpenAI defines but mlctrio
@@ -17,14 +18,7 @@ from typing import Any, Final, Literal
 import attrs
 
 from mlctrio.protocol import sglang, vllm
-from mlctrio.protocol.common import (
-    GUIDED_FIELDS,
-    OMIT,
-    OMITTED,
-    ChunkUsage,
-    SamplingRequest,
-    Usage,
-)
+from mlctrio.protocol.common import GUIDED_FIELDS, OMIT, SamplingRequest
 from mlctrio.protocol.validate import FieldError, constraints
 
 #: OpenAI's rule for function and schema names.
@@ -95,11 +89,17 @@ class ToolCall:
 
 @attrs.frozen
 class AssistantMessage:
+    """An earlier reply; `reasoning_content` (vLLM's `reasoning` too) is its think block, as
+    mlctrio returned it: templates that render past reasoning (Qwen3's) read
+    `message.reasoning_content`, and the others ignore it."""
+
     role: Literal["assistant"]
     content: Content | None = None
     name: str | None = None
     tool_calls: tuple[ToolCall, ...] | None = None
     refusal: str | None = None
+    reasoning_content: str | None = attrs.field(default=None, metadata=OMIT)
+    reasoning: str | None = attrs.field(default=None, metadata=OMIT)
 
     def _check(self) -> None:
         if self.content is None and not self.tool_calls:
@@ -189,6 +189,9 @@ ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJ
 
 # --- the request ----------------------------------------------------------------------------
 
+#: OpenAI's reasoning_effort values (chat's field, the Responses API's `reasoning.effort`).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+
 
 @attrs.frozen(kw_only=True)
 class ChatCompletionRequest(SamplingRequest):
@@ -216,7 +219,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool | None = None
     # OpenAI's reasoning_effort: a chat template variable for models whose template reads it
     # (gpt-oss-style templates); chat_template_kwargs may set it too, and then wins
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     def _check(self) -> None:
         super()._check()
@@ -292,109 +295,3 @@ UNSUPPORTED_FIELDS: Final[Mapping[str, tuple[Any, str]]] = {
     # vLLM's extensions that mlctrio accepts with their defaults only
     **vllm.CHAT_FIELDS,
 }
-
-# --- responses ------------------------------------------------------------------------------
-
-#: OpenAI's values plus "abort" (request aborted: deadline, shutdown) and "error" (engine failure
-#: reported on a choice), which mlctrio sends rather than pretending the output ended normally.
-ChatFinishReason = Literal[
-    "stop", "length", "tool_calls", "content_filter", "function_call", "abort", "error"
-]
-
-
-@attrs.frozen
-class TopLogprob:
-    token: str
-    logprob: float
-    bytes: tuple[int, ...] | None = None
-
-
-@attrs.frozen
-class TokenLogprob:
-    token: str
-    logprob: float
-    bytes: tuple[int, ...] | None
-    top_logprobs: tuple[TopLogprob, ...]
-
-
-@attrs.frozen
-class ChoiceLogprobs:
-    content: tuple[TokenLogprob, ...] | None
-    refusal: tuple[TokenLogprob, ...] | None = None
-
-
-@attrs.frozen(kw_only=True)
-class ChatCompletionMessage:
-    """The assistant's reply. OpenAI sends `content` and `refusal` as null, omits `tool_calls`."""
-
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    refusal: str | None = None
-    tool_calls: tuple[ToolCall, ...] | None = attrs.field(default=None, metadata=OMIT)
-
-
-@attrs.frozen(kw_only=True)
-class ChatCompletionChoice:
-    index: int
-    message: ChatCompletionMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: ChatFinishReason
-
-
-@attrs.frozen(kw_only=True)
-class ChatCompletion:
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: tuple[ChatCompletionChoice, ...]
-    usage: Usage
-
-
-@attrs.frozen
-class DeltaFunctionCall:
-    name: str | None = attrs.field(default=None, metadata=OMIT)
-    arguments: str | None = attrs.field(default=None, metadata=OMIT)
-
-
-@attrs.frozen
-class DeltaToolCall:
-    index: int
-    id: str | None = attrs.field(default=None, metadata=OMIT)
-    type: Literal["function"] | None = attrs.field(default=None, metadata=OMIT)
-    function: DeltaFunctionCall | None = attrs.field(default=None, metadata=OMIT)
-
-
-@attrs.frozen
-class ChatCompletionDelta:
-    """What one chunk adds; OpenAI omits the keys that add nothing (the last delta is `{}`)."""
-
-    role: Literal["assistant"] | None = attrs.field(default=None, metadata=OMIT)
-    content: str | None = attrs.field(default=None, metadata=OMIT)
-    tool_calls: tuple[DeltaToolCall, ...] | None = attrs.field(default=None, metadata=OMIT)
-
-
-@attrs.frozen
-class ChatCompletionChunkChoice:
-    index: int
-    delta: ChatCompletionDelta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: ChatFinishReason | None = None
-
-
-@attrs.frozen(kw_only=True)
-class ChatCompletionChunk:
-    """One `data:` event of a streamed chat completion.
-
-    `usage` is OMITTED (no key) unless the client set `stream_options.include_usage`; then it is
-    None (`null`) on every chunk but the last, which has `choices == ()` and the usage.
-    """
-
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: tuple[ChatCompletionChunkChoice, ...]
-    usage: ChunkUsage = attrs.field(default=OMITTED, metadata=OMIT)

@@ -123,13 +123,23 @@ class PromptTokensDetails:
 
 
 @attrs.frozen
+class CompletionTokensDetails:
+    #: Tokens of the reply's think block (protocol/reasoning.py), part of completion_tokens.
+    reasoning_tokens: int = 0
+
+
+@attrs.frozen
 class Usage:
-    """`usage` of a completion (openai.types.CompletionUsage)."""
+    """`usage` of a completion (openai.types.CompletionUsage); the details are there only when
+    they count something (cached prompt tokens, a think block)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = attrs.field(default=None, metadata=OMIT)
+    completion_tokens_details: CompletionTokensDetails | None = attrs.field(
+        default=None, metadata=OMIT
+    )
 
 
 #: Type of `usage` on stream chunks: OMITTED (key absent), None (`null`), or the final usage.
@@ -177,6 +187,7 @@ __all__ = [
     "OMIT",
     "OMITTED",
     "ChunkUsage",
+    "CompletionTokensDetails",
     "ErrorDetail",
     "ErrorResponse",
     "Model",

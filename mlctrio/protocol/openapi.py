@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from mlctrio.protocol import chat, completions, responses, sglang
-from mlctrio.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from mlctrio.protocol.chat import ChatCompletionRequest
+from mlctrio.protocol.chat_output import ChatCompletion, ChatCompletionChunk
 from mlctrio.protocol.common import ErrorResponse, Model, ModelList
 from mlctrio.protocol.completions import Completion, CompletionChunk, CompletionRequest
 from mlctrio.protocol.embeddings import EmbeddingRequest

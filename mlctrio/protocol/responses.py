@@ -1,4 +1,4 @@
-"""POST /v1/responses (stateless): the request mlctrio accepts, and its chat equivalent.
+"""POST /v1/responses (stateless): the request mlctrio accepts.
 
 Rules:
 - Stateless: nothing is stored, so `store: true`, `background: true`, `previous_response_id`,
@@ -7,10 +7,8 @@ Rules:
 - Unknown keys are errors, as for chat (protocol/validate.py). Fields OpenAI defines that mlctrio
   cannot honour are in `UNSUPPORTED_FIELDS`: their default values are accepted and dropped.
 - A message item may leave out `"type": "message"` (OpenAI's "easy input message").
-- `to_chat_request` maps the request onto a `ChatCompletionRequest`, so the chat pipeline
-  (template, tools, constraints, sampling) serves it unchanged: `instructions` becomes the first
-  system message, consecutive function_call items one assistant message with `tool_calls`, a
-  function_call_output a tool message, `text.format` the matching `response_format`.
+- Reasoning items (as a reply gave them) and `reasoning` options are accepted: their meaning is
+  protocol/responses_chat.py's, which maps the request onto its chat equivalent.
 - The response classes are in protocol/responses_output.py.
 """
 
@@ -96,7 +94,36 @@ class FunctionCallOutputItem:
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
+@attrs.frozen
+class ReasoningText:
+    type: Literal["reasoning_text"]
+    text: str
+
+
+@attrs.frozen
+class SummaryText:
+    type: Literal["summary_text"]
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class ReasoningItem:
+    """A reasoning item of an earlier reply, sent back: its text becomes the next assistant
+    message's reasoning_content (its content, else its summary)."""
+
+    type: Literal["reasoning"]
+    summary: tuple[SummaryText, ...] = ()
+    content: tuple[ReasoningText, ...] | None = None
+    encrypted_content: None = None  # mlctrio writes none (nor can it read OpenAI's)
+    id: str | None = None
+    status: ItemStatus | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in (self.content or self.summary))
+
+
+InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
 
 # --- tools and text format ------------------------------------------------------------------
 
@@ -151,6 +178,16 @@ class TextConfig:
 
 
 @attrs.frozen
+class ReasoningOptions:
+    """`reasoning`: `effort` reaches the chat template as `reasoning_effort`, as chat's field
+    does; mlctrio writes no summaries, so `summary` is accepted and changes nothing."""
+
+    effort: chat.ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+@attrs.frozen
 class ResponsesStreamOptions:
     #: OpenAI pads deltas against side channels; mlctrio does not, so either value is honoured.
     include_obfuscation: bool | None = None
@@ -177,6 +214,7 @@ class ResponsesRequest:
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    reasoning: ReasoningOptions | None = None
     stream: bool | None = None
     stream_options: ResponsesStreamOptions | None = None
     #: Echoed back on the response, as OpenAI does.
@@ -225,12 +263,9 @@ def _only(*allowed: object) -> Any:
     return lambda v: any(v is a or (v == a and type(v) is type(a)) for a in allowed)
 
 
-def _is_empty_reasoning(value: object) -> bool:
-    return value is None or (isinstance(value, dict) and all(v is None for v in value.values()))
-
-
 def _is_harmless_include(value: object) -> bool:
-    # reasoning.encrypted_content (Codex asks for it) includes nothing: mlctrio emits no reasoning
+    # reasoning.encrypted_content (Codex asks for it) includes nothing: reasoning items carry
+    # their text in `content`, never encrypted
     return value is None or (
         isinstance(value, list) and all(v == "reasoning.encrypted_content" for v in value)
     )
@@ -246,7 +281,6 @@ UNSUPPORTED_FIELDS: Final[Mapping[str, tuple[Any, str]]] = {
     "conversation": (_only(None), f"conversations are not supported ({_STATELESS})"),
     "background": (_only(None, False), "background responses are not supported"),
     "prompt": (_only(None), "stored prompts are not supported"),
-    "reasoning": (_is_empty_reasoning, "reasoning options are not supported"),
     "include": (_is_harmless_include, "only 'reasoning.encrypted_content' can be included"),
     "service_tier": (_only(None, "auto", "default"), "only the default tier exists"),
     "truncation": (_only(None, "disabled"), "only 'disabled' truncation is supported"),
@@ -277,81 +311,3 @@ def parse_responses_request(body: object) -> ResponsesRequest:
 def _prepare(fields: dict[str, Any]) -> None:
     if "input" in fields:
         fields["input"] = _with_message_types(fields["input"])
-
-
-# --- the chat equivalent --------------------------------------------------------------------
-
-
-def _message(item: MessageItem) -> chat.ChatMessage:
-    text = item.text
-    if item.role == "user":
-        return chat.UserMessage("user", text)
-    if item.role == "system":
-        return chat.SystemMessage("system", text)
-    if item.role == "developer":
-        return chat.DeveloperMessage("developer", text)
-    return chat.AssistantMessage("assistant", text)
-
-
-def chat_messages(req: ResponsesRequest) -> tuple[chat.ChatMessage, ...]:
-    """The conversation as chat messages (see the module rules)."""
-    out: list[chat.ChatMessage] = []
-    if req.instructions is not None:
-        out.append(chat.SystemMessage("system", req.instructions))
-    items = (
-        (MessageItem(type="message", role="user", content=req.input),)
-        if isinstance(req.input, str)
-        else req.input
-    )
-    for item in items:
-        if isinstance(item, MessageItem):
-            out.append(_message(item))
-        elif isinstance(item, FunctionCallOutputItem):
-            out.append(chat.ToolMessage("tool", item.text, item.call_id))
-        else:
-            call = chat.ToolCall(
-                item.call_id, "function", chat.FunctionCall(item.name, item.arguments)
-            )
-            last = out[-1] if out else None
-            if isinstance(last, chat.AssistantMessage):  # one assistant turn: text, then calls
-                out[-1] = attrs.evolve(last, tool_calls=(*(last.tool_calls or ()), call))
-            else:
-                out.append(chat.AssistantMessage("assistant", None, tool_calls=(call,)))
-    return tuple(out)
-
-
-def _response_format(fmt: TextFormat) -> chat.ResponseFormat:
-    if isinstance(fmt, TextFormatJsonSchema):
-        spec = chat.JsonSchemaSpec(fmt.name, fmt.description, fmt.schema, fmt.strict)
-        return chat.ResponseFormatJsonSchema("json_schema", spec)
-    if isinstance(fmt, TextFormatJsonObject):
-        return chat.ResponseFormatJsonObject("json_object")
-    return chat.ResponseFormatText("text")
-
-
-def _tool(tool: FunctionTool) -> chat.Tool:
-    fn = chat.FunctionDefinition(tool.name, tool.description, tool.parameters, tool.strict)
-    return chat.Tool("function", fn)
-
-
-def _tool_choice(choice: ToolChoice | None) -> chat.ToolChoice | None:
-    if isinstance(choice, ToolChoiceFunction):
-        return chat.NamedToolChoice("function", chat.FunctionName(choice.name))
-    return choice
-
-
-def to_chat_request(req: ResponsesRequest) -> chat.ChatCompletionRequest:
-    """The chat completion request that generates this response (validated already)."""
-    return chat.ChatCompletionRequest(
-        model=req.model,
-        messages=chat_messages(req),
-        max_completion_tokens=req.max_output_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stream=req.stream,
-        user=req.user,
-        response_format=_response_format(req.text_format),
-        tools=tuple(_tool(t) for t in req.tools) if req.tools else None,
-        tool_choice=_tool_choice(req.tool_choice),
-        parallel_tool_calls=req.parallel_tool_calls,
-    )

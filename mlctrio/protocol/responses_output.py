@@ -1,5 +1,6 @@
 """POST /v1/responses: the response object and its output items, as the `openai` SDK types them
-(openai.types.responses.Response, ResponseOutputMessage, ResponseFunctionToolCall).
+(openai.types.responses.Response, ResponseOutputMessage, ResponseFunctionToolCall,
+ResponseReasoningItem).
 
 Rules: keys OpenAI always sends are plain fields (possibly null); the server builds these values
 and serialises them with protocol.openai.to_json, whole or inside stream events. Streamed events
@@ -14,13 +15,19 @@ from typing import Final, Literal
 
 import attrs
 
-from mlctrio.protocol.responses import FunctionTool, ItemStatus, TextConfig, ToolChoice
+from mlctrio.protocol.responses import (
+    FunctionTool,
+    ItemStatus,
+    ReasoningOptions,
+    TextConfig,
+    ToolChoice,
+)
 
 ResponseStatus = Literal["completed", "incomplete", "failed", "in_progress"]
 
 
 def new_item_id(prefix: str) -> str:
-    """An OpenAI-style object id: `resp_`, `msg_`, `fc_` and 48 hex digits."""
+    """An OpenAI-style object id: `resp_`, `msg_`, `fc_`, `rs_` and 48 hex digits."""
     return f"{prefix}_{secrets.token_hex(24)}"
 
 
@@ -51,7 +58,26 @@ class OutputFunctionCall:
     arguments: str
 
 
-OutputItem = OutputMessage | OutputFunctionCall
+@attrs.frozen
+class OutputReasoningText:
+    type: Literal["reasoning_text"]
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class OutputReasoning:
+    """A thinking model's think block (as vLLM returns it: the text in `content`, no summary,
+    nothing encrypted); it comes before the message or calls it led to."""
+
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    status: ItemStatus
+    summary: tuple[object, ...] = ()
+    content: tuple[OutputReasoningText, ...]
+    encrypted_content: None = None
+
+
+OutputItem = OutputMessage | OutputFunctionCall | OutputReasoning
 
 
 @attrs.frozen
@@ -103,7 +129,7 @@ class ResponseObject:
     output: tuple[OutputItem, ...] = ()
     parallel_tool_calls: bool
     previous_response_id: None = None
-    reasoning: None = None
+    reasoning: ReasoningOptions | None = None
     store: Literal[False] = False
     temperature: float | None
     text: TextConfig

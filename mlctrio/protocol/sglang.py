@@ -18,9 +18,9 @@ is a 400 naming it. Nothing here accepts arbitrary unknown fields.
 * `continue_final_message` (continue the last assistant message instead of opening a new turn):
   only false; the chat templates always open a new assistant turn.
 * `return_hidden_states`: only false; mlctrio does not expose hidden states.
-* `separate_reasoning`, `stream_reasoning`: any boolean. They steer SGLang's reasoning parser,
-  which only acts when SGLang runs with `--reasoning-parser`; mlctrio has no reasoning parser, so
-  both values mean what SGLang does without one: the reasoning text stays in `content`.
+* `separate_reasoning`, `stream_reasoning`: any boolean, no effect. They steer SGLang's reasoning
+  parser per request; mlctrio's is chosen for the whole server (`--reasoning-parser`,
+  server/reasoning.py), which splits and streams reasoning as both defaults (true) ask.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ _NO_STOP_TRIM: Final = (
     "only false is supported (the matched stop string is always trimmed)",
 )
 _HIDDEN_STATES: Final = (_default_false, "only false is supported (no hidden states are exposed)")
-_NO_REASONING_PARSER: Final = (
+_SERVER_REASONING_PARSER: Final = (
     _boolean,
-    "must be a boolean (no reasoning parser: reasoning text stays in content either way)",
+    "must be a boolean (accepted, no effect: --reasoning-parser decides for the whole server)",
 )
 
 #: Chat fields: name -> (accepts the value?, why), merged into chat.UNSUPPORTED_FIELDS.
@@ -54,8 +54,8 @@ CHAT_FIELDS: Final[Mapping[str, tuple[Any, str]]] = {
         _default_false,
         "only false is supported (the reply always starts a new assistant turn)",
     ),
-    "separate_reasoning": _NO_REASONING_PARSER,
-    "stream_reasoning": _NO_REASONING_PARSER,
+    "separate_reasoning": _SERVER_REASONING_PARSER,
+    "stream_reasoning": _SERVER_REASONING_PARSER,
     "return_hidden_states": _HIDDEN_STATES,
 }
 
@@ -70,9 +70,9 @@ DESCRIPTIONS: Final[Mapping[str, str]] = {
     "no_stop_trim": "SGLang extension, sent by sglang-router: only false (stop strings trimmed).",
     "continue_final_message": "SGLang extension, sent by sglang-router: only false.",
     "separate_reasoning": "SGLang extension, sent by sglang-router: accepted, no effect "
-    "(mlctrio has no reasoning parser).",
+    "(the server's --reasoning-parser decides).",
     "stream_reasoning": "SGLang extension, sent by sglang-router: accepted, no effect "
-    "(mlctrio has no reasoning parser).",
+    "(the server's --reasoning-parser decides).",
     "return_hidden_states": "SGLang extension, sent by sglang-router: only false.",
 }
 

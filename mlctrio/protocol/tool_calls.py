@@ -37,7 +37,8 @@ from typing import Any, Literal
 
 import attrs
 
-from mlctrio.protocol.chat import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+from mlctrio.protocol.chat import FunctionCall, ToolCall
+from mlctrio.protocol.chat_output import DeltaFunctionCall, DeltaToolCall
 
 __all__ = ["ParsedToolCalls", "ToolCallDelta", "ToolCallFormat", "ToolCallStreamParser"]
 __all__ += ["accumulate", "new_call_id", "parse_tool_calls"]

@@ -126,6 +126,10 @@ CHAT_FIELDS: Final[Mapping[str, tuple[Any, str]]] = {
     "chat_template": (_none, "only the model's own chat template is used"),
     "mm_processor_kwargs": (_none_or_empty, "multimodal input is not supported"),
     "best_of": (_number(1), "best_of is not supported for chat"),
+    "include_reasoning": (
+        _default_true,
+        "only true is supported (reasoning_content comes whenever --reasoning-parser splits it)",
+    ),
 }
 
 #: Text completion fields, merged into completions.UNSUPPORTED_FIELDS.

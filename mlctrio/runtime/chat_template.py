@@ -117,6 +117,12 @@ class HFChatTemplate:
                 raise ModelLoadError(f"chat template {name!r} does not compile: {exc}") from exc
 
     @property
+    def source(self) -> str:
+        """The jinja source of every named template (`--reasoning-parser auto` looks for
+        `<think>` in it: server/reasoning.py)."""
+        return "\n".join(self.templates.values())
+
+    @property
     def call_format(self) -> ToolCallFormat:
         """The model's tool-call format, as its template source shows it (hermes if unknown)."""
         return detect_call_format(" ".join(self.templates.values()))

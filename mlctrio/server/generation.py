@@ -165,7 +165,9 @@ def chat_logprobs(items: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     ]
 
 
-def usage_json(usage: Usage) -> dict[str, Any]:
+def usage_json(usage: Usage, reasoning_tokens: int | None = None) -> dict[str, Any]:
+    """`usage`; `reasoning_tokens` (not None when a reply had a think block: server/reasoning.py)
+    adds completion_tokens_details, as OpenAI reports it."""
     out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -173,6 +175,8 @@ def usage_json(usage: Usage) -> dict[str, Any]:
     }
     if usage.cached_tokens:
         out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return out
 
 
@@ -197,7 +201,11 @@ class ChoiceAccumulator:
 
 
 def chat_completion_json(
-    head: ResponseHead, choices: Sequence[ChoiceAccumulator], usage: Usage, want_logprobs: bool
+    head: ResponseHead,
+    choices: Sequence[ChoiceAccumulator],
+    usage: Usage,
+    want_logprobs: bool,
+    reasoning_tokens: int | None = None,
 ) -> dict[str, Any]:
     body = head.base()
     body["choices"] = [
@@ -213,7 +221,7 @@ def chat_completion_json(
         }
         for c in choices
     ]
-    body["usage"] = usage_json(usage)
+    body["usage"] = usage_json(usage, reasoning_tokens)
     return body
 
 
@@ -244,10 +252,12 @@ def chat_chunk(
     return body
 
 
-def usage_chunk(head: ResponseHead, usage: Usage) -> dict[str, Any]:
+def usage_chunk(
+    head: ResponseHead, usage: Usage, reasoning_tokens: int | None = None
+) -> dict[str, Any]:
     body = head.base()
     body["choices"] = []
-    body["usage"] = usage_json(usage)
+    body["usage"] = usage_json(usage, reasoning_tokens)
     return body
 
 

@@ -34,12 +34,15 @@ def check_bound(text: str, tokenizer: Tokenizer, context_window: int | None, par
 
 
 def messages_for_template(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the dicts HF chat templates expect; text parts joined into one string."""
+    """Messages as the dicts HF chat templates expect; text parts joined into one string; an
+    assistant's `reasoning` (vLLM's name) given as `reasoning_content` (the templates' name)."""
     out = []
     for message in messages:
         item = to_json(message)
         if "content" in item and item["content"] is not None:
             item["content"] = content_text(message.content)
+        if "reasoning" in item:
+            item.setdefault("reasoning_content", item.pop("reasoning"))
         out.append(item)
     return out
 
@@ -64,6 +67,31 @@ def render_chat(
     """The rendered chat as token ids; with `context_window`, a prompt that would leave no room
     in it is refused (400, param "messages") by the cheap bound or as soon as counting shows it.
     `template_kwargs` (chat_template_kwargs) are extra variables for a jinja template."""
+    return render_chat_text(
+        messages,
+        tools,
+        template,
+        tokenizer,
+        add_generation_prompt=add_generation_prompt,
+        add_special_tokens=add_special_tokens,
+        template_kwargs=template_kwargs,
+        context_window=context_window,
+    )[1]
+
+
+def render_chat_text(
+    messages: Sequence[ChatMessage],
+    tools: list[dict[str, Any]] | None,
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    *,
+    add_generation_prompt: bool = True,
+    add_special_tokens: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
+    context_window: int | None = None,
+) -> tuple[str, list[int]]:
+    """`render_chat`, with the rendered text too (whether it opens a think block decides how
+    the reply is parsed: server/reasoning.py)."""
     text = template.render(
         messages_for_template(messages),
         tools=tools,
@@ -71,13 +99,14 @@ def render_chat(
         template_kwargs=template_kwargs,
     )
     check_bound(text, tokenizer, context_window, "messages")
-    return encode_text(
+    ids = encode_text(
         text,
         tokenizer,
         add_special_tokens=add_special_tokens,
         stop_at=context_window,
         param="messages",
     )
+    return text, ids
 
 
 class PromptList(Protocol):

@@ -4,14 +4,16 @@ stream events that announce them.
 Rules:
 - One `OutputBuilder` serves both shapes: streamed, its events are written as they come;
   whole, they are dropped and only `response()` is sent. So both shapes always agree.
-- Event order is OpenAI's: response.created, response.in_progress; per message item
-  output_item.added, content_part.added, output_text.delta..., output_text.done,
-  content_part.done, output_item.done; per function call output_item.added,
-  function_call_arguments.delta..., function_call_arguments.done, output_item.done; then
-  response.completed (response.incomplete when max_output_tokens cut it short, response.failed
-  when the engine failed). `sequence_number` counts every event from 0.
-- Text becomes a message item; tool calls (parsed as for chat, server/tools.py) become
-  function_call items, in the order the model wrote them.
+- Event order is OpenAI's: response.created, response.in_progress; per reasoning item
+  output_item.added, content_part.added, reasoning_text.delta..., reasoning_text.done,
+  content_part.done, output_item.done; per message item the same with output_text; per function
+  call output_item.added, function_call_arguments.delta..., function_call_arguments.done,
+  output_item.done; then response.completed (response.incomplete when max_output_tokens cut it
+  short, response.failed when the engine failed). `sequence_number` counts every event from 0.
+- A thinking model's think block (split off as for chat, server/reasoning.py) becomes a
+  reasoning item, its text in `content` as `reasoning_text` (vLLM's shape: no summary, nothing
+  encrypted); the rest is text, a message item, and tool calls (parsed from that text only, as
+  for chat, server/tools.py) become function_call items, in the order the model wrote them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from ..protocol.responses_output import (
     OutputFunctionCall,
     OutputItem,
     OutputMessage,
+    OutputReasoning,
+    OutputReasoningText,
     OutputTextContent,
+    OutputTokensDetails,
     ResponseError,
     ResponseObject,
     ResponseStatus,
@@ -38,6 +43,7 @@ from ..protocol.responses_output import (
     new_item_id,
 )
 from . import tools
+from .reasoning import ChoiceThinking
 from .sse import dumps
 
 Event = dict[str, Any]
@@ -50,27 +56,33 @@ def sse(event: Event) -> bytes:
     return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
 
 
-def usage_of(usage: Usage) -> ResponseUsage:
+def usage_of(usage: Usage, reasoning_tokens: int = 0) -> ResponseUsage:
     return ResponseUsage(
         input_tokens=usage.prompt_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=usage.cached_tokens),
         output_tokens=usage.completion_tokens,
+        output_tokens_details=OutputTokensDetails(reasoning_tokens),
         total_tokens=usage.total_tokens,
     )
 
 
 @attrs.define
 class _Item:
-    """An output item being generated: a message's text or a call's arguments, in pieces."""
+    """An output item being generated: a message's text, a think block's text or a call's
+    arguments, in pieces."""
 
     id: str
-    call_id: str | None = None  # None: a message
+    call_id: str | None = None  # None: a message or reasoning
     name: str = ""
     parts: list[str] = attrs.field(factory=list)
     status: ItemStatus = "in_progress"
+    reasoning: bool = False
 
     def value(self, status: ItemStatus) -> OutputItem:
         text = "".join(self.parts)
+        if self.reasoning:
+            thought = (OutputReasoningText("reasoning_text", text),)
+            return OutputReasoning(id=self.id, status=status, content=thought)
         if self.call_id is None:
             content = (OutputTextContent("output_text", text),)
             return OutputMessage(id=self.id, status=status, content=content)
@@ -89,6 +101,7 @@ class OutputBuilder:
 
     head: ResponseObject  # status in_progress, no output: the fields every event repeats
     call_format: str | None  # the tool-call format when the reply may hold calls
+    thinking: ChoiceThinking | None = None  # the reply's reasoning split, when parsed
     items: list[_Item] = attrs.field(factory=list)
     closed: int = 0  # items before this index are done
     sequence: int = 0
@@ -114,14 +127,22 @@ class OutputBuilder:
             self._lifecycle("response.in_progress", self.head),
         ]
 
-    def push(self, text: str, finish_reason: str | None) -> list[Event]:
-        """Events for one piece of generated text (the last one carries the finish reason)."""
+    def push(self, text: str, finish_reason: str | None, num_tokens: int = 0) -> list[Event]:
+        """Events for one piece of generated text of `num_tokens` tokens (the last one carries
+        the finish reason)."""
         final = finish_reason is not None
+        events: list[Event] = []
+        if self.thinking is not None:
+            split = self.thinking.push(text, num_tokens, final)
+            if split.reasoning:
+                events += self._reasoning(split.reasoning)
+            text = split.content
         if self.parser is None:
             content, calls = text, list[dict[str, Any]]()
         else:
             content, calls = self.parser.push(text, final)
-        events = self._content(content) if content else []
+        if content:
+            events += self._content(content)
         for call in calls:
             events += self._call(call)
         if final:
@@ -144,22 +165,33 @@ class OutputBuilder:
     def _current(self) -> _Item | None:
         return self.items[-1] if len(self.items) > self.closed else None
 
-    def _content(self, text: str) -> list[Event]:
+    def _text(self, text: str, reasoning: bool) -> tuple[_Item, list[Event]]:
+        """Add text to the open message (reasoning: think block) item, opening one if the
+        open item is of another kind; its events but the delta."""
         events: list[Event] = []
         item = self._current()
-        if item is None or item.call_id is not None:
-            item = _Item(new_item_id("msg"))
+        if item is None or item.call_id is not None or item.reasoning != reasoning:
+            item = _Item(new_item_id("rs" if reasoning else "msg"), reasoning=reasoning)
             events += self._open(item)
+            part = (
+                OutputReasoningText("reasoning_text", "")
+                if reasoning
+                else OutputTextContent("output_text", "")
+            )
             events.append(
                 self._event(
                     "response.content_part.added",
                     item_id=item.id,
                     output_index=len(self.items) - 1,
                     content_index=0,
-                    part=to_json(OutputTextContent("output_text", "")),
+                    part=to_json(part),
                 )
             )
         item.parts.append(text)
+        return item, events
+
+    def _content(self, text: str) -> list[Event]:
+        item, events = self._text(text, reasoning=False)
         events.append(
             self._event(
                 "response.output_text.delta",
@@ -168,6 +200,19 @@ class OutputBuilder:
                 content_index=0,
                 delta=text,
                 logprobs=[],
+            )
+        )
+        return events
+
+    def _reasoning(self, text: str) -> list[Event]:
+        item, events = self._text(text, reasoning=True)
+        events.append(
+            self._event(
+                "response.reasoning_text.delta",
+                item_id=item.id,
+                output_index=len(self.items) - 1,
+                content_index=0,
+                delta=text,
             )
         )
         return events
@@ -212,6 +257,17 @@ class OutputBuilder:
                     "response.content_part.done", **where, content_index=0, part=to_json(part)
                 ),
             ]  # fmt: skip
+        elif isinstance(value, OutputReasoning):
+            (thought,) = value.content
+            events = [
+                self._event(
+                    "response.reasoning_text.done", **where, content_index=0, text=thought.text
+                ),
+                self._event(
+                    "response.content_part.done", **where, content_index=0,
+                    part=to_json(thought),
+                ),
+            ]  # fmt: skip
         else:
             events = [
                 self._event(
@@ -235,11 +291,12 @@ class OutputBuilder:
             item.value(item.status if item.status != "in_progress" else "incomplete")
             for item in self.items
         )
+        thinking = self.thinking
         return attrs.evolve(
             self.head,
             status=status,
             output=output,
-            usage=usage_of(usage),
+            usage=usage_of(usage, thinking.parser.reasoning_tokens if thinking else 0),
             incomplete_details=(
                 IncompleteDetails("max_output_tokens") if status == "incomplete" else None
             ),
@@ -277,8 +334,8 @@ class ResponsesWriter:
         self.usage = output.usage
         events: list[Event] = []
         for d in output.deltas:
-            if d.text or d.finish_reason is not None:
-                events += self.builder.push(d.text, d.finish_reason)
+            if d.text or d.token_ids or d.finish_reason is not None:
+                events += self.builder.push(d.text, d.finish_reason, len(d.token_ids))
         return [sse(e) for e in events]
 
     def closing(self) -> list[bytes]:

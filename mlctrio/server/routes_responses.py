@@ -4,7 +4,8 @@ Rules: the request is validated (protocol/responses.py) and mapped onto the equi
 request, so template, tools, constraints and sampling are exactly the chat route's; a 400 from
 that pipeline names the Responses field (`input`, `text.format`, `max_output_tokens`). As for
 chat, the engine stream is submitted synchronously right before the response is returned; the
-output and its events come from responses_events.OutputBuilder, streamed through
+output and its events (a thinking model's think block as a reasoning item first) come from
+responses_events.OutputBuilder, streamed through
 streaming.stream_events (no `[DONE]`: a stream ends with response.completed, .incomplete or
 .failed).
 """
@@ -21,12 +22,8 @@ from quart import Response
 from ..engine.types import GenerationRequest, SamplingParams, Usage
 from ..errors import InvalidRequestError
 from ..protocol.openai import to_json
-from ..protocol.responses import (
-    ResponsesRequest,
-    TextConfig,
-    parse_responses_request,
-    to_chat_request,
-)
+from ..protocol.responses import ResponsesRequest, TextConfig, parse_responses_request
+from ..protocol.responses_chat import to_chat_request
 from ..protocol.responses_output import ResponseObject, new_item_id
 from . import tools
 from .responses_events import OutputBuilder, ResponsesWriter
@@ -58,12 +55,14 @@ async def responses() -> Response:
     state, req, info = await read_request(parse_responses_request)
     chat = to_chat_request(req)
     with _responses_params():
-        prompt, params = await prepare_chat(state, info, chat)
+        prepared = await prepare_chat(state, info, chat)
+    prompt, params, think = prepared.prompt, prepared.params, prepared.think
     call_format = info.tool_call_format if tools.tool_mode(chat) else None
     parallel = (
         info.parallel_tool_calls if req.parallel_tool_calls is None else req.parallel_tool_calls
     )
-    builder = OutputBuilder(_head(state, req, params, parallel), call_format)
+    thinking = think.choice() if think is not None else None
+    builder = OutputBuilder(_head(state, req, params, parallel), call_format, thinking)
     gen = GenerationRequest(builder.head.id, tuple(prompt), params, arrival)
     deadline = deadline_for(state)
     if not req.stream:
@@ -71,7 +70,7 @@ async def responses() -> Response:
         for output in await collect(state, [gen], deadline):
             usage = output.usage
             for d in output.deltas:
-                builder.push(d.text, d.finish_reason)
+                builder.push(d.text, d.finish_reason, len(d.token_ids))
         builder.finish(usage)
         assert builder.result is not None
         return json_response(to_json(builder.result))
@@ -92,6 +91,7 @@ def _head(
         max_output_tokens=req.max_output_tokens,
         model=state.model_name,
         parallel_tool_calls=parallel,
+        reasoning=req.reasoning,
         temperature=params.temperature,
         text=TextConfig(format=req.text_format),
         tool_choice=req.tool_choice if req.tool_choice is not None else "auto",

@@ -16,7 +16,8 @@ from openai.types.chat import ChatCompletion as SdkChatCompletion
 from openai.types.chat import ChatCompletionChunk as SdkChatCompletionChunk
 
 from mlctrio.errors import InvalidRequestError
-from mlctrio.protocol.chat import (
+from mlctrio.protocol.chat import FunctionCall, ToolCall
+from mlctrio.protocol.chat_output import (
     ChatCompletion,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -26,9 +27,7 @@ from mlctrio.protocol.chat import (
     ChoiceLogprobs,
     DeltaFunctionCall,
     DeltaToolCall,
-    FunctionCall,
     TokenLogprob,
-    ToolCall,
     TopLogprob,
 )
 from mlctrio.protocol.common import (

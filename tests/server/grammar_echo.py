@@ -45,7 +45,10 @@ def grammar_echo_server(
     tool_call_format: str,
     context_window: int = 8192,
     total_pages: int = 4096,
+    **settings: Any,
 ) -> Iterator[ServerHandle]:
+    """`settings`: ServerConfig fields of the server (e.g. reasoning_parser)."""
+
     def factory(config: Any) -> Callable[[], tuple[EngineCore, ModelInfo]]:
         def build() -> tuple[EngineCore, ModelInfo]:
             tokenizer = GrammarByteTokenizer()
@@ -75,7 +78,7 @@ def grammar_echo_server(
     patch = pytest.MonkeyPatch()
     patch.setattr(mlctrio.serve, "core_factory", factory)
     try:
-        handle = start_server(make_config())
+        handle = start_server(make_config(**settings))
     finally:
         patch.undo()
     try:
