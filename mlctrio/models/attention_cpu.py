@@ -23,13 +23,21 @@ Shared design (why):
   its scores as outer products `S[r, 0:16] += q[r, d] * Kt[d, 0:16]` (one vector load of K per d
   for all rows, independent accumulators), and `O[r, :] += P[r, j] * V[j, :]` vectorised over
   head_dim.
-The sliding-window variants stay the stock kernels: they are only used with support_sliding_window=1,
-which mlctrio never enables (RopeMode.NORMAL, RoPE applied by the cache before append).
+Sliding-window layers (Gemma 3's local layers, Mistral): the same kernels, told apart by the sign
+of `sm_scale` (the only argument the cache passes per layer; a sliding layer passes -sm_scale) and
+given the window at build time (`CPUPagedKVCache(window=W)`). A key at absolute position kp is
+visible to the query at qp iff kp > qp - W (W positions counting the query's own, as
+transformers' mask), positions from `k_rope_pos_offset + column` and `q_rope_position`, which
+the cache fills for every block of every sequence; blocks wholly before the window are skipped.
+TVM's own "mha_sliding" layer kind is not used: its page view reports a wrong first-key position
+for a block shorter than the window that is not a sequence's first (a forked prefix), and its
+self-attention over the step's new tokens has no window at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -65,6 +73,7 @@ def attention_decode_cpu(
     sliding_window: bool,
     rope_scaling: dict[str, Any],
     page_size: int = 16,
+    window: int = 0,
 ) -> tirx.PrimFunc:
     """Drop-in for `_attention_decode_cpu`: parallel over (sequence, kv head)."""
     if sliding_window or page_size != BLOCK:
@@ -72,6 +81,7 @@ def attention_decode_cpu(
             num_kv_heads, num_qo_heads, head_dim, qkv_dtype, sliding_window, rope_scaling, page_size
         )
     H_kv, H_q, D, G, P = num_kv_heads, num_qo_heads, head_dim, num_qo_heads // num_kv_heads, BLOCK
+    W = max(window, 1)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -113,17 +123,19 @@ def attention_decode_cpu(
                 p_begin: T.let[T.int32] = page_indptr[b]
                 n_pages: T.let[T.int32] = page_indptr[b + 1] - p_begin
                 kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * P + length_info[b], 0)
+                # first visible column: a sliding layer (sm_scale < 0) sees the last W positions
+                lo: T.let[T.int32] = T.if_then_else(sm_scale < 0, T.max(q_rope_position[b] - W + 1 - k_rope_pos_offset[b], 0), 0)
                 for g, d in T.grid(G, D):
                     q_loc[g, d] = T.if_then_else(
                         rotary_mode == 1,
                         _rope(Q, q_rope_position[b], D, rope_theta, rope_scale, (b, hk * G + g, d), qkv_dtype, rope_scaling),
                         Q[b, hk * G + g, d],
-                    ) * sm_scale * T.float32(LOG2E)
+                    ) * T.abs(sm_scale) * T.float32(LOG2E)
                     o_loc[g, d] = T.float32(0)
                 for g in T.serial(G):
                     m_loc[g] = T.float32(-5e4)
                     l_loc[g] = T.float32(1)
-                for pi in T.serial(n_pages):
+                for pi in T.serial(lo // P, n_pages):
                     page: T.let[T.int32] = page_values[p_begin + pi]
                     n: T.let[T.int32] = T.min(P, kv_len - pi * P)
                     if rotary_mode == 1:
@@ -139,6 +151,8 @@ def attention_decode_cpu(
                             s_loc[g, j] = T.float32(0)
                             for d in T.serial(D):
                                 s_loc[g, j] += q_loc[g, d] * T.Cast("float32", pages[page, 0, hk, j, d])
+                    for g, j in T.grid(G, n):
+                        s_loc[g, j] = T.if_then_else(pi * P + j >= lo, s_loc[g, j], T.float32(-1e30))
                     for g in T.serial(G):
                         m_new[g] = m_loc[g]
                         for j in T.serial(n):
@@ -163,14 +177,16 @@ def attention_decode_cpu(
     return batch_decode_paged_kv
 
 
-def _prefill_macros(G: int, D: int, QT: int, qkv_dtype: str, rope_scaling: dict[str, Any]):
+def _prefill_macros(
+    G: int, D: int, QT: int, qkv_dtype: str, rope_scaling: dict[str, Any], window: int
+):
     """TVMScript macros shared by the ragged and paged prefill kernels (R = QT * G rows)."""
-    R, BK = QT * G, BLOCK
+    R, BK, W = QT * G, BLOCK, max(window, 1)
 
     # fmt: off
     @T.macro
-    def load_q(q, q_rope_position, q_loc, lim, m_loc, l_loc, o_loc, tok0, n_tok, q_idx0, hk,
-               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale):
+    def load_q(q, q_rope_position, q_loc, lim, lo, m_loc, l_loc, o_loc, tok0, n_tok, q_idx0, hk,
+               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_pos0):
         for t, g, d in T.grid(QT, G, D):
             q_loc[t * G + g, d] = T.if_then_else(
                 t < n_tok,
@@ -179,16 +195,18 @@ def _prefill_macros(G: int, D: int, QT: int, qkv_dtype: str, rope_scaling: dict[
                     _rope(q, q_rope_position[tok0 + t], D, rope_theta, rope_scale, (tok0 + t, hk * G + g, d), qkv_dtype, rope_scaling),
                     q[tok0 + t, hk * G + g, d],
                 ), T.Cast(qkv_dtype, 0),
-            ) * sm_scale * T.float32(LOG2E)
+            ) * T.abs(sm_scale) * T.float32(LOG2E)
             o_loc[t * G + g, d] = T.float32(0)
         for t, g in T.grid(QT, G):
             # kv columns visible to this row: causal keeps the last qo_len columns as a triangle
             lim[t * G + g] = T.if_then_else(causal > 0, T.min(kv_len - qo_len + q_idx0 + t + 1, kv_len), kv_len)
+            # and a sliding layer (sm_scale < 0, see the module docstring) only those within the window
+            lo[t * G + g] = T.if_then_else(sm_scale < 0, q_rope_position[tok0 + T.min(t, n_tok - 1)] - W + 1 - k_pos0, 0)
             m_loc[t * G + g] = T.float32(-5e4)
             l_loc[t * G + g] = T.float32(1)
 
     @T.macro
-    def block(kt, q_loc, s_loc, lim, m_loc, l_loc, o_loc, m_new, alpha, col0):
+    def block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, col0):
         # Scores as outer products: one vector load of K^T per d for all R rows.
         for r, j in T.grid(R, BK):
             s_loc[r, j] = T.float32(0)
@@ -199,7 +217,7 @@ def _prefill_macros(G: int, D: int, QT: int, qkv_dtype: str, rope_scaling: dict[
         for r in T.serial(R):
             m_new[r] = m_loc[r]
             for j in T.serial(BK):
-                s_loc[r, j] = T.if_then_else(col0 + j < lim[r], s_loc[r, j], T.float32(-1e30))
+                s_loc[r, j] = T.if_then_else(tirx.all(col0 + j < lim[r], col0 + j >= lo[r]), s_loc[r, j], T.float32(-1e30))
                 m_new[r] = T.max(m_new[r], s_loc[r, j])
             for j in T.vectorized(BK):
                 s_loc[r, j] = _exp2(s_loc[r, j] - m_new[r])
@@ -225,7 +243,13 @@ def _prefill_macros(G: int, D: int, QT: int, qkv_dtype: str, rope_scaling: dict[
 
 
 def attention_prefill_ragged_cpu(
-    h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, rope_scaling: dict[str, Any]
+    h_kv: int,
+    h_q: int,
+    d_qk: int,
+    d_v: int,
+    dtype: str,
+    rope_scaling: dict[str, Any],
+    window: int = 0,
 ) -> tirx.PrimFunc:
     """Drop-in for `_attention_prefill_ragged_cpu` (self-attention over the new tokens)."""
     if d_qk != d_v:
@@ -233,7 +257,7 @@ def attention_prefill_ragged_cpu(
     G, D, BK = h_q // h_kv, d_qk, BLOCK
     QT = _qtile(G)
     R = QT * G
-    load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling)
+    load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling, window)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -270,6 +294,7 @@ def attention_prefill_ragged_cpu(
                 kt = T.sblock_alloc_buffer((D, BK), "float32")
                 s_loc = T.sblock_alloc_buffer((R, BK), "float32")
                 lim = T.sblock_alloc_buffer((R,), "int32")
+                lo = T.sblock_alloc_buffer((R,), "int32")
                 m_loc = T.sblock_alloc_buffer((R,), "float32")
                 l_loc = T.sblock_alloc_buffer((R,), "float32")
                 m_new = T.sblock_alloc_buffer((R,), "float32")
@@ -285,10 +310,10 @@ def attention_prefill_ragged_cpu(
                         kv_len: T.let[T.int32] = kv_indptr[b + 1] - kv0
                         qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                         q_idx0: T.let[T.int32] = seg0 - q_indptr[b]
-                        load_q(q, q_rope_position, q_loc, lim, m_loc, l_loc, o_loc, seg0, seg1 - seg0, q_idx0, hk,
-                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale)
+                        load_q(q, q_rope_position, q_loc, lim, lo, m_loc, l_loc, o_loc, seg0, seg1 - seg0, q_idx0, hk,
+                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_rope_pos_offset[b])
                         n_cols: T.let[T.int32] = T.if_then_else(causal > 0, T.min(kv_len - qo_len + q_idx0 + (seg1 - seg0), kv_len), kv_len)
-                        for blk in T.serial(T.ceildiv(n_cols, BK)):
+                        for blk in T.serial(T.max(lo[0], 0) // BK, T.ceildiv(n_cols, BK)):
                             n: T.let[T.int32] = T.min(BK, kv_len - blk * BK)
                             if rotary_mode == 1:
                                 for j, d in T.grid(BK, D):
@@ -299,7 +324,7 @@ def attention_prefill_ragged_cpu(
                             else:
                                 for j, d in T.grid(BK, D):
                                     kt[d, j] = T.if_then_else(j < n, k[kv0 + blk * BK + T.min(j, n - 1), hk, d], T.Cast(dtype, 0))
-                            block(kt, q_loc, s_loc, lim, m_loc, l_loc, o_loc, m_new, alpha, blk * BK)
+                            block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, blk * BK)
                             for r, j in T.grid(R, n):
                                 for d in T.vectorized(D):
                                     o_loc[r, d] += s_loc[r, j] * T.Cast("float32", v[kv0 + blk * BK + j, hk, d])
@@ -317,6 +342,7 @@ def attention_prefill_cpu(
     rope_scaling: dict[str, Any],
     page_size: int = 16,
     sliding_window_size: int = 1024,
+    window: int = 0,
 ) -> tirx.PrimFunc:
     """Drop-in for `_attention_prefill_cpu` (new tokens against the cached prefix in pages)."""
     if sliding_window or page_size != BLOCK:
@@ -326,7 +352,7 @@ def attention_prefill_cpu(
     G, D, P = h_q // h_kv, d, BLOCK
     QT = _qtile(G)
     R = QT * G
-    load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling)
+    load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling, window)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -362,6 +388,7 @@ def attention_prefill_cpu(
                 kt = T.sblock_alloc_buffer((D, P), "float32")
                 s_loc = T.sblock_alloc_buffer((R, P), "float32")
                 lim = T.sblock_alloc_buffer((R,), "int32")
+                lo = T.sblock_alloc_buffer((R,), "int32")
                 m_loc = T.sblock_alloc_buffer((R,), "float32")
                 l_loc = T.sblock_alloc_buffer((R,), "float32")
                 m_new = T.sblock_alloc_buffer((R,), "float32")
@@ -378,10 +405,10 @@ def attention_prefill_cpu(
                         kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * P + length_info[b], 0)
                         qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                         q_idx0: T.let[T.int32] = seg0 - q_indptr[b]
-                        load_q(q, q_rope_position, q_loc, lim, m_loc, l_loc, o_loc, seg0, seg1 - seg0, q_idx0, hk,
-                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale)
+                        load_q(q, q_rope_position, q_loc, lim, lo, m_loc, l_loc, o_loc, seg0, seg1 - seg0, q_idx0, hk,
+                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_rope_pos_offset[b])
                         n_cols: T.let[T.int32] = T.if_then_else(causal > 0, T.min(kv_len - qo_len + q_idx0 + (seg1 - seg0), kv_len), kv_len)
-                        for blk in T.serial(T.ceildiv(n_cols, P)):
+                        for blk in T.serial(T.max(lo[0], 0) // P, T.ceildiv(n_cols, P)):
                             page: T.let[T.int32] = page_values[p0 + blk]
                             n: T.let[T.int32] = T.min(P, kv_len - blk * P)
                             if rotary_mode == 1:
@@ -391,7 +418,7 @@ def attention_prefill_cpu(
                             else:
                                 for j, dd in T.grid(P, D):
                                     kt[dd, j] = T.if_then_else(j < n, pages[page, 0, hk, j, dd], T.Cast(dtype, 0))
-                            block(kt, q_loc, s_loc, lim, m_loc, l_loc, o_loc, m_new, alpha, blk * P)
+                            block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, blk * P)
                             for r, j in T.grid(R, n):
                                 for dd in T.vectorized(D):
                                     o_loc[r, dd] += s_loc[r, j] * T.Cast("float32", pages[page, 1, hk, j, dd])
@@ -407,6 +434,7 @@ _OWN = {
     "_attention_prefill_ragged_cpu": attention_prefill_ragged_cpu,
     "llama_rope_with_position_map": rope_with_position_map_cpu,
 }
+_WINDOWED = ("_attention_decode_cpu", "_attention_prefill_cpu", "_attention_prefill_ragged_cpu")
 _use_own_kernels = True
 
 
@@ -426,7 +454,7 @@ def stock_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _factories_swapped() -> Iterator[None]:
+def _factories_swapped(window: int) -> Iterator[None]:
     """Point kv_cache's kernel-factory globals at ours for the duration of one construction.
 
     TIRPagedKVCache.__init__ assembles the ~30 positional arguments of
@@ -434,10 +462,12 @@ def _factories_swapped() -> Iterator[None]:
     factories up as module globals; swapping them there (instead of copying that argument list)
     keeps the argument order owned by TVM. Our factories take the same arguments.
     """
+    own = {name: functools.partial(f, window=window) if name in _WINDOWED else f
+           for name, f in _OWN.items()}  # fmt: skip
     with _SWAP_LOCK:
-        saved = {name: getattr(_kvc, name) for name in _OWN}
+        saved = {name: getattr(_kvc, name) for name in own}
         try:
-            for name, factory in _OWN.items():
+            for name, factory in own.items():
                 setattr(_kvc, name, factory)
             yield
         finally:
@@ -448,10 +478,12 @@ def _factories_swapped() -> Iterator[None]:
 class CPUPagedKVCache(_kvc.TIRPagedKVCache):  # pylint: disable=too-few-public-methods
     """`TIRPagedKVCache` whose llvm decode / prefill / ragged-prefill kernels are ours."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, window: int = 0, **kwargs: Any) -> None:
+        """`window`: the sliding window of the layers that attend with a negative sm_scale
+        (models/llama.py); 0 when the model has none."""
         target = kwargs.get("target")
         if not _use_own_kernels or target is None or target.kind.name != "llvm":
             super().__init__(*args, **kwargs)
             return
-        with _factories_swapped():
+        with _factories_swapped(window):
             super().__init__(*args, **kwargs)

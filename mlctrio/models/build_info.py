@@ -29,6 +29,7 @@ from tvm import relax
 from tvm.target import Target
 
 from mlctrio.models.llama_config import LlamaConfig
+from mlctrio.models.quantization import summary
 
 BUILD_INFO_FUNC = "mlctrio_build_info"
 _MODELS = Path(__file__).resolve().parent
@@ -120,7 +121,7 @@ def config_digest(config: Mapping[str, Any]) -> str:
 def describe(config: Mapping[str, Any], quantization: str) -> str:
     """A short human description: scheme, layers, vocabulary, hidden size, config hash."""
     return (
-        f"{quantization}, {config.get('num_hidden_layers')} layers, "
+        f"{summary(quantization)}, {config.get('num_hidden_layers')} layers, "
         f"vocab {config.get('vocab_size')}, hidden {config.get('hidden_size')}, "
         f"config {config_digest(config)}"
     )

@@ -40,7 +40,7 @@ from mlctrio.models.cache_files import (
 )
 from mlctrio.models.llama import LlamaForCausalLM
 from mlctrio.models.llama_config import LlamaConfig
-from mlctrio.models.quantization import as_scheme
+from mlctrio.models.quantization import as_scheme, summary
 from mlctrio.models.schedules import cpu_schedule_pass, tag_foreign_pass
 from mlctrio.models.target import host_cpu_target as host_cpu_target
 from mlctrio.models.target import resolve_target
@@ -155,7 +155,12 @@ def compile_model(
     if not force:
         infos, _ = read_entry(lib_path, meta_path, key)  # the common case: no lock needed
         if infos is not None:
-            log.info("compile cache hit: %s (%s, %s)", lib_path.name, quantization, tgt.kind.name)
+            log.info(
+                "compile cache hit: %s (%s, %s)",
+                lib_path.name,
+                summary(quantization),
+                tgt.kind.name,
+            )
             return CompiledModel(lib_path, config, quantization, infos, True, 0.0)
     with locked(root / f".{key}.lock"):
         if not force:
@@ -194,7 +199,9 @@ def _compile_entry(
     config: LlamaConfig, quantization: str, tgt: Target, key: str, lib_path: Path, meta_path: Path
 ) -> CompiledModel:
     """Compile and write the entry: library first (temp + rename), its metadata last."""
-    log.info("compiling %s for %s (cache miss, key %s)", quantization, tgt.kind.name, key[:12])
+    log.info(
+        "compiling %s for %s (cache miss, key %s)", summary(quantization), tgt.kind.name, key[:12]
+    )
     t0 = time.perf_counter()
     mod, infos = build_irmodule(config, quantization, tgt)
     info = build_info(config, quantization, tgt, key)
@@ -212,5 +219,5 @@ def _compile_entry(
     meta: dict[str, Any] = {**info, "params": [attrs.asdict(p) for p in infos], **record}
     write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     elapsed = time.perf_counter() - t0
-    log.info("compiled %s in %.1f s -> %s", quantization, elapsed, lib_path)
+    log.info("compiled %s in %.1f s -> %s", summary(quantization), elapsed, lib_path)
     return CompiledModel(lib_path, config, quantization, infos, False, elapsed)

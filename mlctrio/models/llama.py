@@ -1,4 +1,5 @@
-"""Llama-family model (Llama 2/3, Mistral, Qwen2) in `tvm.relax.frontend.nn` over a paged KV cache.
+"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2/3, Gemma 3) in
+`tvm.relax.frontend.nn` over a paged KV cache.
 
 The structure follows mlc-llm's llama: fused qkv projection reshaped to (b, s, h_q + 2 h_kv, d) and
 handed to `PagedKVCache.attention_with_fused_qkv` (RoPE is applied by the KV cache), RMSNorm, SwiGLU
@@ -6,10 +7,11 @@ with a fused gate_up projection, GQA, tied or untied lm_head. Parameter names eq
 its fusion (`model.layers.0.self_attn.qkv_proj.weight`, `...q_weight`/`q_scale` when quantized), so
 MLC weights map 1:1 onto `LlamaForCausalLM.named_parameters()` order.
 
-Linear layers are our own `te.compute` (see quantization.matmul_te) rather than `nn.Linear`: the
-dequantization sits inside the reduction, which the CPU schedules in schedules.py recognise. On the
-CPU the weights of layers whose output features split into tiles of 16 take the "tile16" layout
-(quantization.pack_tile_np; the param carries `attrs[LAYOUT_ATTR]`), which the loader produces.
+The families' differences are LlamaConfig switches, each a few ops here: q/k norms per head before
+RoPE (Qwen3, Gemma 3), Gemma's sandwich norms, GeGLU, embedding scale and logit soft-capping, and
+per-layer sliding windows with per-layer RoPE bases (Gemma 3), where RoPE moves from the cache
+into the model (layers.rotate_qk) because TVM's cache rotates with one base. The building blocks
+(quantized linears, norms, RoPE) are models/layers.py's.
 """
 
 from __future__ import annotations
@@ -22,143 +24,50 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
-from mlctrio.models import int8_cpu
 from mlctrio.models.attention_cpu import CPUPagedKVCache
-from mlctrio.models.llama_config import LlamaConfig
-from mlctrio.models.quantization import TILE, TILE16, QuantSpec, Scheme, as_scheme, uses_int8
-from mlctrio.models.te_ops import (
-    embedding_te,
-    matmul_te,
-    matmul_tile16_te,
-    rms_norm_te,
-    swiglu_te,
+from mlctrio.models.layers import (
+    QEmbedding,
+    QLinear,
+    RMSNorm,
+    norm_qk_heads,
+    rope_inv_freq,
+    rotate_qk,
 )
-
-LAYOUT_ATTR = "mlctrio.layout"  # nn.Parameter attr: TILE16 when the weight is stored tile16
-
+from mlctrio.models.llama_config import LlamaConfig
+from mlctrio.models.quantization import QuantSpec, Scheme, as_scheme
+from mlctrio.models.te_ops import geglu_te, softcap_te, swiglu_te
 
 # pylint: disable=missing-docstring,invalid-name
 
 
-class QLinear(nn.Module):
-    """y = x @ W.T (+ b) with W stored as `weight` (q0) or `q_weight` + `q_scale` (q4)."""
-
-    def __init__(self, in_f: int, out_f: int, spec: QuantSpec, act_dtype: str, bias: bool = False):
-        super().__init__()
-        self.spec, self.act_dtype, self.in_f, self.out_f = spec, act_dtype, in_f, out_f
-        self.cpu_layout = False  # set by LlamaForCausalLM for llvm targets
-        self.tile16 = False  # weights in the tile16 layout (use_cpu_layout)
-        self.int8 = False  # int8 activations, int8_cpu's VNNI kernels (use_cpu_layout)
-        # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
-        if spec.is_group:
-            groups = -(-in_f // spec.group_size)  # a partial last group is padded, as in mlc-llm
-            words = groups * spec.group_size // spec.elems_per_word
-            self.q_weight = nn.Parameter((out_f, words), "uint32")
-            self.q_scale = nn.Parameter((out_f, groups * spec.scales_per_group), spec.scale_dtype)
-        else:
-            self.weight = nn.Parameter((out_f, in_f), spec.weight_dtype)
-        self.bias = nn.Parameter((out_f,), act_dtype) if bias else None
-
-    def stored(self) -> list[nn.Parameter]:
-        return [self.q_weight, self.q_scale] if self.spec.is_group else [self.weight]
-
-    def use_cpu_layout(self, tile16: bool, vnni: bool = False) -> None:
-        """CPU kernels; with `tile16` (needs out features % 16 == 0) the tile16 weight layout;
-        with `vnni` too, int8 activations for group-quantized weights (int8_cpu.py)."""
-        self.cpu_layout = True
-        if not tile16 or self.out_f % TILE:
-            return
-        self.tile16 = True
-        self.int8 = vnni and uses_int8(self.spec, self.out_f, self.in_f)
-        names = ("q_weight", "q_scale") if self.spec.is_group else ("weight",)
-        for name in names:
-            old: nn.Parameter = getattr(self, name)
-            out_f, cols = (int(d) for d in old.shape)
-            new = nn.Parameter((out_f // TILE, cols, TILE), old.dtype)
-            new.attrs[LAYOUT_ATTR] = TILE16
-            setattr(self, name, new)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, s, _ = x.shape
-        if self.int8:
-            one_row = isinstance(b, int) and isinstance(s, int) and b * s == 1
-            rows = x if isinstance(s, int) and s == 1 else op.reshape(x, (b * s, 1, self.in_f))
-            y = op.reshape(self._int8_matmul(rows, one_row), (b, s, self.out_f))
-        elif self.tile16:
-            y4 = op.tensor_expr_op(
-                matmul_tile16_te(self.spec, self.act_dtype), "matmul", [x, *self.stored()]
-            )
-            y = op.reshape(y4, (b, s, self.out_f))
-        else:
-            y = op.tensor_expr_op(
-                matmul_te(self.spec, self.act_dtype, self.out_f, self.cpu_layout),
-                "matmul",
-                [x, *self.stored()],
-            )
-        return y + self.bias if self.bias is not None else y
-
-    def _int8_matmul(self, x: Tensor, one_row: bool) -> Tensor:
-        """x (rows, 1, K) -> (rows, 1, N / 16, 16) by int8_cpu's kernels."""
-        rows = x.shape[0]
-        k, tiles = self.in_f, self.out_f // TILE
-        xq, xd = op.tensor_ir_op(
-            int8_cpu.q8_quantize_func(k),
-            "q8_quantize",
-            [x],
-            [
-                Tensor.placeholder((rows, k // 8, 2), "int32"),
-                Tensor.placeholder((rows, k // int8_cpu.GROUP, 2), "float32"),
-            ],
-        )
-        rows_block = 1 if one_row else int8_cpu.ROWS_BLOCK
-        s = self.spec
-        return op.tensor_ir_op(
-            int8_cpu.group_q8_matmul_func(
-                tiles, k, rows_block, s.scale_dtype, s.bits, s.zero, s.has_min
-            ),
-            "group_q8_matmul",
-            [xq, xd, *self.stored()],
-            Tensor.placeholder((rows, 1, tiles, TILE), "float32"),
-        )
-
-
-class QEmbedding(QLinear):
-    """Token embedding table in the same storage as QLinear, so a tied lm_head reuses it."""
-
-    def __init__(self, vocab: int, hidden: int, spec: QuantSpec, act_dtype: str):
-        super().__init__(hidden, vocab, spec, act_dtype, bias=False)
-        self.hidden = hidden
-
-    def embed(self, ids: Tensor) -> Tensor:
-        f = embedding_te(self.spec, self.act_dtype, self.hidden, self.tile16)
-        return op.tensor_expr_op(f, "embedding", [ids, *self.stored()])
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm as our own two-stage TE op (sum of squares, then scale) that schedules.py can
-    parallelise over rows; relax's rms_norm legalises to seven serial blocks."""
-
-    def __init__(self, hidden: int, eps: float, act_dtype: str):
-        self.weight = nn.Parameter((hidden,), act_dtype)
-        self.eps, self.hidden = eps, hidden
-
-    def forward(self, x: Tensor) -> Tensor:
-        return op.tensor_expr_op(rms_norm_te(self.hidden, self.eps), "rms_norm", [x, self.weight])
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, prefix: str):
+    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, prefix: str, layer: int):
         self.d, self.h_q, self.h_kv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        sliding = c.layer_types is not None and c.layer_types[layer] == "sliding"
+        # A sliding layer tells the CPU attention kernels so by a negative scale (attention_cpu.py)
+        self.sm_scale = -c.sm_scale if sliding else c.sm_scale
         qkv_out = (self.h_q + 2 * self.h_kv) * self.d
         qkv_spec = scheme.spec_for(f"{prefix}.qkv_proj")
         self.qkv_proj = QLinear(c.hidden_size, qkv_out, qkv_spec, act_dtype, c.attention_bias)
         o_spec = scheme.spec_for(f"{prefix}.o_proj")
         self.o_proj = QLinear(self.h_q * self.d, c.hidden_size, o_spec, act_dtype)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(self.d, c.rms_norm_eps, act_dtype)
+            self.k_norm = RMSNorm(self.d, c.rms_norm_eps, act_dtype)
+        self.inv_freq = None
+        if c.rope_in_model:
+            scaling = c.rope_scaling or {}
+            factor = 1.0 if sliding or scaling.get("rope_type") != "linear" else scaling["factor"]
+            self.inv_freq = rope_inv_freq(self.d, c.layer_theta(layer), float(factor))
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, positions: Any) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.h_q + 2 * self.h_kv, self.d))
-        out = kv.attention_with_fused_qkv(layer_id, qkv, self.h_q, sm_scale=self.d**-0.5)
+        if hasattr(self, "q_norm"):
+            qkv = norm_qk_heads(qkv, self.q_norm, self.k_norm, self.h_q, self.h_kv)
+        if self.inv_freq is not None:
+            qkv = rotate_qk(qkv, positions, self.h_q, self.h_kv, self.inv_freq)
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.h_q, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))
 
 
@@ -167,41 +76,59 @@ class LlamaMLP(nn.Module):
         h, i = c.hidden_size, c.intermediate_size
         self.gate_up_proj = QLinear(h, 2 * i, scheme.spec_for(f"{prefix}.gate_up_proj"), act_dtype)
         self.down_proj = QLinear(i, h, scheme.spec_for(f"{prefix}.down_proj"), act_dtype)
+        self.gated = geglu_te if c.hidden_act == "gelu_tanh" else swiglu_te
 
     def forward(self, x: Tensor) -> Tensor:
-        swiglu = swiglu_te(self.down_proj.in_f)  # in_f: the intermediate size
-        act = op.tensor_expr_op(swiglu, "swiglu", [self.gate_up_proj(x)])
+        gated = self.gated(self.down_proj.in_f)  # in_f: the intermediate size
+        act = op.tensor_expr_op(gated, "gated_act", [self.gate_up_proj(x)])
         return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, prefix: str):
-        self.self_attn = LlamaAttention(c, scheme, act_dtype, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(c, scheme, act_dtype, f"{prefix}.mlp")
-        eps = c.rms_norm_eps
-        self.input_layernorm = RMSNorm(c.hidden_size, eps, act_dtype)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps, act_dtype)
+    """Llama: x + attn(norm(x)), then + mlp(norm(x)), the second norm named
+    post_attention_layernorm. Gemma's sandwich: each branch's output is normed too, and the
+    pre-MLP norm is pre_feedforward_layernorm (HF's names in both cases)."""
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, layer: int):
+        prefix = f"model.layers.{layer}"
+        self.self_attn = LlamaAttention(c, scheme, act_dtype, f"{prefix}.self_attn", layer)
+        self.mlp = LlamaMLP(c, scheme, act_dtype, f"{prefix}.mlp")
+        eps, h = c.rms_norm_eps, c.hidden_size
+        self.input_layernorm = RMSNorm(h, eps, act_dtype)
+        self.post_attention_layernorm = RMSNorm(h, eps, act_dtype)
+        self.sandwich = c.sandwich_norms
+        if c.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, act_dtype)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, act_dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, positions: Any) -> Tensor:
+        attn = self.self_attn(self.input_layernorm(x), kv, layer_id, positions)
+        if not self.sandwich:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str):
         embed_spec = scheme.spec_for("model.embed_tokens")
-        self.embed_tokens = QEmbedding(c.vocab_size, c.hidden_size, embed_spec, act_dtype)
+        self.embed_tokens = QEmbedding(
+            c.vocab_size, c.hidden_size, embed_spec, act_dtype, c.embed_scale
+        )
         self.layers = nn.ModuleList(
-            [
-                LlamaDecoderLayer(c, scheme, act_dtype, f"model.layers.{i}")
-                for i in range(c.num_hidden_layers)
-            ]
+            [LlamaDecoderLayer(c, scheme, act_dtype, i) for i in range(c.num_hidden_layers)]
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, act_dtype)
+        self.rope_in_model = c.rope_in_model
 
     def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        positions = None
+        if self.rope_in_model:
+            b, s, _ = x.shape
+            positions = kv.get_query_positions(b * s)
         for layer_id, layer in enumerate(self.layers):
-            x = layer(x, kv, layer_id)
+            x = layer(x, kv, layer_id, positions)
         return self.norm(x)
 
 
@@ -232,7 +159,9 @@ class LlamaForCausalLM(nn.Module):
     def _logits(self, h: Tensor) -> Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         logits = head(h)
-        return logits.astype("float32") if logits.dtype != "float32" else logits
+        logits = logits.astype("float32") if logits.dtype != "float32" else logits
+        cap = self.config.final_logit_softcapping
+        return op.tensor_expr_op(softcap_te(cap), "softcap", [logits]) if cap else logits
 
     def _forward(self, embeds: Tensor, kv: PagedKVCache) -> Tensor:
         return self.model(embeds, kv)
@@ -276,8 +205,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> PagedKVCache:
         c = self.config
         # On llvm, CPUPagedKVCache swaps in our parallel/vectorised attention kernels
-        # (attention_cpu.py); for other targets it is exactly TIRPagedKVCache.
+        # (attention_cpu.py), which also run the sliding layers (window=); for other targets it
+        # is exactly TIRPagedKVCache. RoPE in the model (per-layer bases) means none in the cache.
+        in_model = c.rope_in_model
+        if c.has_sliding_layers and (self.target is None or self.target.kind.name != "llvm"):
+            raise ValueError("sliding-window layers need the CPU attention kernels (llvm target)")
         return CPUPagedKVCache(
+            window=(c.sliding_window or 0) if c.has_sliding_layers else 0,
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -292,10 +226,10 @@ class LlamaForCausalLM(nn.Module):
             v_head_dim=c.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=RopeMode.NONE if in_model else RopeMode.NORMAL,
             rope_scale=1,
             rope_theta=c.rope_theta,
-            rope_scaling=c.rope_scaling or {},
+            rope_scaling={} if in_model else (c.rope_scaling or {}),
             rope_ext_factors=_rope_ext_factors_none(),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,

@@ -1,6 +1,10 @@
-"""Llama-family hyper-parameters (Llama 2/3, Mistral, Qwen2, SmolLM) and the demo presets.
+"""Decoder hyper-parameters of every supported family (Llama 2/3, Mistral, Qwen2/3, SmolLM,
+Gemma 3) and the demo presets.
 
-`LlamaConfig.from_hf` reads a Hugging Face `config.json` (gguf_file.py builds the same dict from a
+One config class describes them all: the families differ by switches (q/k norms, sandwich norms,
+gelu-tanh MLP, per-layer sliding windows and rope bases, embedding scaling, logit soft-capping),
+each of which models/llama.py turns into a few ops. `LlamaConfig.from_hf` reads a Hugging Face
+`config.json` (families.py knows each model_type's keys; gguf_file.py builds the same dict from a
 GGUF file's metadata). No tvm here: configs are read by loaders that must not import the compiler.
 """
 
@@ -28,54 +32,51 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     context_window_size: int = 4096
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
-    sliding_window: int | None = None  # Mistral; the context is capped to it (see from_hf)
+    sliding_window: int | None = None  # the window of the "sliding" layers (Mistral, Gemma 3)
     model_type: str = "llama"
+    # Family switches (families.py sets them from the HF config; the defaults are Llama's).
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # Gemma: norms after attention and MLP, plus a pre-MLP norm
+    hidden_act: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0  # the embedding is multiplied by this (Gemma: sqrt(hidden))
+    # Per layer "full" or "sliding" (attention over the last `sliding_window` positions only);
+    # None: every layer full. Sliding layers rotate with `rope_local_theta` when it is set.
+    layer_types: tuple[str, ...] | None = attrs.field(
+        default=None, converter=lambda v: tuple(v) if v is not None else None
+    )
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None  # softmax scale is its -1/2 power (default d)
+    final_logit_softcapping: float | None = None  # logits = c * tanh(logits / c)
+
+    @property
+    def sm_scale(self) -> float:
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return self.layer_types is not None and "sliding" in self.layer_types
+
+    @property
+    def rope_in_model(self) -> bool:
+        """RoPE applied by the model's own op rather than by the KV cache: needed when sliding
+        layers rotate with a base of their own (Gemma; TVM's cache has one base for all)."""
+        return self.rope_local_theta is not None
+
+    def layer_theta(self, layer: int) -> float:
+        sliding = self.layer_types is not None and self.layer_types[layer] == "sliding"
+        return self.rope_local_theta if sliding and self.rope_local_theta else self.rope_theta
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        """Build from a parsed HF `config.json` (llama, mistral, qwen2 model types)."""
-        model_type = cfg.get("model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported model_type {model_type!r}")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is not None:
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if rope_type in (None, "default"):
-                rope_scaling = None
-            elif rope_type != "llama3":
-                raise ValueError(f"unsupported rope_scaling type {rope_type!r}")
-            else:
-                rope_scaling = {**rope_scaling, "rope_type": "llama3"}
-        ctx = cfg.get("context_window_size") or cfg.get("max_position_embeddings") or 4096
-        window = cfg.get("sliding_window") if model_type == "mistral" else None
-        if window and int(window) < int(ctx):
-            # The paged KV cache is created without sliding-window attention, so attending past
-            # the window would differ from the model's definition: serve a context no longer
-            # than the window instead (exact, like Mistral v0.2+ whose window >= context).
-            ctx = int(window)
-        return cls(
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            vocab_size=int(cfg["vocab_size"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            context_window_size=int(ctx),
-            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-            sliding_window=int(window) if window else None,
-            model_type=model_type,
-        )
+        """Build from a parsed HF `config.json` (families.SUPPORTED model types)."""
+        from mlctrio.models.families import family_fields
+
+        return cls(**family_fields(cfg, frozenset(f.name for f in attrs.fields(cls))))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (also the compile-cache key material)."""
-        return attrs.asdict(self)
+        """JSON-able dict (also the compile-cache key material): tuples become lists, so the dict
+        equals itself after a JSON round trip (a library's build info is compared with it)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(self).items()}
 
 
 # Presets for tests and benchmarks (random weights; shapes only).

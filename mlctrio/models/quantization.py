@@ -169,6 +169,18 @@ class Scheme:
             items.append(f"act={self.activations}")  # (float weights take float inputs anyway)
         return ";".join([self.default.name, *items])
 
+    @property
+    def summary(self) -> str:
+        """The name, short enough for a log line: "q8_0 + q4_1 x27, act=f32" (a mixed GGUF's
+        full name lists every module)."""
+        counts: dict[str, int] = {}
+        for spec in self.overrides.values():
+            if spec != self.default:
+                counts[spec.name] = counts.get(spec.name, 0) + 1
+        parts = [self.default.name, *(f"{n} x{c}" for n, c in sorted(counts.items()))]
+        act = [f"act={self.activations}"] if ";act=" in f";{self.name}" else []
+        return ", ".join([" + ".join(parts), *act])
+
     def with_activations(self, activations: str) -> Scheme:
         return attrs.evolve(self, activations=activations)
 
@@ -186,6 +198,14 @@ def as_scheme(quantization: str | QuantSpec | Scheme) -> Scheme:
     if isinstance(quantization, QuantSpec):
         return Scheme(quantization)
     return Scheme.parse(quantization)
+
+
+def summary(quantization: str) -> str:
+    """`Scheme.summary` of a quantization name (the name itself when it does not parse)."""
+    try:
+        return Scheme.parse(quantization).summary
+    except ValueError:
+        return quantization
 
 
 def uses_int8(spec: QuantSpec, out_features: int, in_features: int) -> bool:

@@ -1,4 +1,5 @@
-"""TE compute definitions of the model's ops: dequantising matmuls, embedding, SwiGLU, RMSNorm.
+"""TE compute definitions of the model's ops: dequantising matmuls, embedding, SwiGLU and GeGLU,
+RMSNorm, logit soft-capping.
 
 Every op is a `te.compute` whose blocks carry an `mlctrio.kind` attribute, which the CPU schedules
 in schedules.py look for. Dequantisation is written inside the matmul's compute because a
@@ -14,7 +15,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-from mlctrio.models.fastmath import silu
+from mlctrio.models.fastmath import gelu_tanh, silu, tanh
 from mlctrio.models.quantization import GROUP_ROWS, TILE, QuantSpec
 
 WeightFn = Callable[[Any, Any], Any]
@@ -238,12 +239,21 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
 
 
 def embedding_te(
-    spec: QuantSpec, act_dtype: str, hidden: int, packed: bool = False
+    spec: QuantSpec, act_dtype: str, hidden: int, packed: bool = False, scale: float = 1.0
 ) -> Callable[..., te.Tensor]:
-    """TE function (ids (n,), *stored table) -> (n, hidden) rows of the (dequantised) table."""
+    """TE function (ids (n,), *stored table) -> (n, hidden) rows of the (dequantised) table,
+    times `scale` unless it is 1 (Gemma scales its embedding by sqrt(hidden), in the act dtype)."""
 
     def _f(ids: te.Tensor, *ws: te.Tensor) -> te.Tensor:
         w = weight_fn(spec, list(ws), act_dtype, packed)
+        if scale != 1.0:
+            factor = tirx.const(scale, act_dtype)
+            return te.compute(
+                (ids.shape[0], hidden),
+                lambda i, j: w(ids[i], j) * factor,
+                name="embedding_take",
+                attrs={"mlctrio.kind": "injective"},
+            )
         return te.compute(
             (ids.shape[0], hidden),
             lambda i, j: w(ids[i], j),
@@ -264,6 +274,37 @@ def swiglu_te(intermediate: int) -> Callable[..., te.Tensor]:
             (b, s, intermediate),
             lambda i, j, h: silu(gate_up[i, j, h]) * gate_up[i, j, intermediate + h],
             name="swiglu",
+            attrs={"mlctrio.kind": "injective"},
+        )
+
+    return _f
+
+
+def geglu_te(intermediate: int) -> Callable[..., te.Tensor]:
+    """TE GeGLU of a fused gate_up (b, s, 2 I) -> (b, s, I) = gelu_tanh(gate) * up (Gemma's
+    gelu_pytorch_tanh), with the vectorisable fastmath.tanh."""
+
+    def _f(gate_up: te.Tensor) -> te.Tensor:
+        b, s, _ = gate_up.shape
+        return te.compute(
+            (b, s, intermediate),
+            lambda i, j, h: gelu_tanh(gate_up[i, j, h]) * gate_up[i, j, intermediate + h],
+            name="geglu",
+            attrs={"mlctrio.kind": "injective"},
+        )
+
+    return _f
+
+
+def softcap_te(cap: float) -> Callable[..., te.Tensor]:
+    """TE logit soft-capping of (b, s, v): cap * tanh(x / cap)."""
+
+    def _f(x: te.Tensor) -> te.Tensor:
+        c = tirx.const(cap, x.dtype)
+        return te.compute(
+            x.shape,
+            lambda i, j, v: c * tanh(x[i, j, v] / c),
+            name="softcap",
             attrs={"mlctrio.kind": "injective"},
         )
 

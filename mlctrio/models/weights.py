@@ -21,7 +21,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from mlctrio.models.llama import LAYOUT_ATTR
+from mlctrio.models.layers import LAYOUT_ATTR
 from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.quantization import (
     TILE,
@@ -84,8 +84,14 @@ def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, n
         for name, arr in zip(spec.stored_names, quantize_weight_np(w, spec), strict=True):
             out[f"{prefix}.{name}"] = arr
 
+    offset = norm_offset(config)
+
     def plain(name: str) -> npt.NDArray:
         return np.asarray(hf[name]).astype(spec.mlc_dtype)
+
+    def norm(name: str) -> npt.NDArray:
+        w = np.asarray(hf[name]).astype(np.float32)
+        return (w + np.float32(offset) if offset else w).astype(spec.mlc_dtype)
 
     put_linear("model.embed_tokens", hf["model.embed_tokens.weight"])
     for i in range(config.num_hidden_layers):
@@ -101,14 +107,31 @@ def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, n
         gate_up = [np.asarray(hf[f"{m}.{x}_proj.weight"]) for x in ("gate", "up")]
         put_linear(f"{m}.gate_up_proj", np.concatenate(gate_up, axis=0))
         put_linear(f"{m}.down_proj", hf[f"{m}.down_proj.weight"])
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{p}.{norm}.weight"] = plain(f"{p}.{norm}.weight")
-    out["model.norm.weight"] = plain("model.norm.weight")
+        for name in norm_names(config):
+            out[f"{p}.{name}.weight"] = norm(f"{p}.{name}.weight")
+    out["model.norm.weight"] = norm("model.norm.weight")
     if not config.tie_word_embeddings:
         if "lm_head.weight" not in hf:
             raise KeyError("lm_head.weight missing and tie_word_embeddings is false")
         put_linear("lm_head", hf["lm_head.weight"])
     return out
+
+
+def norm_names(config: LlamaConfig) -> tuple[str, ...]:
+    """The RMSNorms of one layer, relative to `model.layers.{i}` (HF's names are ours)."""
+    names = ("input_layernorm", "post_attention_layernorm")
+    if config.sandwich_norms:
+        names += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+    if config.qk_norm:
+        names += ("self_attn.q_norm", "self_attn.k_norm")
+    return names
+
+
+def norm_offset(config: LlamaConfig) -> float:
+    """What HF checkpoints leave out of their norm weights: Gemma's RMSNorm multiplies by
+    (1 + w), so 1 is added on load (as llama.cpp's converter does) and the model multiplies by
+    the stored weight like every other family's."""
+    return 1.0 if config.model_type.startswith("gemma") else 0.0
 
 
 def mlc_to_params(mlc: Arrays, infos: list[ParamInfo]) -> list[npt.NDArray]:
@@ -164,9 +187,11 @@ def random_hf_weights(
         hf[f"{p}.mlp.gate_proj.weight"] = w(c.intermediate_size, c.hidden_size)
         hf[f"{p}.mlp.up_proj.weight"] = w(c.intermediate_size, c.hidden_size)
         hf[f"{p}.mlp.down_proj.weight"] = w(c.hidden_size, c.intermediate_size)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            hf[f"{p}.{norm}.weight"] = (1.0 + w(c.hidden_size)).astype(np.float32)
-    hf["model.norm.weight"] = (1.0 + w(c.hidden_size)).astype(np.float32)
+        base = 1.0 - norm_offset(c)  # weights near 1 as the model multiplies by them
+        for name in norm_names(c):
+            size = c.head_dim if name.startswith("self_attn.") else c.hidden_size
+            hf[f"{p}.{name}.weight"] = (base + w(size)).astype(np.float32)
+    hf["model.norm.weight"] = (1.0 - norm_offset(c) + w(c.hidden_size)).astype(np.float32)
     if not c.tie_word_embeddings:
         hf["lm_head.weight"] = w(c.vocab_size, c.hidden_size)
     return hf

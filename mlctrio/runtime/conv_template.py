@@ -150,9 +150,29 @@ CONV_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "render_empty_system": False,
             "bos": True,
         },
+        # Gemma's own template puts the system prompt at the top of the first user turn; MLC's
+        # gemma3_instruction writes it bare before the turn, which the model never saw.
+        "gemma3_instruction": {
+            "system_template": f"<start_of_turn>user\n{_SYSTEM}\n\n",
+            "system_message": "",
+            "roles": {
+                "user": "<start_of_turn>user",
+                "assistant": "<start_of_turn>model",
+                "tool": "<start_of_turn>user",
+            },
+            "seps": ["<end_of_turn>\n"],
+            "role_content_sep": "\n",
+            "role_empty_sep": "\n",
+            "stop_str": ["<end_of_turn>"],
+            "stop_tokens": ["<end_of_turn>", "<eos>"],
+            "add_role_after_system_message": False,
+            "render_empty_system": False,
+            "bos": True,
+        },
     }
 )
 _ALIASES: Mapping[str, str] = {
+    "gemma_instruction": "gemma3_instruction",
     "llama-3_1": "llama-3",
     "mistral": "mistral_default",
     "chatml_nosystem": "chatml",

@@ -277,9 +277,14 @@ def _gguf_templates(meta: Mapping[str, Any]) -> dict[str, str]:
 
 
 def chat_template_from_gguf(meta: Mapping[str, Any], tokenizer: HFTokenizer) -> ChatTemplate:
-    """The file's jinja chat template(s), or the chatml preset; stops on the EOG set."""
+    """The file's jinja chat template(s), else the architecture's turn format where the vocabulary
+    has its turn tokens (Gemma's `<start_of_turn>`), else the chatml preset (llama.cpp's
+    fallback); stops on the EOG set."""
     templates = _gguf_templates(meta)
     if not templates:
+        arch = str(meta.get("general.architecture", ""))
+        if arch.startswith("gemma") and tokenizer.token_to_id("<start_of_turn>") is not None:
+            return conv_template_from_config("gemma3_instruction", tokenizer)
         return conv_template_from_config("chatml", tokenizer)
 
     def text(token_id: int | None) -> str:

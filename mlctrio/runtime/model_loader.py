@@ -24,6 +24,7 @@ from ..models import hub
 from ..models.artifact import ModelArtifact, load_params, open_artifact
 from ..models.cache_files import check_record
 from ..models.fetch import EMBEDDED_SCHEME, ensure_embedded
+from ..models.quantization import summary
 from ..sizing import ModelFootprint, resolve_engine_config
 from .chat_template import load_chat_template
 from .constraints import ConstraintCompiler
@@ -159,7 +160,13 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
 
     path = resolve_model_dir(config.model)
     art = open_artifact(path, config.quantization, config.activations)
-    log.info("model %s: %s format, %s, %s", config.model, art.format, art.quantization, art.config)
+    log.info(
+        "model %s: %s format, %s, %s",
+        config.model,
+        art.format,
+        summary(art.quantization),
+        art.config,
+    )
     tokenizer, template = tokenizer_and_template(art)
     lib, infos, compile_info = model_library(config, art)
     module = load_library(lib)
@@ -243,7 +250,7 @@ def load_draft(config: ServerConfig, engine: EngineConfig) -> tuple[Any, Any]:
     lib, infos, _ = model_library(draft_config, art)
     module = load_library(lib)
     check_library(module, lib, art, "draft model library", model)
-    log.info("draft model %s: %s format, %s", model, art.format, art.quantization)
+    log.info("draft model %s: %s format, %s", model, art.format, summary(art.quantization))
     runner = TVMRunner(
         module,
         load_params(art, infos),

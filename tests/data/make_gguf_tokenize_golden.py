@@ -1,4 +1,5 @@
-"""Write gguf_tokenize_golden.json: llama.cpp's own token ids for SmolLM2 on a varied text set.
+"""Write gguf_tokenize_golden.json: llama.cpp's own token ids for a GGUF's vocabulary (SmolLM2;
+gguf_tokenize_golden_gemma3.json for Gemma 3 270M, with `--specials`) on a varied text set.
 
 Run by hand where a llama.cpp build with its static libraries exists (no GPU needed):
 
@@ -87,10 +88,11 @@ TEXTS = [
 ]
 
 
-def _fuzz(seed: int, count: int) -> list[str]:
+def _fuzz(seed: int, count: int, specials: list[str]) -> list[str]:
     pool = [
         *"abcXYZ019 '\n\t.,!?-_<>|",
         *["<|im_start|>", "<|im_end|>", "'s", "'LL", "  "],
+        *specials,
         *"éßøΩжदि日本語한😀🏽\u00a0\u3000\u200d١",
     ]
     rng = random.Random(seed)
@@ -105,8 +107,17 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).with_name("gguf_tokenize_golden.json")
     )
+    parser.add_argument(
+        "--specials",
+        nargs="*",
+        default=[],
+        help="the model's own special-token strings, mixed into the texts (Gemma: "
+        "<start_of_turn> <end_of_turn> <bos> <eos>)",
+    )
     args = parser.parse_args()
-    texts = TEXTS + _fuzz(seed=1234, count=200)
+    texts = TEXTS + _fuzz(seed=1234, count=200, specials=args.specials)
+    if args.specials:
+        texts.append("".join(f"{s}user\nhi {s}" for s in args.specials))
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "tok.cpp", Path(tmp) / "tok"
         src.write_text(PROGRAM)

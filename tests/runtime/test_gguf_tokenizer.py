@@ -134,6 +134,43 @@ def test_smollm2_matches_llama_cpp_golden(smollm2: HFTokenizer) -> None:
     assert no_bos is not golden["add_bos"]
 
 
+# -- the real Gemma 3 270M file: SentencePiece, 262,144 tokens ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma3_meta(gemma3_gguf: Path) -> dict[str, Any]:
+    reader = gguf.GGUFReader(gemma3_gguf)
+    return {
+        k: f.contents()
+        for k, f in reader.fields.items()
+        if k.startswith("tokenizer.") or k == "general.architecture"
+    }
+
+
+@pytest.mark.slow
+def test_gemma3_matches_llama_cpp_golden(gemma3_meta: dict[str, Any]) -> None:
+    """Gemma's SentencePiece vocabulary, tokenized as llama.cpp does (223 texts: code, CJK,
+    emoji, whitespace runs, Gemma's turn tokens mixed into text; make_gguf_tokenize_golden.py
+    --specials), and its turn format when the file has no chat template."""
+    tok = tokenizer_from_gguf(gemma3_meta)
+    golden = json.loads((DATA / "gguf_tokenize_golden_gemma3.json").read_text(encoding="utf-8"))
+    assert len(golden["cases"]) > 200
+    mismatched = [c["text"] for c in golden["cases"] if tok.encode(c["text"]) != c["ids"]]
+    assert mismatched == []
+    assert tok.bos_token_id == golden["bos"] and sorted(tok.eos_token_ids) == golden["eog"]
+    assert tok.encode("x", add_special_tokens=True)[0] == golden["bos"]  # add_bos true
+    template = chat_template_from_gguf(gemma3_meta, tok)
+    assert isinstance(template, ConvTemplate)  # the file has no jinja template
+    prompt = template.render(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    )
+    assert prompt == (
+        "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert tok.encode(prompt).count(golden["bos"]) == 1  # the text's <bos> is the only one
+    assert set(template.stop_token_ids) >= {tok.token_to_id("<end_of_turn>")}
+
+
 # -- synthetic byte-level vocabularies: llama.cpp's pre-tokenizer table ----------------------------
 
 
