@@ -281,16 +281,16 @@ def unpermute_rows(w: npt.NDArray[Any], heads: int) -> npt.NDArray[Any]:
 
 
 def _log_conversions(name: str, tensors: list[ConvertedTensor]) -> None:
-    """One line per (GGUF type -> stored format) that is not stored as it is in the file."""
-    groups: dict[tuple[str, str, bool], list[ConvertedTensor]] = {}
+    """One line per (GGUF type -> stored format, how) that is not stored as it is in the file."""
+    groups: dict[tuple[str, str, bool, str], list[ConvertedTensor]] = {}
     for t in tensors:
         if t.source_type.upper() != t.spec.name.upper() and not t.spec.name.startswith("q0"):
-            groups.setdefault((t.source_type, t.spec.name, t.lossless), []).append(t)
-    for (source, target, lossless), group in sorted(groups.items()):
+            groups.setdefault((t.source_type, t.spec.name, t.lossless, t.how), []).append(t)
+    for (source, target, lossless, how), group in sorted(groups.items()):
         stored, given = sum(t.nbytes for t in group), sum(t.source_nbytes for t in group)
-        how = "exactly, wider" if lossless else "re-quantized, not bit-exact"
+        how = "exactly, wider" if lossless else how or "re-quantized, not bit-exact"
         log.log(
-            logging.INFO if lossless else logging.WARNING,
+            logging.INFO if lossless or how != "re-quantized, not bit-exact" else logging.WARNING,
             "%s: %d %s tensors have no kernel of their own: stored as %s (%s): %.1f MB in "
             "memory for %.1f MB in the file (%+.1f MB)",
             name, len(group), source, target, how, stored / 1e6, given / 1e6,

@@ -8,7 +8,8 @@ kernel exists, converted where none does.
 | Q4_0 | q4_0 | block (f16 d, 16 bytes) -> the 32 nibbles re-packed, scale d: bit-exact |
 | Q4_1 | q4_1 | block (f16 d, f16 m, 16 bytes) -> nibbles re-packed, (d, m): bit-exact |
 | Q5_0 | q8_0 | block (f16 d, 32 high bits, 16 bytes) -> q - 16 as int8, scale d: exact |
-| Q4_K, Q3_K, Q2_K, IQ4_* | q4_1 | dequantized, re-quantized per 32 with llama.cpp's Q4_1 |
+| Q4_K | q4_1 | nibbles kept; sub-block scale d * sc and min -dmin * m rounded to f16 |
+| Q3_K, Q2_K, IQ4_* | q4_1 | dequantized, re-quantized per 32 with llama.cpp's Q4_1 |
 | anything else (Q5_*, Q6_K, IQ*) | q8_0 | dequantized, re-quantized per 32 with llama.cpp's Q8_0 |
 
 A GGUF block's nibbles are ordered low halves first (byte j holds elements j and j + 16);
@@ -52,6 +53,7 @@ class ConvertedTensor:
     source_type: str  # the GGUF type it came from
     lossless: bool
     source_nbytes: int = 0  # bytes of the GGUF data it came from
+    how: str = ""  # how a lossy conversion was made (for the log); "" = re-quantized
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +102,38 @@ def from_q4_1(raw: npt.NDArray[np.uint8]) -> list[npt.NDArray[Any]]:
     return [pack_words_np(_nibbles(b[:, :, 4:]), 4), scale_min]
 
 
+QK_K = 256  # elements per K-quant super-block
+
+
+def _k4_scales(packed: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """(rows, blocks, 12) bytes -> the 8 six-bit scales and 8 mins of each Q4_K super-block
+    (llama.cpp's get_scale_min_k4)."""
+    low_s, low_m = packed[..., 0:4] & 63, packed[..., 4:8] & 63
+    high_s = (packed[..., 8:12] & 0x0F) | ((packed[..., 0:4] >> 6) << 4)
+    high_m = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    return np.concatenate([low_s, high_s], -1), np.concatenate([low_m, high_m], -1)
+
+
+def from_q4_k(raw: npt.NDArray[np.uint8]) -> list[npt.NDArray[Any]]:
+    """Q4_K -> q4_1 keeping every nibble: super-block (f16 d, f16 dmin, 12 bytes of 6-bit scales
+    and mins, 128 bytes of nibbles) of 8 sub-blocks of 32; sub-block i's value is
+    d * sc_i * q - dmin * m_i, a q4_1 block with scale d * sc_i and min -dmin * m_i (in f16).
+    Sub-blocks 2j and 2j + 1 are the low and high nibbles of bytes 32j .. 32j + 31."""
+    b = _blocks(raw, 4 + 12 + QK_K // 2)
+    rows, blocks = b.shape[:2]
+    d = _f16(b, 0).astype(np.float32)[..., None]
+    dmin = _f16(b, 2).astype(np.float32)[..., None]
+    scales, mins = _k4_scales(b[:, :, 4:16])
+    qs = b[:, :, 16:].reshape(rows, blocks, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(rows, blocks * QK_K)
+    scale = (d * scales.astype(np.float32)).astype(np.float16)
+    minimum = (-(dmin * mins.astype(np.float32))).astype(np.float16)
+    return [pack_words_np(q, 4), np.stack([scale, minimum], axis=3).reshape(rows, -1)]
+
+
 _EXACT = {"Q8_0": from_q8_0, "Q4_0": from_q4_0, "Q4_1": from_q4_1, "Q5_0": from_q5_0}
+# Not bit-exact, but no re-quantization: (reader, what the log says it cost).
+_NEAR = {"Q4_K": (from_q4_k, "nibbles kept, sub-block scales and mins rounded to f16")}
 _QUANTIZERS = {"q8_0": from_q8_0, "q4_0": from_q4_0, "q4_1": from_q4_1}  # spec -> its reader
 
 
@@ -142,6 +175,10 @@ def convert(raw: npt.NDArray[Any], type_name: str, cols: int) -> ConvertedTensor
     if type_name in _EXACT:
         spec = get_quantization(NATIVE[type_name])
         return ConvertedTensor(spec, _EXACT[type_name](raw), type_name, True, size)
+    if type_name in _NEAR and cols % QK_K == 0:
+        read, how = _NEAR[type_name]
+        spec = get_quantization(stored_spec(type_name))
+        return ConvertedTensor(spec, read(raw), type_name, False, size, how)
     gguf = _gguf()
     qtype = getattr(gguf.GGMLQuantizationType, type_name)
     w = gguf.quants.dequantize(np.ascontiguousarray(raw), qtype).reshape(raw.shape[0], cols)
@@ -167,4 +204,6 @@ def fuse_rows(parts: list[ConvertedTensor], cols: int) -> ConvertedTensor:
     lossless = all(p.lossless for p in parts) and all(same)
     sources = "+".join(sorted({p.source_type for p in parts}))
     size = sum(p.source_nbytes for p in parts)
-    return ConvertedTensor(target, fused, sources, lossless, size)
+    hows = {p.how for p in parts if not p.lossless}
+    how = hows.pop() if len(hows) == 1 and all(same) else ""
+    return ConvertedTensor(target, fused, sources, lossless, size, how)
