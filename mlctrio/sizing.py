@@ -93,6 +93,15 @@ def _workspace_bytes(fp: ModelFootprint, prefill_chunk_size: int, max_num_sequen
     return 4 * (prefill_chunk_size * per_token + 2 * max_num_sequence * fp.vocab_size)
 
 
+def served_context_window(o: EngineOverrides, model_window: int) -> int:
+    """The context window served for a model of `model_window` tokens: the override's, capped
+    by max_single_sequence_length (resolve_engine_config refuses one above the model's)."""
+    ctx = o.context_window_size or model_window
+    if o.max_single_sequence_length is not None:
+        ctx = min(ctx, o.max_single_sequence_length)
+    return ctx
+
+
 def resolve_engine_config(
     config: ServerConfig,
     footprint: ModelFootprint,
@@ -101,9 +110,7 @@ def resolve_engine_config(
 ) -> tuple[EngineConfig, MemoryEstimate]:
     o = config.overrides
     _refuse_unsupported(o)
-    ctx = o.context_window_size or footprint.context_window_size
-    if o.max_single_sequence_length is not None:
-        ctx = min(ctx, o.max_single_sequence_length)
+    ctx = served_context_window(o, footprint.context_window_size)
     if ctx > footprint.context_window_size:
         raise ConfigError(
             f"context_window_size={ctx} exceeds the model's {footprint.context_window_size}"

@@ -16,13 +16,18 @@ and records reference outputs computed with ``attn_implementation="eager"``::
 Families: qwen3, gemma3_text, phi3 (longrope), mistral (sliding window 16),
 mixtral (4 experts, top-2), qwen3_moe (4 experts, top-2, one dense layer).
 
-For qwen3 and gemma3_text it also writes (unless ``--gguf skip``, or the
+For qwen3, gemma3_text and phi3 it also writes (unless ``--gguf skip``, or the
 converter is missing) a tiny byte-level BPE tokenizer (tokenizer.json,
 tokenizer_config.json; exactly 512 ids) and ``gguf/model.gguf`` (F32) made by
 llama.cpp's ``convert_hf_to_gguf.py``; the GGUF tensors are checked to equal
 the safetensors ones.  llama.cpp reads gemma3 GGUFs with fixed rules (every 6th
 layer global, q scaled by head_dim ** -0.5) that differ from this config, so
 gemma3_text also gets ``gguf_reference.json``: the same weights under those rules.
+phi3's tokenizer_config.json names GPT2Tokenizer (the converter's phi3 vocabulary
+path for a BPE, as Phi-4-mini's files do), and its reference.json also holds
+``served_long``: the outputs with long factors at every position, which is what
+llama.cpp (and mlctrio, vLLM) compute when serving a context above
+original_max_position_embeddings.
 
 Why
 ---
@@ -56,7 +61,10 @@ greedy_min_margin  smallest top1 - top2 logprob gap over every greedy step of
 full_logits_check  extra checks (see its "description"): full last-position
               log-probs of one prompt, per-position prefill argmax, feature
               sensitivity, longrope / sliding-window / router diagnostics
-gguf          (qwen3, gemma3_text) what the GGUF holds and which reference it matches
+gguf          (qwen3, gemma3_text, phi3) what the GGUF holds and which reference it matches
+served_long   (phi3) top5 / greedy / margins of the same prompts with long factors throughout
+partial_rotary  (phi3) the same for partial_rotary_factor 0.75 (Phi-4-mini's), with the
+              rope_parameters that config.json then holds
 
 How to regenerate
 -----------------
@@ -669,6 +677,78 @@ def longrope_checks(model, prompts, greedy) -> dict:
     return res
 
 
+# phi3 with Phi-4-mini's partial rotary factor: 12 of the 16 dims of a head rotate, so each
+# factor set has 6 entries (the first 6 of the full sets).
+PARTIAL_ROTARY = 0.75
+
+
+def _long_everywhere(model, cfg):
+    """The model's weights under `cfg` with its short factors replaced by its long ones: long
+    factors at every position of every forward (the attention factor does not depend on them)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.rope_parameters["short_factor"] = list(cfg.rope_parameters["long_factor"])
+    cfg._attn_implementation = "eager"
+    m2 = type(model)(cfg).to(torch.float32).eval()
+    m2.load_state_dict(model.state_dict())
+    m2.generation_config.eos_token_id = None
+    return m2
+
+
+@torch.no_grad()
+def _outputs(model, prompts) -> dict:
+    top5, greedy, greedy_nc, margins = [], [], [], []
+    for p in prompts:
+        lp = logprobs64(model(torch.tensor([p]), use_cache=False).logits[0, -1])
+        v, ix = torch.topk(lp, 5)
+        top5.append([[int(a), float(b)] for a, b in zip(ix, v, strict=True)])
+        g_c, m_c = greedy_cached(model, p)
+        g_n, m_n = greedy_nocache(model, p)
+        greedy.append(g_c)
+        greedy_nc.append(g_n)
+        margins.append(min(m_c + m_n))
+    return {
+        "top5": top5,
+        "greedy": greedy,
+        "greedy_nocache": greedy_nc,
+        "greedy_cache_equals_nocache": greedy == greedy_nc,
+        "greedy_min_margin_per_prompt": margins,
+    }
+
+
+def served_long_reference(model, prompts) -> dict:
+    """phi3: what a server that picks the factor set once, from its context window (llama.cpp:
+    n_ctx > original_max_position_embeddings; vLLM: max_model_len > it), computes with a window
+    above original_max_position_embeddings: long factors at every position of every step.
+    Same prompts as `prompts` (not re-chosen for their margins)."""
+    return {
+        "semantics": (
+            "long_factor for every position of every forward call (a context window above "
+            "original_max_position_embeddings); everything else as config.json. Prompts are "
+            "`prompts`, not re-chosen: check greedy_min_margin_per_prompt before comparing tokens"
+        ),
+        **_outputs(_long_everywhere(model, model.config), prompts),
+    }
+
+
+def partial_rotary_reference(model, prompts) -> dict:
+    """phi3 with partial_rotary_factor PARTIAL_ROTARY (Phi-4-mini's), long factors throughout
+    as in served_long: config.json with `rope_parameters` replaced by the one recorded here."""
+    cfg = copy.deepcopy(model.config)
+    rp = cfg.rope_parameters
+    rp["partial_rotary_factor"] = PARTIAL_ROTARY
+    n = int(cfg.head_dim * PARTIAL_ROTARY) // 2
+    rp["short_factor"], rp["long_factor"] = LONGROPE_SHORT[:n], LONGROPE_LONG[:n]
+    return {
+        "semantics": (
+            "config.json with rope_parameters as below (partial_rotary_factor: the first "
+            f"{2 * n} of {cfg.head_dim} dims of each head rotate; rotate_half over those), same "
+            "weights, long_factor for every position of every forward call"
+        ),
+        "rope_parameters": copy.deepcopy(rp),
+        **_outputs(_long_everywhere(model, cfg), prompts),
+    }
+
+
 @torch.no_grad()
 def receptive_field_check(model, prompt: list[int]) -> dict:
     """Which earlier tokens can change the last position's logits, given the sliding window."""
@@ -726,6 +806,9 @@ def build_family(name: str, out_root: Path) -> dict:
     ref = compute_reference(name, loaded, extra, seed)
     ref["weight_seed"] = seed
     ref["weight_init"] = sorted(set(rules.values()))
+    if name == "phi3":
+        ref["served_long"] = served_long_reference(loaded, ref["prompts"])
+        ref["partial_rotary"] = partial_rotary_reference(loaded, ref["prompts"])
     with open(out / "reference.json", "w") as f:
         json.dump(ref, f, indent=1)
         f.write("\n")
@@ -734,7 +817,7 @@ def build_family(name: str, out_root: Path) -> dict:
 
 # --------------------------------------------------------------------------- GGUF (stretch)
 
-GGUF_FAMILIES = ("qwen3", "gemma3_text")
+GGUF_FAMILIES = ("qwen3", "gemma3_text", "phi3")
 DEFAULT_CONVERTER = "/root/.cache/mlctrio/llama.cpp/0.3.36/src/convert_hf_to_gguf.py"
 # tokenizer.ggml.pre written for our tiny tokenizer, whose pre-tokenizer is Qwen2's regex split
 GGUF_PRE = "qwen2"
@@ -802,6 +885,16 @@ def make_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
+def mark_gpt2_tokenizer(out: Path) -> None:
+    """phi3: the converter reads a tokenizer.model (SentencePiece) unless tokenizer_config.json
+    names GPT2Tokenizer (as Phi-4-mini's does), which takes the byte-level BPE of
+    make_tokenizer."""
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "GPT2Tokenizer"
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def run_converter(converter: Path, model_dir: Path, name: str) -> Path:
     import subprocess
 
@@ -843,10 +936,21 @@ def check_gguf(name: str, gguf_path: Path, model_dir: Path, converter: Path) -> 
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     }  # fmt: skip
+    extra = {}
+    if name == "phi3":  # fused qkv and gate+up (llama.cpp's ffn_up), factors as tensors
+        per_layer.update(attn_qkv="self_attn.qkv_proj", ffn_up="mlp.gate_up_proj")
+        rp = json.loads((model_dir / "config.json").read_text())["rope_parameters"]
+        extra = {
+            f"rope_factors_{k}": np.asarray(rp[f"{k}_factor"], np.float32)
+            for k in ("long", "short")
+        }
     seen = set()
     for t in r.tensors:
         assert t.tensor_type == gguf.GGMLQuantizationType.F32, (t.name, t.tensor_type)
         base, _, suffix = t.name.rpartition(".")
+        if base in extra:
+            assert np.array_equal(np.asarray(t.data), extra.pop(base)), f"{name}: {t.name}"
+            continue
         if base.startswith("blk."):
             _, layer, part = base.split(".", 2)
             hf = f"model.layers.{layer}.{per_layer[part]}.{suffix}"
@@ -859,7 +963,7 @@ def check_gguf(name: str, gguf_path: Path, model_dir: Path, converter: Path) -> 
         assert np.array_equal(got, want), f"{name}: GGUF {t.name} != {hf}"
         seen.add(hf)
     missing = set(st) - seen
-    assert not missing, f"{name}: not in GGUF: {sorted(missing)}"
+    assert not missing and not extra, f"{name}: not in GGUF: {sorted(missing) + sorted(extra)}"
     meta = {}
     for k in ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre"):
         meta[k] = r.fields[k].contents()
@@ -890,6 +994,8 @@ def gguf_semantics_variant(model):
 def build_gguf(name: str, out_root: Path, converter: Path) -> dict:
     out = out_root / name
     make_tokenizer(out)
+    if name == "phi3":
+        mark_gpt2_tokenizer(out)
     gguf_path = run_converter(converter, out, name)
     info = check_gguf(name, gguf_path, out, converter)
     info["converter"] = str(converter)
@@ -914,6 +1020,12 @@ def build_gguf(name: str, out_root: Path, converter: Path) -> dict:
             f.write("\n")
         info["reference"] = "gguf_reference.json (llama.cpp semantics differ from config.json)"
         info["gguf_greedy_min_margin"] = gref["greedy_min_margin"]
+    elif name == "phi3":
+        info["reference"] = (
+            "llama.cpp picks the factor set once, from its context size: served_long for a "
+            "context above original_max_position_embeddings (the file's context_length 128 is), "
+            "else the short-factor prompts of reference.json"
+        )
     else:
         info["reference"] = "reference.json (llama.cpp semantics equal the transformers model)"
     ref["gguf"] = info

@@ -9,15 +9,29 @@ Rules:
   Gemma 3, and `layer_types`). Both are read; the result is the same.
 - A dict written by `LlamaConfig.to_dict` (our own artifacts) is read back field for field.
 - Unsupported model types and RoPE scalings raise ValueError (the loaders turn it into one line).
+- Values that transformers computes with in float32 (LongRoPE's factors and attention factor)
+  are stored rounded to float32, so a config read from a GGUF file (which stores them as float32)
+  is the same config.
 """
 
 from __future__ import annotations
 
+import math
+from array import array
 from collections.abc import Callable
 from typing import Any
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-_ROPE_TYPES = (None, "default", "llama3", "linear")
+SUPPORTED = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "phi3",
+    "mixtral",
+    "qwen3_moe",
+)
+_ROPE_TYPES = (None, "default", "llama3", "linear", "longrope", "su")
 
 
 def family_fields(cfg: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
@@ -55,7 +69,7 @@ def _scaling(params: dict[str, Any]) -> dict[str, Any] | None:
     if rope_type in (None, "default"):
         return None
     keep = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
-    return {**keep, "rope_type": rope_type}
+    return {**keep, "rope_type": "longrope" if rope_type == "su" else rope_type}
 
 
 def _common(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
@@ -99,6 +113,60 @@ def _mistral(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _phi3(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3/3.5/4-mini: Mistral's decoder with LongRoPE ("longrope", older files "su") and a
+    partial rotary dim; HF stores qkv_proj and gate_up_proj fused (weights.py takes them)."""
+    out = {**_common(cfg, "phi3"), "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-5))}
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden activation {cfg.get('hidden_act')!r}")
+    rope = _rope_params(cfg)
+    partial = float(rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
+    # `rotary_dim`: what a GGUF file says (rope.dimension_count), else transformers' rule.
+    rotary = int(cfg.get("rotary_dim") or int(out["head_dim"] * partial))
+    if rotary <= 0 or rotary % 2 or rotary > out["head_dim"]:
+        raise ValueError(f"unsupported rotary dim {rotary} (head_dim {out['head_dim']})")
+    if rotary != out["head_dim"]:
+        out["rotary_dim"] = rotary
+    if out["rope_scaling"] is not None:
+        out["rope_scaling"] = _longrope(cfg, out["rope_scaling"], rotary)
+    window = cfg.get("sliding_window")
+    out["sliding_window"] = int(window) if window else None
+    if window and int(window) < out["context_window_size"]:
+        out["layer_types"] = ("sliding",) * out["num_hidden_layers"]  # as Mistral v0.1
+    return out
+
+
+def _longrope(cfg: dict[str, Any], scaling: dict[str, Any], rotary: int) -> dict[str, Any]:
+    """The LongRoPE parameters as transformers reads them: a top-level
+    `original_max_position_embeddings` wins; the attention factor is the given one, else
+    sqrt(1 + ln(s) / ln(orig)) with s = `factor`, else max_position_embeddings / orig."""
+    if scaling["rope_type"] != "longrope":
+        raise ValueError(f"unsupported rope_scaling type {scaling['rope_type']!r} for phi3")
+    orig = cfg.get("original_max_position_embeddings") or scaling.get(
+        "original_max_position_embeddings"
+    )
+    if not orig:
+        raise ValueError("LongRoPE without original_max_position_embeddings")
+    orig = int(orig)
+    factors = {k: _f32(scaling.get(k) or []) for k in ("short_factor", "long_factor")}
+    if any(len(f) != rotary // 2 for f in factors.values()):
+        raise ValueError(f"LongRoPE factors must have rotary_dim / 2 = {rotary // 2} entries")
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        ratio = scaling.get("factor") or int(cfg.get("max_position_embeddings") or orig) / orig
+        attn = math.sqrt(1 + math.log(ratio) / math.log(orig)) if ratio > 1.0 else 1.0
+    return {
+        "rope_type": "longrope",
+        **factors,
+        "original_max_position_embeddings": orig,
+        "attention_factor": _f32([attn])[0],
+    }
+
+
+def _f32(values: Any) -> list[float]:
+    return array("f", [float(v) for v in values]).tolist()
+
+
 def _qwen2(cfg: dict[str, Any]) -> dict[str, Any]:
     out = {**_llama(cfg), "model_type": "qwen2"}
     out["attention_bias"] = bool(cfg.get("attention_bias", True))
@@ -110,6 +178,48 @@ def _qwen3(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
         raise ValueError("Qwen3 with use_sliding_window is not supported")
     return out
+
+
+def _mixtral(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Mixtral: Mistral's decoder with a mixture of SwiGLU experts of `intermediate_size` in
+    every layer; the chosen probabilities are always renormalised."""
+    out = {**_mistral(cfg), "model_type": "mixtral"}
+    experts = int(cfg.get("num_local_experts") or 0)
+    return {**out, **_moe(cfg, experts, out["intermediate_size"], True)}
+
+
+def _qwen3_moe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE: Qwen3 with experts of `moe_intermediate_size`, renormalised only with
+    `norm_topk_prob`; a layer in `mlp_only_layers`, or off the `decoder_sparse_step`, keeps a
+    dense MLP. transformers 5 writes `num_local_experts`, Hub configs `num_experts`."""
+    out = {**_qwen3(cfg), "model_type": "qwen3_moe"}
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError("shared experts (Qwen2-MoE) are not supported")
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if not experts:
+        return out  # every layer dense
+    layers, step = out["num_hidden_layers"], int(cfg.get("decoder_sparse_step") or 1)
+    dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    dense |= {i for i in range(layers) if (i + 1) % step}
+    size = int(cfg.get("moe_intermediate_size") or out["intermediate_size"])
+    out.update(_moe(cfg, experts, size, bool(cfg.get("norm_topk_prob", False))))
+    if dense:
+        out["mlp_only_layers"] = tuple(sorted(i for i in dense if i < layers))
+    return out
+
+
+def _moe(cfg: dict[str, Any], experts: int, size: int, norm: bool) -> dict[str, Any]:
+    top_k = int(cfg.get("num_experts_per_tok") or 2)
+    if experts <= 0 or not 0 < top_k <= experts:
+        raise ValueError(f"unsupported experts: {top_k} of {experts}")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden activation {cfg.get('hidden_act')!r}")
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": size,
+        "norm_topk_prob": norm,
+    }
 
 
 def gemma3_layer_types(cfg: dict[str, Any], layers: int) -> tuple[str, ...]:
@@ -172,4 +282,7 @@ _FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "gemma3_text": _gemma3,
+    "phi3": _phi3,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
 }

@@ -2,15 +2,18 @@
 
     mlctrio serve model.gguf          (or a directory holding exactly one .gguf)
 
-Read with the `gguf` package (memory-mapped; llama.cpp's own reader). What comes from where:
+Read with models/gguf_reader.py (memory-mapped; the `gguf` package's reader agrees with it on
+every file tested, and its block formats are the reference for conversions). What comes from where:
 
 - architecture and hyper-parameters: `general.architecture` ("llama" — Llama 1-3, Mistral,
-  SmolLM —, "qwen2", "qwen3" or "gemma3") and `<arch>.*` keys (block_count, embedding_length,
-  feed_forward_length, attention.head_count[_kv], attention.key_length, rope.freq_base,
-  context_length, ...), plus what llama.cpp fixes in code for Gemma 3 (`_gemma3_keys`);
+  SmolLM —, "qwen2", "qwen3", "gemma3" or "phi3") and `<arch>.*` keys (block_count,
+  embedding_length, feed_forward_length, attention.head_count[_kv], attention.key_length,
+  rope.freq_base, context_length, ...), plus what llama.cpp fixes in code for Gemma 3
+  (`_gemma3_keys`) and Phi-3's LongRoPE (`_phi3_keys`);
 - tied embeddings: no `output.weight` tensor;
 - weights: gguf_quants converts each tensor (exact for F32/F16/BF16/Q8_0/Q4_0/Q4_1); q, k, v are
-  fused into qkv_proj and gate, up into gate_up_proj, as mlc-llm's llama names them;
+  fused into qkv_proj and gate, up into gate_up_proj, as mlc-llm's llama names them (phi3 files
+  hold them fused already: attn_qkv, and ffn_up with the gate rows first);
 - Q/K rows: llama.cpp's converter permuted the rows of every head of attn_q / attn_k from HF's
   rotate-half RoPE layout to ggml's adjacent-pair layout (`LlamaModel.permute`) for the "llama"
   architecture; the paged KV cache applies rotate-half RoPE, so the rows are put back
@@ -22,6 +25,7 @@ The tokenizer and chat template come from the same metadata (runtime/gguf_tokeni
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,14 +36,15 @@ import numpy.typing as npt
 
 from mlctrio.errors import ModelLoadError
 from mlctrio.models.gguf_quants import ConvertedTensor, convert, fuse_rows, stored_spec, widest
+from mlctrio.models.gguf_reader import GGUFFile
 from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.quantization import QuantSpec, Scheme, get_quantization
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 PERMUTED_QK = ("llama",)  # architectures whose converter permuted attn_q / attn_k rows
-_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                "tokenizer.ggml.token_type")  # fmt: skip
 
@@ -69,20 +74,13 @@ class GGUFModel:
 
     @classmethod
     def open(cls, path: str | Path) -> GGUFModel:
-        import gguf
-
+        """Read with gguf_reader.py (gguf-py's reader takes seconds on a 262k vocabulary)."""
         path = Path(path)
         try:
-            reader = gguf.GGUFReader(path)
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+            reader = GGUFFile.open(path)
+        except (OSError, ValueError, KeyError, IndexError, struct.error) as exc:
             raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
-        metadata = {}
-        for key, field in reader.fields.items():
-            try:
-                metadata[key] = field.contents()
-            except (ValueError, IndexError, TypeError):  # an unreadable optional field
-                log.warning("%s: skipping unreadable metadata key %s", path.name, key)
-        return cls(path, reader, metadata)
+        return cls(path, reader, reader.metadata)
 
     @property
     def architecture(self) -> str:
@@ -106,6 +104,8 @@ class GGUFModel:
                 f"(supported: {', '.join(ARCHITECTURES)})"
             )
         m = self.metadata
+        if m.get(f"{arch}.expert_count"):  # Mixtral files say "llama" (models/moe.py: HF only)
+            raise ModelLoadError(f"{self.path.name}: mixture-of-experts GGUF is not supported")
 
         def key(name: str, default: Any = None) -> Any:
             value = m.get(f"{arch}.{name}", default)
@@ -137,6 +137,8 @@ class GGUFModel:
         }
         if arch == "gemma3":
             cfg.update(self._gemma3_keys(heads, hidden, cfg["head_dim"], scaling))
+        if arch == "phi3":
+            cfg.update(self._phi3_keys(cfg["max_position_embeddings"]))
         try:
             return LlamaConfig.from_hf(cfg)
         except ValueError as exc:
@@ -161,6 +163,24 @@ class GGUFModel:
         if scaling == "linear":
             factor = float(m.get("gemma3.rope.scaling.factor", 1.0))  # the HF factor (8 for 4B+)
             out["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        return out
+
+    def _phi3_keys(self, context_length: int) -> dict[str, Any]:
+        """llama.cpp's phi3: the rotated dims are rope.dimension_count; LongRoPE's factors are
+        the tensors rope_factors_long / _short (one set for every layer), its attention factor
+        and original context metadata. llama.cpp disables Phi-3's sliding window (full
+        attention whatever attention.sliding_window says), so no window is passed on."""
+        m = self.metadata
+        out: dict[str, Any] = {"rotary_dim": m.get("phi3.rope.dimension_count")}
+        if "rope_factors_long.weight" in self._names():
+            orig = m.get("phi3.rope.scaling.original_context_length", context_length)
+            out["rope_scaling"] = {
+                "rope_type": "longrope",
+                "long_factor": self._float_vector("rope_factors_long.weight").tolist(),
+                "short_factor": self._float_vector("rope_factors_short.weight").tolist(),
+                "original_max_position_embeddings": int(orig),
+                "attention_factor": float(m.get("phi3.rope.scaling.attn_factor", 1.0)),
+            }
         return out
 
     def _names(self) -> dict[str, Any]:
@@ -226,21 +246,23 @@ class GGUFModel:
         yield "model.embed_tokens", [("token_embd.weight", None)]
         if not c.tie_word_embeddings:
             yield "lm_head", [("output.weight", None)]
+        fused_up = self.architecture == "phi3"  # ffn_up: gate rows, then up rows
         for i in range(c.num_hidden_layers):
             p, b = f"model.layers.{i}", f"blk.{i}"
-            yield (
-                f"{p}.self_attn.qkv_proj",
-                [
-                    (f"{b}.attn_q.weight", c.num_attention_heads),
-                    (f"{b}.attn_k.weight", c.num_key_value_heads),
-                    (f"{b}.attn_v.weight", None),
-                ],
-            )
+            if f"{b}.attn_qkv.weight" in self._names():
+                yield f"{p}.self_attn.qkv_proj", [(f"{b}.attn_qkv.weight", None)]
+            else:
+                yield (
+                    f"{p}.self_attn.qkv_proj",
+                    [
+                        (f"{b}.attn_q.weight", c.num_attention_heads),
+                        (f"{b}.attn_k.weight", c.num_key_value_heads),
+                        (f"{b}.attn_v.weight", None),
+                    ],
+                )
             yield f"{p}.self_attn.o_proj", [(f"{b}.attn_output.weight", None)]
-            yield (
-                f"{p}.mlp.gate_up_proj",
-                [(f"{b}.ffn_gate.weight", None), (f"{b}.ffn_up.weight", None)],
-            )
+            up = [(f"{b}.ffn_up.weight", None)]
+            yield f"{p}.mlp.gate_up_proj", up if fused_up else [(f"{b}.ffn_gate.weight", None), *up]
             yield f"{p}.mlp.down_proj", [(f"{b}.ffn_down.weight", None)]
 
     def _convert(self, name: str, heads: int | None = None) -> ConvertedTensor:

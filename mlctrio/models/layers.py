@@ -145,18 +145,36 @@ def norm_qk_heads(qkv: Tensor, q_norm: RMSNorm, k_norm: RMSNorm, h_q: int, h_kv:
     return op.reshape(out, (b, s, heads, d))
 
 
-def rope_inv_freq(head_dim: int, theta: float, linear_factor: float = 1.0) -> np.ndarray:
-    """Inverse frequencies as transformers computes them (float32 `base ** (2i / d)`)."""
-    exponent = (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)) / np.float32(head_dim)
-    inv = np.float32(1.0) / np.power(np.float32(theta), exponent, dtype=np.float32)
+def rope_inv_freq(
+    rotary_dim: int, theta: float, linear_factor: float = 1.0, factors: list[float] | None = None
+) -> np.ndarray:
+    """Inverse frequencies as transformers computes them in float32: `1 / base ** (2i / d)`
+    (divided by a linear scaling factor), or with LongRoPE's per-pair `factors`
+    `1 / (factor_i * base ** (2i / d))`."""
+    exponent = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(
+        rotary_dim
+    )
+    power = np.power(np.float32(theta), exponent, dtype=np.float32)
+    if factors is not None:
+        return (np.float32(1.0) / (np.asarray(factors, np.float32) * power)).astype(np.float32)
+    inv = np.float32(1.0) / power
     return (inv / np.float32(linear_factor)).astype(np.float32)
 
 
-def rotate_qk(qkv: Tensor, positions: Tensor, h_q: int, h_kv: int, inv_freq: np.ndarray) -> Tensor:
+def rotate_qk(
+    qkv: Tensor,
+    positions: Tensor,
+    h_q: int,
+    h_kv: int,
+    inv_freq: np.ndarray,
+    scale: float = 1.0,
+) -> Tensor:
     """Rotate-half RoPE of the q and k heads of a fused qkv (b, s, h_q + 2 h_kv, d) at the
-    tokens' positions (b * s,), in the model (the KV cache then stores keys as given)."""
+    tokens' positions (b * s,), in the model (the KV cache then stores keys as given). The first
+    2 * len(inv_freq) dims of each head rotate, the rest pass; cos and sin are times `scale`."""
     b, s, heads, d = qkv.shape
     rows = op.reshape(qkv, (b, s * heads, d))
     freqs = Tensor.from_const(inv_freq)
-    out = op.tensor_expr_op(rope_te(h_q, h_kv, int(d)), "rope", [rows, positions, freqs])
+    f = rope_te(h_q, h_kv, int(d), rotary_dim=2 * len(inv_freq), scale=scale)
+    out = op.tensor_expr_op(f, "rope", [rows, positions, freqs])
     return op.reshape(out, (b, s, heads, d))

@@ -1,5 +1,5 @@
-"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2/3, Gemma 3) in
-`tvm.relax.frontend.nn` over a paged KV cache.
+"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2/3, Gemma 3, Phi-3, Mixtral,
+Qwen3-MoE) in `tvm.relax.frontend.nn` over a paged KV cache.
 
 The structure follows mlc-llm's llama: fused qkv projection reshaped to (b, s, h_q + 2 h_kv, d) and
 handed to `PagedKVCache.attention_with_fused_qkv` (RoPE is applied by the KV cache), RMSNorm, SwiGLU
@@ -9,9 +9,11 @@ MLC weights map 1:1 onto `LlamaForCausalLM.named_parameters()` order.
 
 The families' differences are LlamaConfig switches, each a few ops here: q/k norms per head before
 RoPE (Qwen3, Gemma 3), Gemma's sandwich norms, GeGLU, embedding scale and logit soft-capping, and
-per-layer sliding windows with per-layer RoPE bases (Gemma 3), where RoPE moves from the cache
-into the model (layers.rotate_qk) because TVM's cache rotates with one base. The building blocks
-(quantized linears, norms, RoPE) are models/layers.py's.
+per-layer sliding windows with per-layer RoPE bases (Gemma 3), LongRoPE and partial rotary dims
+(Phi-3), where RoPE moves from the cache into the model (layers.rotate_qk) because TVM's cache
+rotates with one base and neither per-pair factors nor a cos/sin scale. The building blocks
+(quantized linears, norms, RoPE) are models/layers.py's; the mixture-of-experts MLP that replaces
+LlamaMLP in an MoE layer is models/moe.py's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mlctrio.models.layers import (
     rotate_qk,
 )
 from mlctrio.models.llama_config import LlamaConfig
+from mlctrio.models.moe import MoEMLP
 from mlctrio.models.quantization import QuantSpec, Scheme, as_scheme
 from mlctrio.models.te_ops import geglu_te, softcap_te, swiglu_te
 
@@ -54,11 +57,8 @@ class LlamaAttention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(self.d, c.rms_norm_eps, act_dtype)
             self.k_norm = RMSNorm(self.d, c.rms_norm_eps, act_dtype)
-        self.inv_freq = None
-        if c.rope_in_model:
-            scaling = c.rope_scaling or {}
-            factor = 1.0 if sliding or scaling.get("rope_type") != "linear" else scaling["factor"]
-            self.inv_freq = rope_inv_freq(self.d, c.layer_theta(layer), float(factor))
+        self.inv_freq = layer_inv_freq(c, layer) if c.rope_in_model else None
+        self.rope_scale = c.rope_attention_factor
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, positions: Any) -> Tensor:
         b, s, _ = x.shape
@@ -66,9 +66,19 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             qkv = norm_qk_heads(qkv, self.q_norm, self.k_norm, self.h_q, self.h_kv)
         if self.inv_freq is not None:
-            qkv = rotate_qk(qkv, positions, self.h_q, self.h_kv, self.inv_freq)
+            qkv = rotate_qk(qkv, positions, self.h_q, self.h_kv, self.inv_freq, self.rope_scale)
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.h_q, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))
+
+
+def layer_inv_freq(c: LlamaConfig, layer: int) -> Any:
+    """The inverse frequencies a layer rotates with when RoPE is in the model: its base
+    (Gemma's sliding layers have their own), Gemma's linear scaling on the full layers, or
+    LongRoPE's factors (the set `LlamaConfig.longrope_factors` picks), over `rope_dim`."""
+    sliding = c.layer_types is not None and c.layer_types[layer] == "sliding"
+    scaling = c.rope_scaling or {}
+    factor = 1.0 if sliding or scaling.get("rope_type") != "linear" else scaling["factor"]
+    return rope_inv_freq(c.rope_dim, c.layer_theta(layer), float(factor), c.longrope_factors)
 
 
 class LlamaMLP(nn.Module):
@@ -92,7 +102,8 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, c: LlamaConfig, scheme: Scheme, act_dtype: str, layer: int):
         prefix = f"model.layers.{layer}"
         self.self_attn = LlamaAttention(c, scheme, act_dtype, f"{prefix}.self_attn", layer)
-        self.mlp = LlamaMLP(c, scheme, act_dtype, f"{prefix}.mlp")
+        mlp = MoEMLP if c.is_moe_layer(layer) else LlamaMLP  # (Mixtral, Qwen3-MoE: moe.py)
+        self.mlp = mlp(c, scheme, act_dtype, f"{prefix}.mlp")
         eps, h = c.rms_norm_eps, c.hidden_size
         self.input_layernorm = RMSNorm(h, eps, act_dtype)
         self.post_attention_layernorm = RMSNorm(h, eps, act_dtype)
@@ -155,6 +166,8 @@ class LlamaForCausalLM(nn.Module):
                     module.use_cpu_layout(tile16=config.tie_word_embeddings, vnni=vnni)
                 elif isinstance(module, QLinear):
                     module.use_cpu_layout(tile16=True, vnni=vnni)
+                elif isinstance(module, MoEMLP):
+                    module.use_cpu_layout()
 
     def _logits(self, h: Tensor) -> Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head

@@ -1,11 +1,13 @@
 """Decoder hyper-parameters of every supported family (Llama 2/3, Mistral, Qwen2/3, SmolLM,
-Gemma 3) and the demo presets.
+Gemma 3, Phi-3, Mixtral, Qwen3-MoE) and the demo presets.
 
 One config class describes them all: the families differ by switches (q/k norms, sandwich norms,
-gelu-tanh MLP, per-layer sliding windows and rope bases, embedding scaling, logit soft-capping),
-each of which models/llama.py turns into a few ops. `LlamaConfig.from_hf` reads a Hugging Face
-`config.json` (families.py knows each model_type's keys; gguf_file.py builds the same dict from a
-GGUF file's metadata). No tvm here: configs are read by loaders that must not import the compiler.
+gelu-tanh MLP, per-layer sliding windows and rope bases, embedding scaling, logit soft-capping,
+LongRoPE and partial rotary dims, mixture-of-experts MLPs), each of which models/llama.py turns
+into a few ops.
+`LlamaConfig.from_hf` reads a Hugging Face `config.json` (families.py knows each model_type's
+keys; gguf_file.py builds the same dict from a GGUF file's metadata). No tvm here: configs are
+read by loaders that must not import the compiler.
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ class LlamaConfig:
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # softmax scale is its -1/2 power (default d)
     final_logit_softcapping: float | None = None  # logits = c * tanh(logits / c)
+    # Leading dims of each head that RoPE rotates (Phi-4-mini: 3/4 of head_dim); None: all.
+    # Added after the fields above: `to_dict` leaves it out while None (see there).
+    rotary_dim: int | None = None
+    # Mixture of experts (Mixtral, Qwen3-MoE; models/moe.py), all None in a dense model: each
+    # MoE layer routes a token to `num_experts_per_tok` of `num_experts` SwiGLU experts of
+    # `moe_intermediate_size`; `norm_topk_prob` renormalises the chosen probabilities;
+    # `mlp_only_layers` keep a dense MLP of `intermediate_size` (Qwen3-MoE).
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool | None = None
+    mlp_only_layers: tuple[int, ...] | None = attrs.field(
+        default=None, converter=lambda v: tuple(int(i) for i in v) if v is not None else None
+    )
 
     @property
     def sm_scale(self) -> float:
@@ -59,8 +75,56 @@ class LlamaConfig:
     @property
     def rope_in_model(self) -> bool:
         """RoPE applied by the model's own op rather than by the KV cache: needed when sliding
-        layers rotate with a base of their own (Gemma; TVM's cache has one base for all)."""
-        return self.rope_local_theta is not None
+        layers rotate with a base of their own (Gemma; TVM's cache has one base for all), for
+        LongRoPE (per-pair factors and a cos/sin scale) and for a partial rotary dim."""
+        return (
+            self.rope_local_theta is not None
+            or self.rope_type == "longrope"
+            or self.rope_dim != self.head_dim
+        )
+
+    @property
+    def rope_type(self) -> str | None:
+        return (self.rope_scaling or {}).get("rope_type")
+
+    @property
+    def rope_dim(self) -> int:
+        """How many leading dims of each q/k head RoPE rotates."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def longrope_factors(self) -> list[float] | None:
+        """LongRoPE's per-pair factors for this config: the long set when the context window
+        exceeds `original_max_position_embeddings`, else the short set, for every position
+        (docs/discussion/0010: static, so the keys in the KV cache never change); None
+        without LongRoPE."""
+        if self.rope_type != "longrope":
+            return None
+        rs = self.rope_scaling or {}
+        long = self.context_window_size > int(rs["original_max_position_embeddings"])
+        return list(rs["long_factor" if long else "short_factor"])
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise)."""
+        if self.rope_type != "longrope":
+            return 1.0
+        return float((self.rope_scaling or {}).get("attention_factor", 1.0))
+
+    def for_context_window(self, window: int) -> LlamaConfig:
+        """The config a server whose context window is `window` tokens runs. The same, except
+        for LongRoPE served within its original window: that uses the short factors, which
+        are compiled in, so the window becomes part of the config."""
+        if self.rope_type != "longrope" or window >= self.context_window_size:
+            return self
+        orig = int((self.rope_scaling or {})["original_max_position_embeddings"])
+        if window <= orig < self.context_window_size:
+            return attrs.evolve(self, context_window_size=window)
+        return self
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts (models/moe.py)."""
+        return bool(self.num_experts) and layer not in (self.mlp_only_layers or ())
 
     def layer_theta(self, layer: int) -> float:
         sliding = self.layer_types is not None and self.layer_types[layer] == "sliding"
@@ -75,8 +139,21 @@ class LlamaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (also the compile-cache key material): tuples become lists, so the dict
-        equals itself after a JSON round trip (a library's build info is compared with it)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(self).items()}
+        equals itself after a JSON round trip (a library's build info is compared with it).
+        Fields added later (`_LATER_FIELDS`) are left out at their default, so the dict of a
+        config that does not use them is what earlier versions wrote."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(self).items()}
+        return {k: v for k, v in out.items() if not (k in _LATER_FIELDS and v is None)}
+
+
+_LATER_FIELDS = (
+    "rotary_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "mlp_only_layers",
+)
 
 
 # Presets for tests and benchmarks (random weights; shapes only).

@@ -223,15 +223,17 @@ def uses_int8(spec: QuantSpec, out_features: int, in_features: int) -> bool:
 
 
 def pack_tile_np(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """(out, x) -> (out / TILE, x, TILE): the "tile16" layout of a CPU linear weight."""
-    rows, cols = arr.shape
-    return np.ascontiguousarray(arr.reshape(rows // TILE, TILE, cols).transpose(0, 2, 1))
+    """(out, x) -> (out / TILE, x, TILE): the "tile16" layout of a CPU linear weight (stacked
+    experts (E, out, x) -> (E, out / TILE, x, TILE): each expert's own)."""
+    *lead, rows, cols = arr.shape
+    tiled = arr.reshape(*lead, rows // TILE, TILE, cols)
+    return np.ascontiguousarray(np.swapaxes(tiled, -1, -2))
 
 
 def unpack_tile_np(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Inverse of `pack_tile_np`."""
-    tiles, cols, _ = arr.shape
-    return np.ascontiguousarray(arr.transpose(0, 2, 1).reshape(tiles * TILE, cols))
+    *lead, tiles, cols, _ = arr.shape
+    return np.ascontiguousarray(np.swapaxes(arr, -1, -2).reshape(*lead, tiles * TILE, cols))
 
 
 def pack_words_np(stored: npt.NDArray[np.integer], bits: int) -> npt.NDArray[np.uint32]:

@@ -11,6 +11,7 @@ Untuned TVM CPU code runs every kernel as one serial scalar loop nest (5-40x slo
   features in parallel, reduction innermost (LLVM vectorises the dot product with the fast-math
   reassoc/contract target flags set in compile.py), epilogues per row-tile.
 - rms_norm: parallel over rows, sum of squares computed at the row.
+- moe_matmul, moe_group (the experts of an MoE layer): schedule_moe.py.
 - injective (embedding take, split/silu/multiply, index, adds): outer loops fused and parallel,
   innermost loop vectorised.
 
@@ -31,6 +32,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from mlctrio.models.quantization import ELEMS_PER_WORD, GROUP_ROWS
+from mlctrio.models.schedule_moe import schedule_moe_group, schedule_moe_matmul
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,10 @@ def _schedule_func(sch: s_tir.Schedule) -> None:
             handled |= _schedule_matmul(sch, b)
         elif kind == "rms_norm":
             handled |= _schedule_rms_norm(sch, b)
+        elif kind == "moe_matmul":  # mixture-of-experts layers (te_moe.py)
+            handled |= schedule_moe_matmul(sch, b)
+        elif kind == "moe_group":
+            handled |= schedule_moe_group(sch, b)
     # Everything else: inline what can be inlined, then parallel + vectorise what remains.
     for name in kinds:
         if name in handled:

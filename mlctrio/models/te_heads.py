@@ -42,10 +42,16 @@ def head_rms_norm_te(h_q: int, h_kv: int, d: int, eps: float) -> Callable[..., t
     return _f
 
 
-def rope_te(h_q: int, h_kv: int, d: int) -> Callable[..., te.Tensor]:
-    """Rotate-half RoPE of the q and k rows at `positions` (b * s,) with `inv_freq` (d / 2,):
-    out[h] = x[h] cos(p f) - x[h + d/2] sin(p f) for h < d/2, x[h] cos + x[h - d/2] sin above."""
-    heads, half = h_q + 2 * h_kv, d // 2
+def rope_te(
+    h_q: int, h_kv: int, d: int, rotary_dim: int | None = None, scale: float = 1.0
+) -> Callable[..., te.Tensor]:
+    """Rotate-half RoPE of the q and k rows at `positions` (b * s,) with `inv_freq` (rd / 2,)
+    over the first rd = `rotary_dim` (default d) dims; dims from rd on pass unchanged:
+    out[h] = x[h] cos(p f) - x[h + rd/2] sin(p f) for h < rd/2, x[h] cos + x[h - rd/2] sin
+    above. With `scale` (LongRoPE's attention factor) cos and sin are multiplied by it first,
+    as transformers does."""
+    heads, rd = h_q + 2 * h_kv, rotary_dim or d
+    half = rd // 2
 
     def _f(x: te.Tensor, positions: te.Tensor, inv_freq: te.Tensor) -> te.Tensor:
         b, rows, _ = x.shape
@@ -54,10 +60,16 @@ def rope_te(h_q: int, h_kv: int, d: int) -> Callable[..., te.Tensor]:
         def _rot(i: Any, r: Any, h: Any) -> Any:
             pos = positions[i * per_seq + r // heads].astype("float32")
             angle = pos * inv_freq[h % half]
-            partner = x[i, r, (h + half) % d]  # the other half of the rotated pair
+            partner = x[i, r, (h + half) % rd]  # the other half of the rotated pair
             other = tirx.Select(h < half, -partner, partner)
-            rotated = x[i, r, h] * tirx.cos(angle) + other * tirx.sin(angle)
-            return tirx.Select(r % heads < h_q + h_kv, rotated, x[i, r, h])
+            cos, sin = tirx.cos(angle), tirx.sin(angle)
+            if scale != 1.0:
+                cos, sin = cos * tirx.const(scale, "float32"), sin * tirx.const(scale, "float32")
+            rotated = x[i, r, h] * cos + other * sin
+            rotates = r % heads < h_q + h_kv
+            if rd < d:
+                rotates = tirx.all(rotates, h < rd)
+            return tirx.Select(rotates, rotated, x[i, r, h])
 
         return te.compute((b, rows, d), _rot, name="rope", attrs={"mlctrio.kind": "injective"})
 

@@ -1,7 +1,8 @@
 """Weight name mapping: HF tensors -> MLC-named tensors -> the packed parameter list of the model.
 
 Three name spaces:
-- HF: `model.layers.0.self_attn.q_proj.weight`, `...mlp.gate_proj.weight`, ... (unfused, float).
+- HF: `model.layers.0.self_attn.q_proj.weight`, `...mlp.gate_proj.weight`, ... (unfused, float;
+  Phi-3 stores `self_attn.qkv_proj` and `mlp.gate_up_proj` fused, rows in our order).
 - MLC: the names mlc-llm uses after its fusion and quantization, which are also our nn.Module's
   parameter names: `model.layers.0.self_attn.qkv_proj.weight` (q0) or `.q_weight` / `.q_scale` (q4),
   `model.layers.0.mlp.gate_up_proj.*`, norms as `*.weight`. MLC stores unquantized tensors in the
@@ -23,6 +24,7 @@ import numpy.typing as npt
 
 from mlctrio.models.layers import LAYOUT_ATTR
 from mlctrio.models.llama_config import LlamaConfig
+from mlctrio.models.moe_weights import moe_hf_to_mlc, random_moe_weights
 from mlctrio.models.quantization import (
     TILE,
     TILE16,
@@ -46,9 +48,9 @@ class ParamInfo:
 
     @property
     def runtime_shape(self) -> tuple[int, ...]:
-        if self.layout == TILE16:
-            rows, cols = self.shape
-            return (rows // TILE, cols, TILE)
+        if self.layout == TILE16:  # (stacked experts keep their leading axis)
+            *lead, rows, cols = self.shape
+            return (*lead, rows // TILE, cols, TILE)
         return self.shape
 
     @classmethod
@@ -57,8 +59,8 @@ class ParamInfo:
         shape = tuple(int(s) for s in param.shape)  # type: ignore[attr-defined]
         layout = str(param.attrs.get(LAYOUT_ATTR, ""))  # type: ignore[attr-defined]
         if layout == TILE16:
-            tiles, cols, tile = shape
-            shape = (tiles * tile, cols)
+            *lead, tiles, cols, tile = shape
+            shape = (*lead, tiles * tile, cols)
         return cls(name, shape, str(param.dtype), layout)  # type: ignore[attr-defined]
 
 
@@ -97,16 +99,18 @@ def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, n
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"
         a = f"{p}.self_attn"
-        qkv = [np.asarray(hf[f"{a}.{x}_proj.weight"]) for x in "qkv"]
-        put_linear(f"{a}.qkv_proj", np.concatenate(qkv, axis=0))
+        put_linear(f"{a}.qkv_proj", fused(hf, a, "qkv_proj", ("q_proj", "k_proj", "v_proj")))
         if config.attention_bias:
-            bias = [np.asarray(hf[f"{a}.{x}_proj.bias"]) for x in "qkv"]
-            out[f"{a}.qkv_proj.bias"] = np.concatenate(bias).astype(spec.mlc_dtype)
+            bias = fused(hf, a, "qkv_proj", ("q_proj", "k_proj", "v_proj"), "bias")
+            out[f"{a}.qkv_proj.bias"] = bias.astype(spec.mlc_dtype)
         put_linear(f"{a}.o_proj", hf[f"{a}.o_proj.weight"])
         m = f"{p}.mlp"
-        gate_up = [np.asarray(hf[f"{m}.{x}_proj.weight"]) for x in ("gate", "up")]
-        put_linear(f"{m}.gate_up_proj", np.concatenate(gate_up, axis=0))
-        put_linear(f"{m}.down_proj", hf[f"{m}.down_proj.weight"])
+        if config.is_moe_layer(i):  # the router and stacked experts (moe_weights.py)
+            out.update(moe_hf_to_mlc(config, hf, i, spec))
+        else:
+            gate_up = fused(hf, m, "gate_up_proj", ("gate_proj", "up_proj"))
+            put_linear(f"{m}.gate_up_proj", gate_up)
+            put_linear(f"{m}.down_proj", hf[f"{m}.down_proj.weight"])
         for name in norm_names(config):
             out[f"{p}.{name}.weight"] = norm(f"{p}.{name}.weight")
     out["model.norm.weight"] = norm("model.norm.weight")
@@ -115,6 +119,16 @@ def hf_to_mlc(config: LlamaConfig, hf: Arrays, quantization: str) -> dict[str, n
             raise KeyError("lm_head.weight missing and tie_word_embeddings is false")
         put_linear("lm_head", hf["lm_head.weight"])
     return out
+
+
+def fused(
+    hf: Arrays, prefix: str, name: str, parts: tuple[str, ...], kind: str = "weight"
+) -> npt.NDArray:
+    """`prefix.name.kind` as the checkpoint stores it already fused (Phi-3's qkv_proj and
+    gate_up_proj, rows in the same order), else its `parts` concatenated along the rows."""
+    if f"{prefix}.{name}.{kind}" in hf:
+        return np.asarray(hf[f"{prefix}.{name}.{kind}"])
+    return np.concatenate([np.asarray(hf[f"{prefix}.{x}.{kind}"]) for x in parts], axis=0)
 
 
 def norm_names(config: LlamaConfig) -> tuple[str, ...]:
@@ -184,9 +198,15 @@ def random_hf_weights(
             for x, n in (("q", q_out), ("k", kv_out), ("v", kv_out)):
                 hf[f"{p}.self_attn.{x}_proj.bias"] = w(n)
         hf[f"{p}.self_attn.o_proj.weight"] = w(c.hidden_size, q_out)
-        hf[f"{p}.mlp.gate_proj.weight"] = w(c.intermediate_size, c.hidden_size)
-        hf[f"{p}.mlp.up_proj.weight"] = w(c.intermediate_size, c.hidden_size)
-        hf[f"{p}.mlp.down_proj.weight"] = w(c.hidden_size, c.intermediate_size)
+        if c.is_moe_layer(i):
+            hf.update(random_moe_weights(c, i, w))
+        else:
+            hf[f"{p}.mlp.gate_proj.weight"] = w(c.intermediate_size, c.hidden_size)
+            hf[f"{p}.mlp.up_proj.weight"] = w(c.intermediate_size, c.hidden_size)
+            hf[f"{p}.mlp.down_proj.weight"] = w(c.hidden_size, c.intermediate_size)
+        if c.model_type == "phi3":  # Phi-3 checkpoints store both fused
+            _fuse_in_place(hf, f"{p}.self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+            _fuse_in_place(hf, f"{p}.mlp", "gate_up_proj", ("gate_proj", "up_proj"))
         base = 1.0 - norm_offset(c)  # weights near 1 as the model multiplies by them
         for name in norm_names(c):
             size = c.head_dim if name.startswith("self_attn.") else c.hidden_size
@@ -195,3 +215,11 @@ def random_hf_weights(
     if not c.tie_word_embeddings:
         hf["lm_head.weight"] = w(c.vocab_size, c.hidden_size)
     return hf
+
+
+def _fuse_in_place(
+    hf: dict[str, npt.NDArray], prefix: str, name: str, parts: tuple[str, ...]
+) -> None:
+    hf[f"{prefix}.{name}.weight"] = fused(hf, prefix, name, parts)
+    for x in parts:
+        del hf[f"{prefix}.{x}.weight"]

@@ -25,7 +25,7 @@ from ..models.artifact import ModelArtifact, load_params, open_artifact
 from ..models.cache_files import check_record
 from ..models.fetch import EMBEDDED_SCHEME, ensure_embedded
 from ..models.quantization import summary
-from ..sizing import ModelFootprint, resolve_engine_config
+from ..sizing import ModelFootprint, resolve_engine_config, served_context_window
 from .chat_template import load_chat_template
 from .constraints import ConstraintCompiler
 from .core import EngineCore
@@ -155,11 +155,22 @@ def check_library(module: Any, lib: Path, art: ModelArtifact, what: str, model: 
         raise ModelLoadError(f"{what} {lib} does not match the model {model}: {problem}")
 
 
+def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
+    """`art` with the config this server runs: LongRoPE (Phi-3) picks its factor set from the
+    served context window, once (LlamaConfig.for_context_window; docs/discussion/0010)."""
+    window = served_context_window(config.overrides, art.config.context_window_size)
+    served = art.config.for_context_window(window)
+    if served is art.config:
+        return art
+    log.info("LongRoPE: short factors for the served context window of %d tokens", window)
+    return attrs.evolve(art, config=served)
+
+
 def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
     from .tvm_runner import TVMRunner, load_library
 
     path = resolve_model_dir(config.model)
-    art = open_artifact(path, config.quantization, config.activations)
+    art = served_artifact(open_artifact(path, config.quantization, config.activations), config)
     log.info(
         "model %s: %s format, %s, %s",
         config.model,
@@ -243,6 +254,7 @@ def load_draft(config: ServerConfig, engine: EngineConfig) -> tuple[Any, Any]:
     # "auto" picks the fast int8-activation kernels for it.
     activations = "q8" if config.activations == "auto" else config.activations
     art = open_artifact(resolve_model_dir(model), config.quantization, activations)
+    art = served_artifact(art, config)  # LongRoPE: the factor set of the served window
     draft_config = attrs.evolve(
         config, model=model, model_lib=None, additional_models=(), activations=activations
     )

@@ -13,6 +13,13 @@ summation order). Greedy tokens must be identical (every reference step leads by
 Beyond one prompt at a time: all prompts in one ragged batch (prefill chunks of several
 sequences in a step, then batched decode), and a sequence forked from another's prefix mid-page
 (the paged KV cache's multi-block case, where sliding layers must mask by absolute position).
+
+Phi-3's LongRoPE is served with one factor set, picked from the served context window
+(docs/discussion/0010): above original_max_position_embeddings (32 here; the model's own window
+is 128) the long factors at every position, which reference.json's `served_long` holds (what
+transformers computes with long factors throughout, and what llama.cpp computes for the GGUF);
+within it the short factors, where transformers' own outputs apply to every prompt whose
+sequence stays within 32 tokens. `partial_rotary` checks Phi-4-mini's partial rotary dim.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 
@@ -46,14 +54,24 @@ CASES = [
     ("gemma3_text", ""),
     ("gemma3_text", "gguf/model.gguf"),
     ("mistral", ""),
+    ("phi3", ""),
+    ("phi3", "gguf/model.gguf"),
+    ("mixtral", ""),
+    ("qwen3_moe", ""),
 ]
+# Cases served from the HF checkpoint: also checked in a ragged batch and forked.
+HF_CASES = [case for case in CASES if not case[1]]
+# phi3's references of a window above original_max_position_embeddings (reference.json's own
+# outputs are transformers' per-call switch, which no server with a KV cache reproduces).
+SERVED_LONG = ("phi3",)
 
 
 def _reference(family: str, file: str) -> dict[str, Any]:
     own = FAMILIES / family / "gguf_reference.json"
-    return json.loads(
+    ref = json.loads(
         (own if file and own.exists() else FAMILIES / family / "reference.json").read_text()
     )
+    return {**ref, **ref["served_long"]} if family in SERVED_LONG else ref
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +81,22 @@ def runner_for(lib_cache_dir: Path) -> Callable[[str, str], tuple[ModelArtifact,
     def _get(family: str, file: str) -> tuple[ModelArtifact, TVMRunner]:
         if (family, file) not in memo:
             art = open_artifact(FAMILIES / family / file)
-            cm = compile_model(art.config, art.quantization, cache_dir=lib_cache_dir)
-            runner = TVMRunner(
-                cm.lib_path,
-                load_params(art, cm.params),
-                art.config,
-                max_num_sequence=8,
-                max_total_seq_length=1024,
-                prefill_chunk_size=4 * BIG_CHUNK,
-            )
-            memo[family, file] = (art, runner)
+            memo[family, file] = (art, _runner(art, lib_cache_dir))
         return memo[family, file]
 
     return _get
+
+
+def _runner(art: ModelArtifact, lib_cache_dir: Path) -> TVMRunner:
+    cm = compile_model(art.config, art.quantization, cache_dir=lib_cache_dir)
+    return TVMRunner(
+        cm.lib_path,
+        load_params(art, cm.params),
+        art.config,
+        max_num_sequence=8,
+        max_total_seq_length=1024,
+        prefill_chunk_size=4 * BIG_CHUNK,
+    )
 
 
 def _logprobs(logits: np.ndarray) -> np.ndarray:
@@ -132,7 +153,7 @@ def test_each_prompt_alone_matches_transformers(runner_for, family: str, file: s
         assert got == greedy, f"prompt {k} ({len(prompt)} tokens)"
 
 
-@pytest.mark.parametrize(("family", "file"), CASES[::2])
+@pytest.mark.parametrize(("family", "file"), HF_CASES)
 def test_all_prompts_in_one_ragged_batch(runner_for, family: str, file: str) -> None:
     _, runner = runner_for(family, file)
     ref = _reference(family, file)
@@ -164,7 +185,7 @@ def _batched(
     return tokens
 
 
-@pytest.mark.parametrize(("family", "file"), CASES[::2])
+@pytest.mark.parametrize(("family", "file"), HF_CASES)
 def test_a_forked_prefix_continues_like_the_whole_prompt(
     runner_for, family: str, file: str
 ) -> None:
@@ -190,3 +211,61 @@ def test_a_forked_prefix_continues_like_the_whole_prompt(
     finally:
         runner.remove_sequence(0)
     assert got == ref["greedy"][k]
+
+
+def _greedy(runner: TVMRunner, seq: int, logits: np.ndarray, n: int) -> list[int]:
+    """n greedy tokens from the prompt's last logits, stepping only for the ones still needed
+    (the last token is never fed, so prompt + n - 1 tokens fit the window)."""
+    got = [int(np.argmax(logits))]
+    while len(got) < n:
+        got.append(int(np.argmax(runner.step([(seq, [got[-1]])])[0])))
+    return got
+
+
+@pytest.mark.parametrize("file", ["", "gguf/model.gguf"])
+def test_phi3_within_its_original_window_uses_short_factors(lib_cache_dir: Path, file: str) -> None:
+    """Served with a window of 32 = original_max_position_embeddings: short factors, as
+    transformers uses for every sequence of at most 32 tokens; each prompt is compared for as
+    many greedy tokens as fit (the 29-token prompt: 4, the ones transformers computes with
+    short factors before it would switch)."""
+    ref = json.loads((FAMILIES / "phi3" / "reference.json").read_text())
+    orig = ref["full_logits_check"]["longrope"]["original_max_position_embeddings"]
+    art = open_artifact(FAMILIES / "phi3" / file)
+    art = attrs.evolve(art, config=art.config.for_context_window(orig))
+    assert art.config.context_window_size == orig
+    assert art.config.longrope_factors == art.config.rope_scaling["short_factor"]
+    runner = _runner(art, lib_cache_dir)
+    checked = 0
+    for k, (prompt, top5, greedy) in enumerate(
+        zip(ref["prompts"], ref["top5"], ref["greedy"], strict=True)
+    ):
+        if len(prompt) > orig:
+            continue
+        n = min(len(greedy), orig + 1 - len(prompt))
+        with _sequences(runner, 0):
+            logits = _prefill(runner, 0, prompt)
+            _check_top5(logits, top5, f"phi3/{file or 'hf'} short prompt {k}")
+            assert _greedy(runner, 0, logits, n) == greedy[:n], f"prompt {k}"
+        checked += 1
+    assert checked == 4
+
+
+def test_phi3_partial_rotary_dim(lib_cache_dir: Path, tmp_path: Path) -> None:
+    """Phi-4-mini's partial_rotary_factor 0.75: the first 12 of 16 dims rotate (6 factors per
+    set), the rest pass; the same weights under the rope_parameters reference.json records."""
+    ref = json.loads((FAMILIES / "phi3" / "reference.json").read_text())
+    variant = ref["partial_rotary"]
+    cfg = json.loads((FAMILIES / "phi3" / "config.json").read_text())
+    cfg["rope_parameters"] = variant["rope_parameters"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(FAMILIES / "phi3" / "model.safetensors")
+    art = open_artifact(tmp_path)
+    assert art.config.rotary_dim == 12 and art.config.rope_dim == 12
+    runner = _runner(art, lib_cache_dir)
+    for k, (prompt, top5, greedy) in enumerate(
+        zip(ref["prompts"], variant["top5"], variant["greedy"], strict=True)
+    ):
+        with _sequences(runner, 0):
+            logits = _prefill(runner, 0, prompt, BIG_CHUNK)
+            _check_top5(logits, top5, f"phi3 partial rotary prompt {k}")
+            assert _greedy(runner, 0, logits, len(greedy)) == greedy, f"prompt {k}"

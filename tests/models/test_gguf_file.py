@@ -120,14 +120,29 @@ def test_files_and_directories(tmp_path: Path, tiny_gguf: dict[str, Path]) -> No
         open_artifact(broken)
 
 
+def test_phi3_file_reads_fused_tensors_and_longrope() -> None:
+    """llama.cpp's converter on the tiny Phi-3 (tests/data/families/phi3): attn_qkv and ffn_up
+    (gate rows, then up) are HF's fused tensors; LongRoPE's factors are tensors and its
+    attention factor metadata, which read back into the same config as config.json's."""
+    family = Path(__file__).parent.parent / "data" / "families" / "phi3"
+    hf_art, art = open_artifact(family), open_artifact(family / "gguf")
+    assert art.format == "gguf" and art.config.model_type == "phi3"
+    differs = {k for k, v in art.config.to_dict().items() if hf_art.config.to_dict()[k] != v}
+    assert differs == {"rms_norm_eps"}  # stored as float32
+    want, got = load_mlc_named(hf_art), load_mlc_named(art)
+    assert sorted(got) == sorted(want)
+    for name, array in want.items():
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer = gguf.GGUFWriter(str(path), "falcon")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelLoadError, match="architecture 'phi3' is not supported"):
+    with pytest.raises(ModelLoadError, match="architecture 'falcon' is not supported"):
         open_artifact(path)

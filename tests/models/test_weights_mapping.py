@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import attrs
 import numpy as np
 import pytest
@@ -225,3 +229,101 @@ def test_host_target_drops_vnni_the_cpu_does_not_report(monkeypatch: pytest.Monk
     assert str(target.attrs["mcpu"]) == "znver4" and not has_vnni(target)
     monkeypatch.setattr(target_mod, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
     assert has_vnni(target_mod.host_cpu_target())
+
+
+PHI3 = Path(__file__).parent.parent / "data" / "families" / "phi3"
+
+
+def _phi3_hub_cfg(**changes: object) -> dict:
+    """A Phi-3-mini-128k-style config.json (transformers 4.x spelling), tiny."""
+    return {
+        **_hf_cfg(),
+        "model_type": "phi3",
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+        "sliding_window": 262144,
+        **changes,
+    }
+
+
+def test_phi3_config_longrope_both_spellings() -> None:
+    c = LlamaConfig.from_hf(json.loads((PHI3 / "config.json").read_text()))
+    assert c.model_type == "phi3" and c.context_window_size == 128 and c.rotary_dim is None
+    rs = c.rope_scaling
+    assert rs is not None and rs["rope_type"] == "longrope"
+    assert rs["original_max_position_embeddings"] == 32
+    assert rs["attention_factor"] == float(np.float32(math.sqrt(1 + math.log(4) / math.log(32))))
+    assert rs["long_factor"][1] == float(np.float32(1.3))  # transformers' float32 factors
+    assert c.rope_in_model and c.layer_types is None and c.sliding_window is None
+    hub = LlamaConfig.from_hf(_phi3_hub_cfg())
+    assert hub.rope_type == "longrope" and hub.layer_types is None  # window >= context
+    assert hub.rope_scaling is not None and hub.rope_scaling["attention_factor"] == float(
+        np.float32(math.sqrt(1 + math.log(32) / math.log(4096)))
+    )
+    # Our own to_dict reads back to the same config, and leaves out rotary_dim while unused.
+    assert "rotary_dim" not in c.to_dict()
+    assert LlamaConfig.from_hf(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_phi3_config_variants_and_refusals() -> None:
+    # Phi-3-mini-4k: plain RoPE (in the cache), a real sliding window of 2047 on every layer.
+    mini = LlamaConfig.from_hf(
+        _phi3_hub_cfg(rope_scaling=None, max_position_embeddings=4096, sliding_window=2047)
+    )
+    assert mini.rope_scaling is None and not mini.rope_in_model
+    assert mini.sliding_window == 2047 and mini.layer_types == ("sliding",) * 2
+    # Phi-4-mini: partial_rotary_factor 0.75 (top level), factors for the rotated pairs only.
+    partial = _phi3_hub_cfg(
+        partial_rotary_factor=0.75,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6},
+    )
+    p = LlamaConfig.from_hf(partial)
+    assert p.rotary_dim == 12 and p.rope_dim == 12 and p.to_dict()["rotary_dim"] == 12
+    assert LlamaConfig.from_hf(json.loads(json.dumps(p.to_dict()))) == p
+    with pytest.raises(ValueError, match="rotary_dim / 2"):
+        LlamaConfig.from_hf(_phi3_hub_cfg(partial_rotary_factor=0.75))
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig.from_hf(_phi3_hub_cfg(rope_scaling={"type": "yarn", "factor": 2.0}))
+    with pytest.raises(ValueError, match="activation"):
+        LlamaConfig.from_hf(_phi3_hub_cfg(hidden_act="gelu"))
+    with pytest.raises(ValueError, match="rope_scaling"):  # longrope is Phi-3's only
+        LlamaConfig.from_hf({**_phi3_hub_cfg(), "model_type": "llama"})
+
+
+def test_longrope_factor_set_follows_the_served_window() -> None:
+    """Long factors when the context window exceeds original_max_position_embeddings, short
+    otherwise, for every position; inverse frequencies exactly transformers' float32 ones."""
+    from mlctrio.models.llama import layer_inv_freq
+
+    ref = json.loads((PHI3 / "reference.json").read_text())["full_logits_check"]["longrope"]
+    c = LlamaConfig.from_hf(json.loads((PHI3 / "config.json").read_text()))
+    assert c.longrope_factors == c.rope_scaling["long_factor"]
+    np.testing.assert_array_equal(layer_inv_freq(c, 1), np.float32(ref["long_inv_freq"]))
+    assert c.for_context_window(128) is c and c.for_context_window(33) is c
+    short = c.for_context_window(32)
+    assert short.context_window_size == 32
+    assert short.longrope_factors == c.rope_scaling["short_factor"]
+    np.testing.assert_array_equal(layer_inv_freq(short, 0), np.float32(ref["short_inv_freq"]))
+    assert np.float32(short.rope_attention_factor) == np.float32(ref["attention_factor"])
+    assert TINY.for_context_window(16) is TINY  # no LongRoPE: the window is the engine's
+
+
+def test_phi3_fused_checkpoint_weights_map_like_split_ones() -> None:
+    c = LlamaConfig.from_hf(json.loads((PHI3 / "config.json").read_text()))
+    hf = random_hf_weights(c, seed=5)
+    a, m = "model.layers.1.self_attn", "model.layers.1.mlp"
+    assert f"{a}.qkv_proj.weight" in hf and f"{a}.q_proj.weight" not in hf
+    assert f"{m}.gate_up_proj.weight" in hf and f"{m}.gate_proj.weight" not in hf
+    split = dict(hf)
+    for i in range(c.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        q, k, v = np.split(split.pop(f"{a}.qkv_proj.weight"), [64, 96])
+        split.update({f"{a}.q_proj.weight": q, f"{a}.k_proj.weight": k, f"{a}.v_proj.weight": v})
+        gate, up = np.split(split.pop(f"{m}.gate_up_proj.weight"), 2)
+        split.update({f"{m}.gate_proj.weight": gate, f"{m}.up_proj.weight": up})
+    fused, unfused = hf_to_mlc(c, hf, "q0f32"), hf_to_mlc(c, split, "q0f32")
+    assert sorted(fused) == sorted(i.name for i in param_infos(c, "q0f32"))
+    for name, arr in fused.items():
+        np.testing.assert_array_equal(arr, unfused[name], err_msg=name)
