@@ -194,11 +194,6 @@ def _refuse_unsupported(o: EngineOverrides) -> None:
     unsupported = {
         "tensor_parallel_shards": (o.tensor_parallel_shards, 1, "one CPU process, no sharding"),
         "pipeline_parallel_stages": (o.pipeline_parallel_stages, 1, "no pipeline parallelism"),
-        "sliding_window_size": (
-            o.sliding_window_size,
-            -1,
-            "the KV cache has no sliding-window attention",
-        ),
         "attention_sink_size": (o.attention_sink_size, -1, "no attention sinks"),
         "max_history_size": (o.max_history_size, None, "no speculative decoding history"),
     }

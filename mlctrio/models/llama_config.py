@@ -122,6 +122,17 @@ class LlamaConfig:
             return attrs.evolve(self, context_window_size=window)
         return self
 
+    def with_sliding_window(self, window: int) -> LlamaConfig:
+        """mlc_llm's `sliding_window_size` override: the model's sliding layers (Gemma 3) get
+        this window, or, for a model without any, every layer attends to the last `window`
+        positions (as Mistral v0.1). The window is compiled in, so this is another library."""
+        if window <= 0:
+            return self
+        if self.has_sliding_layers:
+            return attrs.evolve(self, sliding_window=window)
+        layers = ("sliding",) * self.num_hidden_layers
+        return attrs.evolve(self, sliding_window=window, layer_types=layers)
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether `layer`'s MLP is a mixture of experts (models/moe.py)."""
         return bool(self.num_experts) and layer not in (self.mlp_only_layers or ())

@@ -267,29 +267,22 @@ def embedding_te(
 def swiglu_te(intermediate: int) -> Callable[..., te.Tensor]:
     """TE SwiGLU of a fused gate_up (b, s, 2 I) -> (b, s, I) = silu(gate) * up, with the
     vectorisable fastmath.silu (relax's silu legalises to a per-element libm expf call)."""
-
-    def _f(gate_up: te.Tensor) -> te.Tensor:
-        b, s, _ = gate_up.shape
-        return te.compute(
-            (b, s, intermediate),
-            lambda i, j, h: silu(gate_up[i, j, h]) * gate_up[i, j, intermediate + h],
-            name="swiglu",
-            attrs={"mlctrio.kind": "injective"},
-        )
-
-    return _f
+    return _gated_te(intermediate, silu, "swiglu")
 
 
 def geglu_te(intermediate: int) -> Callable[..., te.Tensor]:
-    """TE GeGLU of a fused gate_up (b, s, 2 I) -> (b, s, I) = gelu_tanh(gate) * up (Gemma's
-    gelu_pytorch_tanh), with the vectorisable fastmath.tanh."""
+    """TE GeGLU (b, s, 2 I) -> (b, s, I) = gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh),
+    with the vectorisable fastmath.gelu_tanh."""
+    return _gated_te(intermediate, gelu_tanh, "geglu")
 
+
+def _gated_te(intermediate: int, act: Callable[[Any], Any], name: str) -> Callable[..., te.Tensor]:
     def _f(gate_up: te.Tensor) -> te.Tensor:
         b, s, _ = gate_up.shape
         return te.compute(
             (b, s, intermediate),
-            lambda i, j, h: gelu_tanh(gate_up[i, j, h]) * gate_up[i, j, intermediate + h],
-            name="geglu",
+            lambda i, j, h: act(gate_up[i, j, h]) * gate_up[i, j, intermediate + h],
+            name=name,
             attrs={"mlctrio.kind": "injective"},
         )
 

@@ -157,13 +157,17 @@ def check_library(module: Any, lib: Path, art: ModelArtifact, what: str, model: 
 
 def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
     """`art` with the config this server runs: LongRoPE (Phi-3) picks its factor set from the
-    served context window, once (LlamaConfig.for_context_window; docs/discussion/0010)."""
+    served context window, once (LlamaConfig.for_context_window; docs/discussion/0010), and
+    `--overrides sliding_window_size=N` sets the window (LlamaConfig.with_sliding_window)."""
     window = served_context_window(config.overrides, art.config.context_window_size)
     served = art.config.for_context_window(window)
-    if served is art.config:
-        return art
-    log.info("LongRoPE: short factors for the served context window of %d tokens", window)
-    return attrs.evolve(art, config=served)
+    if served is not art.config:
+        log.info("LongRoPE: short factors for the served context window of %d tokens", window)
+    sliding = config.overrides.sliding_window_size
+    if sliding is not None and sliding > 0:
+        served = served.with_sliding_window(sliding)
+        log.info("sliding window of %d positions (--overrides sliding_window_size)", sliding)
+    return art if served is art.config else attrs.evolve(art, config=served)
 
 
 def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
+
 from mlctrio.config import EngineOverrides, ServerConfig
 from mlctrio.models.artifact import open_artifact
 from mlctrio.runtime.model_loader import served_artifact
@@ -36,3 +38,26 @@ def test_a_window_within_the_original_one_takes_the_short_factors() -> None:
         assert served.config.context_window_size == window
         assert served.config.longrope_factors == art.config.rope_scaling["short_factor"]
         assert served.path == art.path and served.quantization == art.quantization
+
+
+MISTRAL = Path(__file__).parent.parent / "data" / "families" / "mistral"
+GEMMA = Path(__file__).parent.parent / "data" / "families" / "gemma3_text"
+
+
+def test_the_sliding_window_override_makes_every_layer_slide() -> None:
+    """mlc_llm's sliding_window_size: a model trained without one gets every layer sliding,
+    which is exactly the Mistral fixture's config (checked against transformers in
+    tests/models/test_families.py) when its own window is removed first."""
+    art = open_artifact(MISTRAL)
+    bare = attrs.evolve(art, config=attrs.evolve(art.config, layer_types=None, sliding_window=None))
+    config = ServerConfig(model=str(MISTRAL), overrides=EngineOverrides(sliding_window_size=16))
+    assert served_artifact(bare, config).config == art.config
+    neutral = ServerConfig(model=str(MISTRAL), overrides=EngineOverrides(sliding_window_size=-1))
+    assert served_artifact(bare, neutral) is bare
+
+
+def test_the_sliding_window_override_resizes_gemmas_sliding_layers_only() -> None:
+    art = open_artifact(GEMMA)
+    config = ServerConfig(model=str(GEMMA), overrides=EngineOverrides(sliding_window_size=8))
+    served = served_artifact(art, config).config
+    assert served.sliding_window == 8 and served.layer_types == art.config.layer_types
