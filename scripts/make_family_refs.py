@@ -16,13 +16,15 @@ and records reference outputs computed with ``attn_implementation="eager"``::
 Families: qwen3, gemma3_text, phi3 (longrope), mistral (sliding window 16),
 mixtral (4 experts, top-2), qwen3_moe (4 experts, top-2, one dense layer).
 
-For qwen3, gemma3_text and phi3 it also writes (unless ``--gguf skip``, or the
+For every family but mistral it also writes (unless ``--gguf skip``, or the
 converter is missing) a tiny byte-level BPE tokenizer (tokenizer.json,
 tokenizer_config.json; exactly 512 ids) and ``gguf/model.gguf`` (F32) made by
 llama.cpp's ``convert_hf_to_gguf.py``; the GGUF tensors are checked to equal
 the safetensors ones.  llama.cpp reads gemma3 GGUFs with fixed rules (every 6th
 layer global, q scaled by head_dim ** -0.5) that differ from this config, so
 gemma3_text also gets ``gguf_reference.json``: the same weights under those rules.
+llama.cpp cannot hold Qwen3-MoE's dense layer, so qwen3_moe's GGUF is made of an
+all-sparse variant with weights of its own, whose outputs are its ``gguf_reference.json``.
 phi3's tokenizer_config.json names GPT2Tokenizer (the converter's phi3 vocabulary
 path for a BPE, as Phi-4-mini's files do), and its reference.json also holds
 ``served_long``: the outputs with long factors at every position, which is what
@@ -61,7 +63,7 @@ greedy_min_margin  smallest top1 - top2 logprob gap over every greedy step of
 full_logits_check  extra checks (see its "description"): full last-position
               log-probs of one prompt, per-position prefill argmax, feature
               sensitivity, longrope / sliding-window / router diagnostics
-gguf          (qwen3, gemma3_text, phi3) what the GGUF holds and which reference it matches
+gguf          (all but mistral) what the GGUF holds and which reference it matches
 served_long   (phi3) top5 / greedy / margins of the same prompts with long factors throughout
 partial_rotary  (phi3) the same for partial_rotary_factor 0.75 (Phi-4-mini's), with the
               rope_parameters that config.json then holds
@@ -817,7 +819,7 @@ def build_family(name: str, out_root: Path) -> dict:
 
 # --------------------------------------------------------------------------- GGUF (stretch)
 
-GGUF_FAMILIES = ("qwen3", "gemma3_text", "phi3")
+GGUF_FAMILIES = ("qwen3", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
 DEFAULT_CONVERTER = "/root/.cache/mlctrio/llama.cpp/0.3.36/src/convert_hf_to_gguf.py"
 # tokenizer.ggml.pre written for our tiny tokenizer, whose pre-tokenizer is Qwen2's regex split
 GGUF_PRE = "qwen2"
@@ -937,19 +939,35 @@ def check_gguf(name: str, gguf_path: Path, model_dir: Path, converter: Path) -> 
         "post_ffw_norm": "post_feedforward_layernorm",
     }  # fmt: skip
     extra = {}
+    moe = MOE_BLOCKS.get(name)
+    if moe:  # routers and stacked experts (E, rows, cols); Mixtral's q/k rows permuted
+        block, (w_gate, w_up, w_down) = moe
+        per_layer.update(ffn_gate_inp=f"{block}.gate")
+        stacked = {"ffn_gate_exps": w_gate, "ffn_up_exps": w_up, "ffn_down_exps": w_down}
+        cfg = json.loads((model_dir / "config.json").read_text())
+        experts = cfg.get("num_local_experts") or cfg["num_experts"]
+        for (key, proj), i in itertools.product(stacked.items(), range(cfg["num_hidden_layers"])):
+            hf_names = [
+                f"model.layers.{i}.{block}.experts.{e}.{proj}.weight" for e in range(experts)
+            ]
+            if hf_names[0] in st:  # an MoE layer
+                extra[f"blk.{i}.{key}"] = (np.stack([st[n] for n in hf_names]), hf_names)
+    permuted = name == "mixtral"  # llama architecture: LlamaModel.permute on q and k
+    seen = set()
     if name == "phi3":  # fused qkv and gate+up (llama.cpp's ffn_up), factors as tensors
         per_layer.update(attn_qkv="self_attn.qkv_proj", ffn_up="mlp.gate_up_proj")
         rp = json.loads((model_dir / "config.json").read_text())["rope_parameters"]
         extra = {
-            f"rope_factors_{k}": np.asarray(rp[f"{k}_factor"], np.float32)
+            f"rope_factors_{k}": (np.asarray(rp[f"{k}_factor"], np.float32), [])
             for k in ("long", "short")
         }
-    seen = set()
     for t in r.tensors:
         assert t.tensor_type == gguf.GGMLQuantizationType.F32, (t.name, t.tensor_type)
         base, _, suffix = t.name.rpartition(".")
         if base in extra:
-            assert np.array_equal(np.asarray(t.data), extra.pop(base)), f"{name}: {t.name}"
+            want, hf_names = extra.pop(base)
+            assert np.array_equal(np.asarray(t.data), want), f"{name}: {t.name}"
+            seen.update(hf_names)
             continue
         if base.startswith("blk."):
             _, layer, part = base.split(".", 2)
@@ -959,6 +977,9 @@ def check_gguf(name: str, gguf_path: Path, model_dir: Path, converter: Path) -> 
         want = st[hf].astype(np.float32)
         if gemma and hf.endswith("norm.weight"):
             want = want + np.float32(1.0)
+        if permuted and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg["num_attention_heads" if "q_proj" in hf else "num_key_value_heads"]
+            want = permute_rows(want, heads)
         got = np.asarray(t.data).reshape(want.shape)
         assert np.array_equal(got, want), f"{name}: GGUF {t.name} != {hf}"
         seen.add(hf)
@@ -971,6 +992,41 @@ def check_gguf(name: str, gguf_path: Path, model_dir: Path, converter: Path) -> 
     keys = sorted(k for k in r.fields if k.startswith(meta["general.architecture"] + "."))
     meta["arch_keys"] = {k: r.fields[k].contents() for k in keys}
     return meta
+
+
+# HF MoE block and (gate, up, down) expert projections, per family with experts.
+MOE_BLOCKS = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def permute_rows(w, heads: int):
+    """llama.cpp's LlamaModel.permute (rotate-half rows -> ggml's adjacent pairs per head)."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def qwen3_moe_all_sparse(out_root: Path) -> Path:
+    """llama.cpp cannot express Qwen3-MoE's dense layers: its qwen3moe tensor list has no
+    ffn_gate / ffn_up / ffn_down, so the converter refuses `mlp_only_layers` ("Can not map
+    tensor model.layers.1.mlp.down_proj.weight") and the loader requires experts in every
+    layer. The GGUF is made of a variant with every layer sparse (mlp_only_layers [], its own
+    weights from seed + 50), written beside the family as `gguf_source/` (not kept); its
+    outputs are gguf_reference.json."""
+    cfg_cls, model_cls, kwargs, _ = family_specs()["qwen3_moe"]
+    seed = FAMILY_SEEDS["qwen3_moe"] + 50
+    torch.manual_seed(seed)
+    config = cfg_cls(**{**kwargs, "mlp_only_layers": []})
+    config._attn_implementation = "eager"
+    model = model_cls(config).to(torch.float32).eval()
+    reinit_weights(model, seed, gemma_norms=False)
+    src = out_root / "qwen3_moe" / "gguf_source"
+    src.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(src, safe_serialization=True)
+    make_tokenizer(src)
+    return src
 
 
 def gguf_semantics_variant(model):
@@ -996,8 +1052,12 @@ def build_gguf(name: str, out_root: Path, converter: Path) -> dict:
     make_tokenizer(out)
     if name == "phi3":
         mark_gpt2_tokenizer(out)
-    gguf_path = run_converter(converter, out, name)
-    info = check_gguf(name, gguf_path, out, converter)
+    src = qwen3_moe_all_sparse(out_root) if name == "qwen3_moe" else out
+    gguf_path = run_converter(converter, src, name)
+    if src != out:
+        (out / "gguf").mkdir(exist_ok=True)
+        gguf_path = gguf_path.replace(out / "gguf" / "model.gguf")
+    info = check_gguf(name, gguf_path, src, converter)
     info["converter"] = str(converter)
     info["outtype"] = "f32"
     ref_path = out / "reference.json"
@@ -1019,6 +1079,28 @@ def build_gguf(name: str, out_root: Path, converter: Path) -> dict:
             json.dump(gref, f, indent=1)
             f.write("\n")
         info["reference"] = "gguf_reference.json (llama.cpp semantics differ from config.json)"
+        info["gguf_greedy_min_margin"] = gref["greedy_min_margin"]
+    elif name == "qwen3_moe":
+        import shutil
+
+        _, model_cls, _, extra = family_specs()[name]
+        variant = model_cls.from_pretrained(
+            src, attn_implementation="eager", dtype=torch.float32
+        ).eval()
+        variant.generation_config.eos_token_id = None
+        gref = compute_reference("qwen3_moe_gguf", variant, extra, FAMILY_SEEDS[name] + 50)
+        gref["semantics"] = (
+            "model.gguf: NOT this family's checkpoint. llama.cpp's converter and loader cannot "
+            "express mlp_only_layers, so the GGUF holds a variant with every layer sparse "
+            "(mlp_only_layers [], weights from seed + 50); llama.cpp's qwen3moe always "
+            "renormalises the top-k (norm_topk_prob true, as here)"
+        )
+        gref["weight_seed"] = FAMILY_SEEDS[name] + 50
+        with open(out / "gguf_reference.json", "w") as f:
+            json.dump(gref, f, indent=1)
+            f.write("\n")
+        shutil.rmtree(src)
+        info["reference"] = "gguf_reference.json (an all-sparse variant: see README.md)"
         info["gguf_greedy_min_margin"] = gref["greedy_min_margin"]
     elif name == "phi3":
         info["reference"] = (

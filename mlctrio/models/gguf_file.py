@@ -6,10 +6,11 @@ Read with models/gguf_reader.py (memory-mapped; the `gguf` package's reader agre
 every file tested, and its block formats are the reference for conversions). What comes from where:
 
 - architecture and hyper-parameters: `general.architecture` ("llama" — Llama 1-3, Mistral,
-  SmolLM —, "qwen2", "qwen3", "gemma3" or "phi3") and `<arch>.*` keys (block_count,
-  embedding_length, feed_forward_length, attention.head_count[_kv], attention.key_length,
-  rope.freq_base, context_length, ...), plus what llama.cpp fixes in code for Gemma 3
-  (`_gemma3_keys`) and Phi-3's LongRoPE (`_phi3_keys`);
+  SmolLM, Mixtral —, "qwen2", "qwen3", "qwen3moe", "gemma3" or "phi3") and `<arch>.*` keys
+  (block_count, embedding_length, feed_forward_length, attention.head_count[_kv],
+  attention.key_length, rope.freq_base, context_length, ...), plus what llama.cpp fixes in
+  code for Gemma 3 (`_gemma3_keys`) and Phi-3's LongRoPE (`_phi3_keys`); mixtures of experts
+  (Mixtral, Qwen3-MoE: their keys, routers and stacked experts) in models/gguf_moe.py;
 - tied embeddings: no `output.weight` tensor;
 - weights: gguf_quants converts each tensor (exact for F32/F16/BF16/Q8_0/Q4_0/Q4_1); q, k, v are
   fused into qkv_proj and gate, up into gate_up_proj, as mlc-llm's llama names them (phi3 files
@@ -35,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mlctrio.errors import ModelLoadError
+from mlctrio.models.gguf_moe import convert_experts, expert_sources, moe_keys, router
 from mlctrio.models.gguf_quants import ConvertedTensor, convert, fuse_rows, stored_spec, widest
 from mlctrio.models.gguf_reader import GGUFFile
 from mlctrio.models.llama_config import LlamaConfig
@@ -42,9 +44,10 @@ from mlctrio.models.quantization import QuantSpec, Scheme, get_quantization
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3")
 PERMUTED_QK = ("llama",)  # architectures whose converter permuted attn_q / attn_k rows
-_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
+_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+                "gemma3": "gemma3_text", "phi3": "phi3"}  # fmt: skip
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                "tokenizer.ggml.token_type")  # fmt: skip
 
@@ -104,8 +107,6 @@ class GGUFModel:
                 f"(supported: {', '.join(ARCHITECTURES)})"
             )
         m = self.metadata
-        if m.get(f"{arch}.expert_count"):  # Mixtral files say "llama" (models/moe.py: HF only)
-            raise ModelLoadError(f"{self.path.name}: mixture-of-experts GGUF is not supported")
 
         def key(name: str, default: Any = None) -> Any:
             value = m.get(f"{arch}.{name}", default)
@@ -140,6 +141,7 @@ class GGUFModel:
         if arch == "phi3":
             cfg.update(self._phi3_keys(cfg["max_position_embeddings"]))
         try:
+            cfg.update(moe_keys(arch, m, self._names(), int(key("block_count"))))
             return LlamaConfig.from_hf(cfg)
         except ValueError as exc:
             raise ModelLoadError(f"{self.path.name}: {exc}") from exc
@@ -199,8 +201,10 @@ class GGUFModel:
         """The storage scheme of the weights, from the tensor types alone (no conversion)."""
         c = self.config()
         specs: dict[str, QuantSpec] = {}
-        for module, parts in self._linear_sources(c):
-            types = [self._names()[name].tensor_type.name for name, _ in parts]
+        modules = [(m, [n for n, _ in parts]) for m, parts in self._linear_sources(c)]
+        modules += [(m, [n for g in groups for n in g]) for m, groups in self._expert_sources(c)]
+        for module, names in modules:
+            types = [self._tensor(name)[1] for name in names]
             specs[module] = widest([get_quantization(stored_spec(t)) for t in types])
         default = max(specs.values(), key=list(specs.values()).count)
         return Scheme(default, {m: s for m, s in specs.items() if s != default})
@@ -216,6 +220,16 @@ class GGUFModel:
             converted.append(tensor)
             for name, array in zip(tensor.spec.stored_names, tensor.arrays, strict=True):
                 out[f"{module}.{name}"] = array
+        experts = int(c.num_experts or 0)
+        for module, groups in self._expert_sources(c):
+            cols = int(self._names()[groups[0][0]].shape[0])
+            stack = convert_experts(groups, experts, cols, self._convert)
+            converted.append(stack)
+            for name, array in zip(stack.spec.stored_names, stack.arrays, strict=True):
+                out[f"{module}.{name}"] = array
+        for i in filter(c.is_moe_layer, range(c.num_hidden_layers)):
+            vector = self._float_vector(f"blk.{i}.ffn_gate_inp.weight")
+            out[f"model.layers.{i}.mlp.gate.weight"] = router(vector, experts)
         for mlc_name, gguf_name in self._plain_tensors(c):
             out[mlc_name] = self._float_vector(gguf_name)
         if c.attention_bias:
@@ -261,13 +275,23 @@ class GGUFModel:
                     ],
                 )
             yield f"{p}.self_attn.o_proj", [(f"{b}.attn_output.weight", None)]
+            if c.is_moe_layer(i):
+                continue  # experts: _expert_sources
             up = [(f"{b}.ffn_up.weight", None)]
             yield f"{p}.mlp.gate_up_proj", up if fused_up else [(f"{b}.ffn_gate.weight", None), *up]
             yield f"{p}.mlp.down_proj", [(f"{b}.ffn_down.weight", None)]
 
+    def _expert_sources(self, c: LlamaConfig) -> Iterator[tuple[str, list[list[str]]]]:
+        """(MLC module, [[GGUF tensors]]) of every MoE layer's experts (gguf_moe.py)."""
+        for i in filter(c.is_moe_layer, range(c.num_hidden_layers)):
+            for module, groups in expert_sources(self._names(), i, int(c.num_experts or 0)):
+                yield f"model.layers.{i}.mlp.{module}", groups
+
     def _convert(self, name: str, heads: int | None = None) -> ConvertedTensor:
+        """A tensor's rows converted: 2-D (rows, elements or bytes), or 3-D (E, rows, ...) as
+        E x rows rows."""
         raw, type_name, cols = self._tensor(name)
-        raw = raw.reshape(raw.shape[0], -1) if raw.ndim == 2 else raw.reshape(-1, cols)
+        raw = raw.reshape(-1, raw.shape[-1]) if raw.ndim >= 2 else raw.reshape(-1, cols)
         if heads is not None and self.architecture in PERMUTED_QK:
             raw = unpermute_rows(raw, heads)
         return convert(raw, type_name, cols)

@@ -48,6 +48,8 @@ CHUNK, BIG_CHUNK = 7, 64
 # (family, file): the GGUF of Gemma has its own reference (gguf_reference.json): llama.cpp's
 # converter records neither layer_types nor query_pre_attn_scalar, so the file is another model
 # (every layer sliding, q scaled by head_dim^-1/2), which llama.cpp and mlctrio both read it as.
+# So does Qwen3-MoE's: llama.cpp cannot express its dense layer (mlp_only_layers), so the GGUF
+# is a variant with experts in every layer and weights of its own (tests/data/families/README).
 CASES = [
     ("qwen3", ""),
     ("qwen3", "gguf/model.gguf"),
@@ -57,7 +59,9 @@ CASES = [
     ("phi3", ""),
     ("phi3", "gguf/model.gguf"),
     ("mixtral", ""),
+    ("mixtral", "gguf/model.gguf"),
     ("qwen3_moe", ""),
+    ("qwen3_moe", "gguf/model.gguf"),
 ]
 # Cases served from the HF checkpoint: also checked in a ragged batch and forked.
 HF_CASES = [case for case in CASES if not case[1]]

@@ -135,6 +135,49 @@ def test_phi3_file_reads_fused_tensors_and_longrope() -> None:
         np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
+def test_mixtral_file_reads_back_the_checkpoint() -> None:
+    """llama.cpp's converter on the tiny Mixtral: architecture "llama" with expert_count; the
+    stacked ffn_*_exps and the router read back as the HF checkpoint's experts (Q/K un-permuted),
+    and the config is config.json's."""
+    family = Path(__file__).parent.parent / "data" / "families" / "mixtral"
+    hf_art, art = open_artifact(family), open_artifact(family / "gguf")
+    assert art.config.model_type == "mixtral" and art.config.num_experts == 4
+    assert art.gguf.architecture == "llama"
+    differs = {k for k, v in art.config.to_dict().items() if hf_art.config.to_dict()[k] != v}
+    assert differs == {"rms_norm_eps"}  # stored as float32
+    want, got = load_mlc_named(hf_art), load_mlc_named(art)
+    assert sorted(got) == sorted(want)
+    for name, array in want.items():
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+def test_qwen3_moe_file_config_and_expert_mapping() -> None:
+    """Architecture qwen3moe: experts of expert_feed_forward_length, renormalised (llama.cpp
+    hard-codes it), every layer sparse; moe_gate_up_proj is each expert's ffn_gate_exps rows
+    then its ffn_up_exps rows, moe_down_proj ffn_down_exps, the router ffn_gate_inp (E, H)."""
+    path = Path(__file__).parent.parent / "data" / "families" / "qwen3_moe" / "gguf" / "model.gguf"
+    model = GGUFModel.open(path)
+    c = model.config()
+    assert (c.model_type, c.num_experts, c.num_experts_per_tok) == ("qwen3_moe", 4, 2)
+    assert (c.moe_intermediate_size, c.intermediate_size) == (64, 128)
+    assert c.norm_topk_prob is True and c.mlp_only_layers is None and c.qk_norm
+    assert model.scheme().name == "q0f32"
+    got = model.weights()
+    raw = {t.name: np.asarray(t.data) for t in model.reader.tensors}
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.mlp", f"blk.{i}"
+        gate_up = np.concatenate(
+            [raw[f"{b}.ffn_gate_exps.weight"], raw[f"{b}.ffn_up_exps.weight"]], 1
+        )
+        np.testing.assert_array_equal(got[f"{p}.moe_gate_up_proj.weight"], gate_up)
+        np.testing.assert_array_equal(
+            got[f"{p}.moe_down_proj.weight"], raw[f"{b}.ffn_down_exps.weight"]
+        )
+        np.testing.assert_array_equal(got[f"{p}.gate.weight"], raw[f"{b}.ffn_gate_inp.weight"])
+        assert got[f"{p}.gate.weight"].dtype == np.float32
+        assert f"{p}.gate_up_proj.weight" not in got
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "other.gguf"
     writer = gguf.GGUFWriter(str(path), "falcon")

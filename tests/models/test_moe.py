@@ -6,7 +6,7 @@ fixtures of test_families.py (which check Mixtral and Qwen3-MoE against transfor
   0, -inf and huge logits, top_k = E, with and without renormalisation.
 - Config parsing of both spellings (num_experts / num_local_experts), decoder_sparse_step and
   mlp_only_layers; the weight mapping of both naming schemes into stacked tensors; an MoE GGUF
-  file refused (not read as a dense model).
+  file that says too little refused (never read as a dense model).
 - Compiled (slow): quantized experts (the tile16 group kernel, and the dequantise-per-tile one
   for a width that is not whole groups) equal the float model on the dequantised weights, in
   prefill, decode and batched decode; and a step never reads an expert it did not choose:
@@ -172,7 +172,9 @@ def test_quantized_experts_take_the_tile16_layout_per_expert() -> None:
     np.testing.assert_array_equal(mlc["model.layers.0.mlp.moe_down_proj.q_weight"][2], one[0])
 
 
-def test_a_mixtral_gguf_is_refused_not_read_as_dense(tmp_path: Path) -> None:
+def test_an_moe_gguf_is_never_read_as_dense(tmp_path: Path) -> None:
+    """A "llama" file with expert_count is Mixtral (models/gguf_moe.py; the converter's files
+    are served in test_families.py); one that says too little is refused, not served dense."""
     import gguf
 
     from mlctrio.errors import ModelLoadError
@@ -181,13 +183,17 @@ def test_a_mixtral_gguf_is_refused_not_read_as_dense(tmp_path: Path) -> None:
     path = tmp_path / "mixtral.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")  # llama.cpp writes Mixtral as "llama"
     writer.add_block_count(1)
-    writer.add_expert_count(8)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_vocab_size(4)
+    writer.add_expert_count(8)  # and no expert_used_count
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelLoadError, match="mixture-of-experts GGUF is not supported"):
+    with pytest.raises(ModelLoadError, match="expert_used_count is missing"):
         open_artifact(path)
 
 
