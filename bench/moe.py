@@ -134,7 +134,7 @@ def report(rows: list[dict], bandwidth: float, threads: int) -> None:  # type: i
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=128)
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--no-cache", action="store_true", help="compile into a fresh temp dir")
     ap.add_argument("--steps", type=int, default=8, help="decode steps per measurement")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     config = qwen3_moe_scaled(args.layers, args.experts, args.top_k)
     threads = int(os.environ["TVM_NUM_THREADS"])
     print(

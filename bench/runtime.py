@@ -3,6 +3,7 @@ the memory-bandwidth bound.
 
     python bench/runtime.py [--preset small] [--quant q0f32,q4f32_1] [--no-cache] [--steps 8]
     python bench/runtime.py --gguf A.gguf,B.gguf [--activations f32,q8]   # real GGUF files
+    python bench/runtime.py --moe [--layers 4 --quant q4f32_1]   # MoE: active-expert bytes/token
 
 Prints one table row per quantization (or GGUF file and activation mode) plus the numpy/OpenBLAS
 reference (same forward, f32, all cores; random-weight presets only) for scale. Figures depend on
@@ -204,7 +205,19 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the numpy reference row")
     ap.add_argument("--gguf", default=None, help="comma-separated GGUF files instead of a preset")
     ap.add_argument("--activations", default="f32,q8", help="with --gguf: f32, q8 or both")
+    ap.add_argument(
+        "--moe",
+        nargs=argparse.REMAINDER,
+        help="the mixture-of-experts table instead: bytes read per token by the active experts "
+        "and tok/s against that bandwidth bound (bench/moe.py, which takes the rest of the "
+        "arguments: --layers, --experts, --top-k, --quant, --steps)",
+    )
     args = ap.parse_args()
+    if args.moe is not None:
+        from bench import moe
+
+        moe.main(args.moe)
+        return
     if args.gguf:
         rows = [
             bench_gguf(path, act, args.cache_dir, args.steps)
