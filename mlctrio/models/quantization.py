@@ -165,9 +165,14 @@ class Scheme:
     @property
     def name(self) -> str:
         items = [f"{m}={s.name}" for m, s in sorted(self.overrides.items()) if s != self.default]
+        return ";".join([self.default.name, *items, *self._act_item])
+
+    @property
+    def _act_item(self) -> list[str]:
+        """["act=..."] where it matters (float weights take float inputs anyway), else []."""
         if self.activations != "auto" and any(spec.is_group for spec in self.specs):
-            items.append(f"act={self.activations}")  # (float weights take float inputs anyway)
-        return ";".join([self.default.name, *items])
+            return [f"act={self.activations}"]
+        return []
 
     @property
     def summary(self) -> str:
@@ -178,8 +183,7 @@ class Scheme:
             if spec != self.default:
                 counts[spec.name] = counts.get(spec.name, 0) + 1
         parts = [self.default.name, *(f"{n} x{c}" for n, c in sorted(counts.items()))]
-        act = [f"act={self.activations}"] if ";act=" in f";{self.name}" else []
-        return ", ".join([" + ".join(parts), *act])
+        return ", ".join([" + ".join(parts), *self._act_item])
 
     def with_activations(self, activations: str) -> Scheme:
         return attrs.evolve(self, activations=activations)

@@ -147,11 +147,3 @@ class ReasoningStreamParser:
         self._pending = whole[len(whole) - keep :] if keep else ""
         out.append(whole[: len(whole) - keep])
         return ""
-
-
-def split_reasoning(text: str, *, opened: bool = False) -> tuple[str | None, str]:
-    """A whole reply as (reasoning, content): reasoning None when it had no think block."""
-    parser = ReasoningStreamParser(opened)
-    first, last = parser.push(text), parser.finish()
-    reasoning = first.reasoning + last.reasoning
-    return (reasoning if parser.thought else None), first.content + last.content

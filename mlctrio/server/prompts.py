@@ -63,35 +63,11 @@ def render_chat(
     add_special_tokens: bool = False,
     template_kwargs: Mapping[str, Any] | None = None,
     context_window: int | None = None,
-) -> list[int]:
-    """The rendered chat as token ids; with `context_window`, a prompt that would leave no room
-    in it is refused (400, param "messages") by the cheap bound or as soon as counting shows it.
-    `template_kwargs` (chat_template_kwargs) are extra variables for a jinja template."""
-    return render_chat_text(
-        messages,
-        tools,
-        template,
-        tokenizer,
-        add_generation_prompt=add_generation_prompt,
-        add_special_tokens=add_special_tokens,
-        template_kwargs=template_kwargs,
-        context_window=context_window,
-    )[1]
-
-
-def render_chat_text(
-    messages: Sequence[ChatMessage],
-    tools: list[dict[str, Any]] | None,
-    template: ChatTemplate,
-    tokenizer: Tokenizer,
-    *,
-    add_generation_prompt: bool = True,
-    add_special_tokens: bool = False,
-    template_kwargs: Mapping[str, Any] | None = None,
-    context_window: int | None = None,
 ) -> tuple[str, list[int]]:
-    """`render_chat`, with the rendered text too (whether it opens a think block decides how
-    the reply is parsed: server/reasoning.py)."""
+    """The rendered chat as (text, token ids); the text says whether the prompt opens a think
+    block (server/reasoning.py). With `context_window`, a prompt that would leave no room in it
+    is refused (400, param "messages") by the cheap bound or as soon as counting shows it.
+    `template_kwargs` (chat_template_kwargs) are extra variables for a jinja template."""
     text = template.render(
         messages_for_template(messages),
         tools=tools,
@@ -166,7 +142,7 @@ def prompt_token_lists(
 
 def tokenize(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
     if isinstance(req, TokenizeChatRequest):
-        return render_chat(
+        _, ids = render_chat(
             req.messages,
             None,
             template,
@@ -176,5 +152,6 @@ def tokenize(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTemplate)
             ),
             add_special_tokens=bool(req.add_special_tokens),
         )
+        return ids
     add = True if req.add_special_tokens is None else req.add_special_tokens
     return encode_text(req.prompt, tokenizer, add_special_tokens=add)

@@ -191,28 +191,24 @@ class OutputBuilder:
         return item, events
 
     def _content(self, text: str) -> list[Event]:
-        item, events = self._text(text, reasoning=False)
-        events.append(
-            self._event(
-                "response.output_text.delta",
-                item_id=item.id,
-                output_index=len(self.items) - 1,
-                content_index=0,
-                delta=text,
-                logprobs=[],
-            )
-        )
-        return events
+        return self._delta(text, reasoning=False)
 
     def _reasoning(self, text: str) -> list[Event]:
-        item, events = self._text(text, reasoning=True)
+        return self._delta(text, reasoning=True)
+
+    def _delta(self, text: str, reasoning: bool) -> list[Event]:
+        """Text into the open message or reasoning item: output_text.delta (with its empty
+        logprobs) or reasoning_text.delta."""
+        item, events = self._text(text, reasoning)
+        kind, extra = ("reasoning_text", {}) if reasoning else ("output_text", {"logprobs": []})
         events.append(
             self._event(
-                "response.reasoning_text.delta",
+                f"response.{kind}.delta",
                 item_id=item.id,
                 output_index=len(self.items) - 1,
                 content_index=0,
                 delta=text,
+                **extra,
             )
         )
         return events

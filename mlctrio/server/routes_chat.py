@@ -71,7 +71,7 @@ async def prepare_chat(
     template = info.chat_template
     template_tools = prompts.tools_for_template(req)
     text, prompt = await in_thread(
-        lambda: prompts.render_chat_text(
+        lambda: prompts.render_chat(
             req.messages,
             template_tools,
             template,

@@ -13,8 +13,17 @@ from hypothesis import strategies as st
 from mlctrio.protocol.reasoning import (
     ReasoningStreamParser,
     prompt_opens_think,
-    split_reasoning,
 )
+
+
+def split_reasoning(text: str, *, opened: bool = False) -> tuple[str | None, str]:
+    """A whole reply as (reasoning, content), pushed in one piece (reasoning None: no think
+    block)."""
+    parser = ReasoningStreamParser(opened)
+    first, last = parser.push(text), parser.finish()
+    reasoning = first.reasoning + last.reasoning
+    return (reasoning if parser.thought else None), first.content + last.content
+
 
 _LEADING_THINK = re.compile(r"\s*<think>")
 
