@@ -194,7 +194,6 @@ def _refuse_unsupported(o: EngineOverrides) -> None:
     unsupported = {
         "tensor_parallel_shards": (o.tensor_parallel_shards, 1, "one CPU process, no sharding"),
         "pipeline_parallel_stages": (o.pipeline_parallel_stages, 1, "no pipeline parallelism"),
-        "attention_sink_size": (o.attention_sink_size, -1, "no attention sinks"),
         "max_history_size": (o.max_history_size, None, "no speculative decoding history"),
     }
     for key, (value, neutral, why) in unsupported.items():

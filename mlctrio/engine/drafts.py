@@ -48,7 +48,7 @@ def room_for_draft(pool: PagePool, entry: BatchEntry, budget: int, context_windo
     req = entry.request
     left = req.max_new_tokens - branch.num_generated - 1
     window = context_window_size - (entry.start + 1)
-    pages = pool.appendable_tokens(entry.seq_id)  # beyond the pending token, already planned
+    pages = pool.draftable_tokens(entry.seq_id)  # beyond the pending token, already planned
     return max(0, min(budget, left, window, pages))
 
 

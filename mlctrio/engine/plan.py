@@ -3,7 +3,8 @@
 A `StepPlan` is one step's work, frozen once `Scheduler.schedule()` returns it. Invariants:
 
 * The caller executes it in this order: remove `removed_seq_ids`, add `added_seq_ids` (empty
-  sequences), run `cache_forks` (parent, child, fork_pos), step the batch (`entries`, row i of the
+  sequences), run `cache_forks` (parent, child, fork_pos), put `sliding_seq_ids` in the cache's
+  sliding-window mode (engine/pages.py), step the batch (`entries`, row i of the
   logits is `entries[i]`), then fork each entry's `fork_seq_ids` from its `seq_id`. Afterwards the
   scheduler's page mirror (`PagePool`) equals the runner's cache.
 * An entry's `sample_branches` sample their next token from that entry's row of the logits.
@@ -44,6 +45,7 @@ class StepPlan:
     aborted: tuple[Request, ...]  # requests aborted at this boundary
     length_capped: tuple[tuple[Request, int], ...]  # (request, branch) ended "length": no pages
     num_preempted: int = 0
+    sliding_seq_ids: tuple[int, ...] = ()  # enter sliding-window mode before the step
 
     @property
     def num_tokens(self) -> int:
@@ -61,4 +63,5 @@ class _Draft:
     capped: list[tuple[Request, int]] = attrs.field(factory=list)
     touched: set[int] = attrs.field(factory=set)  # seqs stepped or forked in this plan
     cache_forks: list[tuple[int, int, int]] = attrs.field(factory=list)
+    sliding: list[int] = attrs.field(factory=list)
     num_preempted: int = 0

@@ -76,8 +76,12 @@ class Scheduler:
         context_window_size: int,
         prefix_cache_max_num_seqs: int = 0,
         prefill_tokens_while_decoding: int | None = None,
+        kv_window: tuple[int, int] | None = None,
     ) -> None:
-        self.pool = PagePool(total_pages, page_size)
+        """kv_window: (window, sink) of a cache that releases what leaves a sliding window
+        (engine/pages.py); None: it holds every token."""
+        window, sink = kv_window or (None, 0)
+        self.pool = PagePool(total_pages, page_size, window=window, sink=sink)
         self.prefix_cache = (
             PrefixCache(self.pool, prefix_cache_max_num_seqs) if prefix_cache_max_num_seqs else None
         )
@@ -211,6 +215,7 @@ class Scheduler:
             aborted=tuple(draft.aborted),
             length_capped=tuple(draft.capped),
             num_preempted=draft.num_preempted,
+            sliding_seq_ids=tuple(draft.sliding),
         )
 
     def _apply_aborts(self, draft: _Draft) -> None:
@@ -290,8 +295,8 @@ class Scheduler:
                 if grow + fork_pages > self.pool.num_free:
                     k = min(k, target - primary.num_cached - 1)
             if k > 0:
-                if primary.seq_id is None:
-                    primary.seq_id = self._new_seq(draft)
+                if primary.seq_id is None:  # (one with siblings to fork cannot slide)
+                    primary.seq_id = self._new_seq(draft, windowable=not siblings)
                 if hit >= 0:
                     self._record_lookup(req, target, hit)
                 completes = primary.num_cached + k == target
@@ -380,7 +385,8 @@ class Scheduler:
         seq_id = self._seq(b)
         start = b.num_cached
         tokens = b.token_slice(start, start + k)
-        self.pool.append(seq_id, k)
+        if self.pool.append(seq_id, k):
+            draft.sliding.append(seq_id)
         b.num_cached += k
         fork_ids = []
         for child in forks or ():
@@ -430,7 +436,13 @@ class Scheduler:
         b.seq_id, b.num_cached = None, 0
         if seq_id is None:
             return []
-        if cache and self.prefix_cache is not None and not req.gave_to_prefix_cache and num_cached:
+        if (
+            cache
+            and self.prefix_cache is not None
+            and not req.gave_to_prefix_cache
+            and num_cached
+            and not self.pool.is_sliding(seq_id)  # (its first tokens are gone)
+        ):
             req.gave_to_prefix_cache = True
             return self._ids.give_back(
                 self.prefix_cache.insert(seq_id, b.token_slice(0, num_cached))
@@ -438,9 +450,9 @@ class Scheduler:
         self.pool.remove(seq_id)
         return self._ids.give_back([seq_id])
 
-    def _new_seq(self, draft: _Draft) -> int:
+    def _new_seq(self, draft: _Draft, *, windowable: bool = False) -> int:
         seq_id = self._ids.take()
-        self.pool.add(seq_id)
+        self.pool.add(seq_id, windowable=windowable)
         draft.added.append(seq_id)
         return seq_id
 

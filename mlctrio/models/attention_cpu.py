@@ -44,7 +44,7 @@ from typing import Any
 
 from tvm import tirx
 from tvm.relax.frontend.nn.llm import kv_cache as _kvc
-from tvm.relax.frontend.nn.llm._kernel_common import _rope
+from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _rope
 from tvm.script import tirx as T
 
 from mlctrio.models.attention_prefill_cpu import (
@@ -52,6 +52,8 @@ from mlctrio.models.attention_prefill_cpu import (
     STOCK,
     attention_prefill_cpu,
     attention_prefill_ragged_cpu,
+    column_position,
+    layout,
 )
 from mlctrio.models.fastmath import LOG2E
 from mlctrio.models.fastmath import exp2_nonpositive as _exp2
@@ -70,14 +72,17 @@ def attention_decode_cpu(
     rope_scaling: dict[str, Any],
     page_size: int = 16,
     window: int = 0,
+    sink: int = 0,
 ) -> tirx.PrimFunc:
-    """Drop-in for `_attention_decode_cpu`: parallel over (sequence, kv head)."""
-    if sliding_window or page_size != BLOCK:
+    """Drop-in for `_attention_decode_cpu`: parallel over (sequence, kv head). With
+    `sliding_window` (the cache's slid-page layout, module docstring) length_info is (3, B)."""
+    if page_size != BLOCK:
         return _STOCK["decode"](
             num_kv_heads, num_qo_heads, head_dim, qkv_dtype, sliding_window, rope_scaling, page_size
         )
     H_kv, H_q, D, G, P = num_kv_heads, num_qo_heads, head_dim, num_qo_heads // num_kv_heads, BLOCK
-    W = max(window, 1)
+    W, S, SW = max(window, 1), sink, sliding_window
+    SYM = "batch_decode_paged_kv_cpu" + ("_slid" if SW else "")
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -88,7 +93,7 @@ def attention_decode_cpu(
         output_handle: T.handle, lse_handle: T.handle,
         rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
     ):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "batch_decode_paged_kv_cpu"})
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": SYM})
         B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
         o1, o2, o3, o4, o5 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         Q = T.match_buffer(Q_handle, (B, H_q, D), qkv_dtype)
@@ -99,7 +104,7 @@ def attention_decode_cpu(
         q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=o4)
         output = T.match_buffer(output_handle, (B, H_q, D), qkv_dtype)
         lse = T.match_buffer(lse_handle, (B, H_q), "float32")
-        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=o5)
+        length_info = _declare_length_info(var_length_info, B, SW, o5)
 
         for task in T.parallel(B * H_kv):
             with T.sblock("attn"):
@@ -118,9 +123,15 @@ def attention_decode_cpu(
                 hk: T.let[T.int32] = task % H_kv
                 p_begin: T.let[T.int32] = page_indptr[b]
                 n_pages: T.let[T.int32] = page_indptr[b + 1] - p_begin
-                kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * P + length_info[b], 0)
+                # kv columns of the page list; slid layout: sinks [0, snk), dead [snk, off)
+                kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * P + layout(length_info, 0, b, SW), 0)
+                off: T.let[T.int32] = layout(length_info, 1, b, SW)
+                snk: T.let[T.int32] = layout(length_info, 2, b, SW)
+                kpo: T.let[T.int32] = k_rope_pos_offset[b]
                 # first visible column: a sliding layer (sm_scale < 0) sees the last W positions
-                lo: T.let[T.int32] = T.if_then_else(sm_scale < 0, T.max(q_rope_position[b] - W + 1 - k_rope_pos_offset[b], 0), 0)
+                lo: T.let[T.int32] = T.max(T.if_then_else(sm_scale < 0, q_rope_position[b] - W + 1 - kpo, 0) - snk, 0) + off
+                # columns [0, sv) stay visible: attention sinks
+                sv: T.let[T.int32] = T.if_then_else(sm_scale < 0, S - kpo, snk)
                 for g, d in T.grid(G, D):
                     q_loc[g, d] = T.if_then_else(
                         rotary_mode == 1,
@@ -131,12 +142,12 @@ def attention_decode_cpu(
                 for g in T.serial(G):
                     m_loc[g] = T.float32(-5e4)
                     l_loc[g] = T.float32(1)
-                for pi in T.serial(lo // P, n_pages):
+                for pi in T.serial(T.if_then_else(sv > 0, 0, lo // P), n_pages):
                     page: T.let[T.int32] = page_values[p_begin + pi]
                     n: T.let[T.int32] = T.min(P, kv_len - pi * P)
                     if rotary_mode == 1:
                         for j, d in T.grid(n, D):
-                            kpos[0] = k_rope_pos_offset[b] + pi * P + j  # see _attention_prefill_kernel
+                            kpos[0] = kpo + column_position(pi * P + j, off, snk)  # see the ragged prefill kernel
                             k_rot[j, d] = _rope(pages, kpos[0], D, rope_theta, rope_scale, (page, 0, hk, j, d), qkv_dtype, rope_scaling)
                         for g, j in T.grid(G, n):
                             s_loc[g, j] = T.float32(0)
@@ -148,7 +159,7 @@ def attention_decode_cpu(
                             for d in T.serial(D):
                                 s_loc[g, j] += q_loc[g, d] * T.Cast("float32", pages[page, 0, hk, j, d])
                     for g, j in T.grid(G, n):
-                        s_loc[g, j] = T.if_then_else(pi * P + j >= lo, s_loc[g, j], T.float32(-1e30))
+                        s_loc[g, j] = T.if_then_else(tirx.any(pi * P + j < sv, pi * P + j >= lo), s_loc[g, j], T.float32(-1e30))
                     for g in T.serial(G):
                         m_new[g] = m_loc[g]
                         for j in T.serial(n):
@@ -200,7 +211,7 @@ def stock_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _factories_swapped(window: int) -> Iterator[None]:
+def _factories_swapped(window: int, sink: int) -> Iterator[None]:
     """Point kv_cache's kernel-factory globals at ours for the duration of one construction.
 
     TIRPagedKVCache.__init__ assembles the ~30 positional arguments of
@@ -208,7 +219,7 @@ def _factories_swapped(window: int) -> Iterator[None]:
     factories up as module globals; swapping them there (instead of copying that argument list)
     keeps the argument order owned by TVM. Our factories take the same arguments.
     """
-    own = {name: functools.partial(f, window=window) if name in _WINDOWED else f
+    own = {name: functools.partial(f, window=window, sink=sink) if name in _WINDOWED else f
            for name, f in _OWN.items()}  # fmt: skip
     with _SWAP_LOCK:
         saved = {name: getattr(_kvc, name) for name in own}
@@ -224,12 +235,13 @@ def _factories_swapped(window: int) -> Iterator[None]:
 class CPUPagedKVCache(_kvc.TIRPagedKVCache):  # pylint: disable=too-few-public-methods
     """`TIRPagedKVCache` whose llvm decode / prefill / ragged-prefill kernels are ours."""
 
-    def __init__(self, *args: Any, window: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, window: int = 0, sink: int = 0, **kwargs: Any) -> None:
         """`window`: the sliding window of the layers that attend with a negative sm_scale
-        (models/llama.py); 0 when the model has none."""
+        (models/llama.py); 0 when the model has none. `sink`: the first positions those layers
+        always see (attention sinks; 0: none)."""
         target = kwargs.get("target")
         if not _use_own_kernels or target is None or target.kind.name != "llvm":
             super().__init__(*args, **kwargs)
             return
-        with _factories_swapped(window):
+        with _factories_swapped(window, sink):
             super().__init__(*args, **kwargs)

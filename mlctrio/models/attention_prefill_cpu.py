@@ -18,7 +18,7 @@ from typing import Any
 
 from tvm import tirx
 from tvm.relax.frontend.nn.llm import kv_cache as _kvc
-from tvm.relax.frontend.nn.llm._kernel_common import _rope
+from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _rope
 from tvm.script import tirx as T
 
 from mlctrio.models.fastmath import LOG2E
@@ -32,6 +32,20 @@ STOCK = {
 }
 
 
+def layout(length_info: Any, row: int, b: Any, slid: bool) -> Any:
+    """Row `row` of a sequence's length info: 0 the last page's length, 1 the slid layout's first
+    window column, 2 its sink length (both 0 in a cache without sliding windows)."""
+    if slid:
+        return length_info[row, b]
+    return length_info[b] if row == 0 else 0
+
+
+def column_position(col: Any, off: Any, snk: Any) -> Any:
+    """Position (from the block's k_rope_pos_offset) of the key in page-list column `col`: the
+    sinks [0, snk) keep theirs, the window from column `off` on follows them."""
+    return T.if_then_else(col < snk, col, col - off + snk)
+
+
 def _qtile(group: int) -> int:
     """Query tokens per prefill task: about 12 rows (tokens x heads) of score accumulators."""
     return max(1, 12 // group)
@@ -40,13 +54,14 @@ def _qtile(group: int) -> int:
 def _prefill_macros(
     G: int, D: int, QT: int, qkv_dtype: str, rope_scaling: dict[str, Any], window: int
 ):
-    """TVMScript macros shared by the ragged and paged prefill kernels (R = QT * G rows)."""
+    """TVMScript macros shared by the ragged and paged prefill kernels (R = QT * G rows).
+    Columns are the kv page list's (attention_cpu.py's slid layout: `off`, `snk`)."""
     R, BK, W = QT * G, BLOCK, max(window, 1)
 
     # fmt: off
     @T.macro
     def load_q(q, q_rope_position, q_loc, lim, lo, m_loc, l_loc, o_loc, tok0, n_tok, q_idx0, hk,
-               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_pos0):
+               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_pos0, off, snk):
         for t, g, d in T.grid(QT, G, D):
             q_loc[t * G + g, d] = T.if_then_else(
                 t < n_tok,
@@ -61,12 +76,12 @@ def _prefill_macros(
             # kv columns visible to this row: causal keeps the last qo_len columns as a triangle
             lim[t * G + g] = T.if_then_else(causal > 0, T.min(kv_len - qo_len + q_idx0 + t + 1, kv_len), kv_len)
             # and a sliding layer (sm_scale < 0, see the module docstring) only those within the window
-            lo[t * G + g] = T.if_then_else(sm_scale < 0, q_rope_position[tok0 + T.min(t, n_tok - 1)] - W + 1 - k_pos0, 0)
+            lo[t * G + g] = T.max(T.if_then_else(sm_scale < 0, q_rope_position[tok0 + T.min(t, n_tok - 1)] - W + 1 - k_pos0, 0) - snk, 0) + off
             m_loc[t * G + g] = T.float32(-5e4)
             l_loc[t * G + g] = T.float32(1)
 
     @T.macro
-    def block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, col0):
+    def block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, col0, sv):
         # Scores as outer products: one vector load of K^T per d for all R rows.
         for r, j in T.grid(R, BK):
             s_loc[r, j] = T.float32(0)
@@ -77,7 +92,8 @@ def _prefill_macros(
         for r in T.serial(R):
             m_new[r] = m_loc[r]
             for j in T.serial(BK):
-                s_loc[r, j] = T.if_then_else(tirx.all(col0 + j < lim[r], col0 + j >= lo[r]), s_loc[r, j], T.float32(-1e30))
+                # visible: before the causal limit, and in the window or among the sinks [0, sv)
+                s_loc[r, j] = T.if_then_else(tirx.all(col0 + j < lim[r], tirx.any(col0 + j >= lo[r], col0 + j < sv)), s_loc[r, j], T.float32(-1e30))
                 m_new[r] = T.max(m_new[r], s_loc[r, j])
             for j in T.vectorized(BK):
                 s_loc[r, j] = _exp2(s_loc[r, j] - m_new[r])
@@ -110,11 +126,12 @@ def attention_prefill_ragged_cpu(
     dtype: str,
     rope_scaling: dict[str, Any],
     window: int = 0,
+    sink: int = 0,
 ) -> tirx.PrimFunc:
     """Drop-in for `_attention_prefill_ragged_cpu` (self-attention over the new tokens)."""
     if d_qk != d_v:
         return STOCK["ragged"](h_kv, h_q, d_qk, d_v, dtype, rope_scaling)
-    G, D, BK = h_q // h_kv, d_qk, BLOCK
+    G, D, BK, S = h_q // h_kv, d_qk, BLOCK, sink
     QT = _qtile(G)
     R = QT * G
     load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling, window)
@@ -171,9 +188,10 @@ def attention_prefill_ragged_cpu(
                         qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                         q_idx0: T.let[T.int32] = seg0 - q_indptr[b]
                         load_q(q, q_rope_position, q_loc, lim, lo, m_loc, l_loc, o_loc, seg0, seg1 - seg0, q_idx0, hk,
-                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_rope_pos_offset[b])
+                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_rope_pos_offset[b], 0, 0)
                         n_cols: T.let[T.int32] = T.if_then_else(causal > 0, T.min(kv_len - qo_len + q_idx0 + (seg1 - seg0), kv_len), kv_len)
-                        for blk in T.serial(T.max(lo[0], 0) // BK, T.ceildiv(n_cols, BK)):
+                        sv: T.let[T.int32] = T.if_then_else(sm_scale < 0, S - k_rope_pos_offset[b], 0)
+                        for blk in T.serial(T.if_then_else(sv > 0, 0, T.max(lo[0], 0) // BK), T.ceildiv(n_cols, BK)):
                             n: T.let[T.int32] = T.min(BK, kv_len - blk * BK)
                             if rotary_mode == 1:
                                 for j, d in T.grid(BK, D):
@@ -184,7 +202,7 @@ def attention_prefill_ragged_cpu(
                             else:
                                 for j, d in T.grid(BK, D):
                                     kt[d, j] = T.if_then_else(j < n, k[kv0 + blk * BK + T.min(j, n - 1), hk, d], T.Cast(dtype, 0))
-                            block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, blk * BK)
+                            block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, blk * BK, sv)
                             for r, j in T.grid(R, n):
                                 for d in T.vectorized(D):
                                     o_loc[r, d] += s_loc[r, j] * T.Cast("float32", v[kv0 + blk * BK + j, hk, d])
@@ -203,16 +221,19 @@ def attention_prefill_cpu(
     page_size: int = 16,
     sliding_window_size: int = 1024,
     window: int = 0,
+    sink: int = 0,
 ) -> tirx.PrimFunc:
-    """Drop-in for `_attention_prefill_cpu` (new tokens against the cached prefix in pages)."""
-    if sliding_window or page_size != BLOCK:
+    """Drop-in for `_attention_prefill_cpu` (new tokens against the cached prefix in pages);
+    with `sliding_window`, the cache's slid layout (length_info (3, B))."""
+    if page_size != BLOCK:
         return STOCK["prefill"](
             h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size, sliding_window_size
         )
-    G, D, P = h_q // h_kv, d, BLOCK
+    G, D, P, S, SW = h_q // h_kv, d, BLOCK, sink, sliding_window
     QT = _qtile(G)
     R = QT * G
     load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling, window)
+    SYM = "batch_prefill_paged_kv_cpu" + ("_slid" if SW else "")
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -223,7 +244,7 @@ def attention_prefill_cpu(
         causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
         sm_scale: T.float32,
     ):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "batch_prefill_paged_kv_cpu"})
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": SYM})
         batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
         o1, o2, o3, o4, o5, o6 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         q = T.match_buffer(var_q, (total_len, h_q, D), dtype)
@@ -231,7 +252,7 @@ def attention_prefill_cpu(
         pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, P, D), dtype)
         page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=o2)
         page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=o3)
-        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=o4)
+        length_info = _declare_length_info(var_length_info, batch_size, SW, o4)
         k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=o5)
         q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=o6)
         output = T.match_buffer(var_output, (total_len, h_q, D), dtype)
@@ -262,23 +283,27 @@ def attention_prefill_cpu(
                     if seg0 < seg1:
                         p0: T.let[T.int32] = page_indptr[b]
                         n_pages: T.let[T.int32] = page_indptr[b + 1] - p0
-                        kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * P + length_info[b], 0)
+                        kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * P + layout(length_info, 0, b, SW), 0)
+                        off: T.let[T.int32] = layout(length_info, 1, b, SW)
+                        snk: T.let[T.int32] = layout(length_info, 2, b, SW)
+                        kpo: T.let[T.int32] = k_rope_pos_offset[b]
                         qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                         q_idx0: T.let[T.int32] = seg0 - q_indptr[b]
                         load_q(q, q_rope_position, q_loc, lim, lo, m_loc, l_loc, o_loc, seg0, seg1 - seg0, q_idx0, hk,
-                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, k_rope_pos_offset[b])
+                               kv_len, qo_len, causal, rotary_mode, rope_scale, rope_theta, sm_scale, kpo, off, snk)
                         n_cols: T.let[T.int32] = T.if_then_else(causal > 0, T.min(kv_len - qo_len + q_idx0 + (seg1 - seg0), kv_len), kv_len)
-                        for blk in T.serial(T.max(lo[0], 0) // P, T.ceildiv(n_cols, P)):
+                        sv: T.let[T.int32] = T.if_then_else(sm_scale < 0, S - kpo, snk)
+                        for blk in T.serial(T.if_then_else(sv > 0, 0, T.max(lo[0], 0) // P), T.ceildiv(n_cols, P)):
                             page: T.let[T.int32] = page_values[p0 + blk]
                             n: T.let[T.int32] = T.min(P, kv_len - blk * P)
                             if rotary_mode == 1:
                                 for j, dd in T.grid(P, D):
-                                    kpos[0] = k_rope_pos_offset[b] + blk * P + j  # see ragged kernel
+                                    kpos[0] = kpo + column_position(blk * P + j, off, snk)  # see ragged kernel
                                     kt[dd, j] = T.if_then_else(j < n, _rope(pages, kpos[0], D, rope_theta, rope_scale, (page, 0, hk, j, dd), dtype, rope_scaling), T.Cast(dtype, 0))
                             else:
                                 for j, dd in T.grid(P, D):
                                     kt[dd, j] = T.if_then_else(j < n, pages[page, 0, hk, j, dd], T.Cast(dtype, 0))
-                            block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, blk * P)
+                            block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, blk * P, sv)
                             for r, j in T.grid(R, n):
                                 for dd in T.vectorized(D):
                                     o_loc[r, dd] += s_loc[r, j] * T.Cast("float32", pages[page, 1, hk, j, dd])

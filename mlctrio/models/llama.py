@@ -225,6 +225,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("sliding-window layers need the CPU attention kernels (llvm target)")
         return CPUPagedKVCache(
             window=(c.sliding_window or 0) if c.has_sliding_layers else 0,
+            sink=c.attention_sink_size or 0,
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,

@@ -63,6 +63,9 @@ class LlamaConfig:
     mlp_only_layers: tuple[int, ...] | None = attrs.field(
         default=None, converter=lambda v: tuple(int(i) for i in v) if v is not None else None
     )
+    # Attention sinks (mlc_llm's attention_sink_size, StreamingLLM): the first positions every
+    # sliding layer sees besides its window; None: none.
+    attention_sink_size: int | None = None
 
     @property
     def sm_scale(self) -> float:
@@ -82,6 +85,17 @@ class LlamaConfig:
             or self.rope_type == "longrope"
             or self.rope_dim != self.head_dim
         )
+
+    @property
+    def kv_window(self) -> tuple[int, int] | None:
+        """(window, sink) when the KV cache can release what leaves the window: every layer
+        slides, and RoPE is the cache's. The cache then rotates inline by position within what
+        it holds (relative distances, hence attention, unchanged), which a model that rotates
+        by itself cannot follow (Gemma 3; its global layers need every position anyway)."""
+        layers = self.layer_types or ("full",)
+        if self.sliding_window and not self.rope_in_model and set(layers) == {"sliding"}:
+            return self.sliding_window, self.attention_sink_size or 0
+        return None
 
     @property
     def rope_type(self) -> str | None:
@@ -133,6 +147,15 @@ class LlamaConfig:
         layers = ("sliding",) * self.num_hidden_layers
         return attrs.evolve(self, sliding_window=window, layer_types=layers)
 
+    def with_attention_sinks(self, sink: int) -> LlamaConfig:
+        """mlc_llm's `attention_sink_size` override: sliding layers also see the first `sink`
+        positions. Compiled in, like the window."""
+        if not self.has_sliding_layers:
+            raise ValueError("attention sinks need a sliding window (no layer slides)")
+        if not 0 <= sink < (self.sliding_window or 0):
+            raise ValueError(f"attention_sink_size {sink} must be below the window")
+        return attrs.evolve(self, attention_sink_size=sink or None)
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether `layer`'s MLP is a mixture of experts (models/moe.py)."""
         return bool(self.num_experts) and layer not in (self.mlp_only_layers or ())
@@ -164,6 +187,7 @@ _LATER_FIELDS = (
     "moe_intermediate_size",
     "norm_topk_prob",
     "mlp_only_layers",
+    "attention_sink_size",
 )
 
 

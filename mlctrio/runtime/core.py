@@ -107,6 +107,7 @@ class EngineCore:
                 if config.prefix_cache_mode == "radix"
                 else 0
             ),
+            kv_window=getattr(runner, "kv_window", None),
         )
         self._out = OutputProcessor(tokenizer, extra_stop_token_ids)
         self._vocab = sampling_vocab_size(runner.vocab_size, tokenizer)
@@ -271,6 +272,8 @@ class EngineCore:
         for parent, child, fork_pos in plan.cache_forks:
             self.runner.fork_sequence(parent, child, fork_pos)
             self._live_seqs.add(child)
+        for seq_id in plan.sliding_seq_ids:
+            self.runner.enable_sliding_window(seq_id)  # type: ignore[attr-defined]
         if not plan.entries:
             return []
         if self._hint is not None:

@@ -158,7 +158,8 @@ def check_library(module: Any, lib: Path, art: ModelArtifact, what: str, model: 
 def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
     """`art` with the config this server runs: LongRoPE (Phi-3) picks its factor set from the
     served context window, once (LlamaConfig.for_context_window; docs/discussion/0010), and
-    `--overrides sliding_window_size=N` sets the window (LlamaConfig.with_sliding_window)."""
+    `--overrides sliding_window_size=N` sets the window (LlamaConfig.with_sliding_window),
+    `attention_sink_size=N` the sinks beside it (with_attention_sinks)."""
     window = served_context_window(config.overrides, art.config.context_window_size)
     served = art.config.for_context_window(window)
     if served is not art.config:
@@ -167,6 +168,18 @@ def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
     if sliding is not None and sliding > 0:
         served = served.with_sliding_window(sliding)
         log.info("sliding window of %d positions (--overrides sliding_window_size)", sliding)
+    sink = config.overrides.attention_sink_size
+    if sink is not None and sink > 0:
+        try:
+            served = served.with_attention_sinks(sink)
+        except ValueError as exc:
+            raise ConfigError(f"--overrides attention_sink_size={sink}: {exc}") from None
+        log.info("attention sinks: the first %d positions (--overrides attention_sink_size)", sink)
+    if served.kv_window:
+        log.info(
+            "KV cache keeps the last %d positions of a sequence (+%d sinks) once it passes them",
+            *served.kv_window,
+        )
     return art if served is art.config else attrs.evolve(art, config=served)
 
 

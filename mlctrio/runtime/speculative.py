@@ -139,7 +139,7 @@ class Speculator:
         entries = list(plan.entries)
         for (i, e, _), tokens in zip(decodes, proposals, strict=True):
             # the free pages are shared: what is left after the entries extended before this one
-            tokens = tokens[: min(k, budget, scheduler.pool.appendable_tokens(e.seq_id))]
+            tokens = tokens[: min(k, budget, scheduler.pool.draftable_tokens(e.seq_id))]
             if tokens:
                 entries[i] = extend(scheduler.pool, e, tokens)
                 budget -= len(tokens)

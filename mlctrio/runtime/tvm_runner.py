@@ -144,7 +144,7 @@ class TVMRunner:
             shape([max_total_seq_length]),
             shape([prefill_chunk_size]),
             shape([page_size]),
-            shape([0]),
+            shape([1 if config.kv_window else 0]),  # the cache's sliding-window mode
         )
         g = tvm.get_global_func
         self._f_add = g("vm.builtin.kv_state_add_sequence")
@@ -154,9 +154,11 @@ class TVMRunner:
         self._f_begin = g("vm.builtin.kv_state_begin_forward")
         self._f_end = g("vm.builtin.kv_state_end_forward")
         self._f_free_pages = g("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self._f_slide = g("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")
         # The cache adds one spare page to ceil(capacity / page_size); report what it really has.
         self._total_pages = int(self._f_free_pages(self._kv))
         self._lengths: dict[int, int] = {}
+        self._sliding: set[int] = set()  # sequences in the cache's sliding-window mode
 
     # -- properties of the ModelRunner protocol -------------------------------------------------
     @property
@@ -174,6 +176,11 @@ class TVMRunner:
     @property
     def max_num_sequence(self) -> int:
         return self._max_num_sequence
+
+    @property
+    def kv_window(self) -> tuple[int, int] | None:
+        """(window, sink): the cache releases what leaves a sliding window (engine/runner.py)."""
+        return self._config.kv_window
 
     def total_pages(self) -> int:
         return self._total_pages
@@ -194,6 +201,7 @@ class TVMRunner:
         self._check_seq(seq_id)
         self._f_remove(self._kv, seq_id)
         del self._lengths[seq_id]
+        self._sliding.discard(seq_id)
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         """Create child from parent's first fork_pos tokens (-1: all of them)."""
@@ -202,15 +210,29 @@ class TVMRunner:
             raise EngineError(f"sequence {child_id} already exists")
         if len(self._lengths) >= self._max_num_sequence:
             raise EngineError(f"more than max_num_sequence={self._max_num_sequence} sequences")
+        if parent_id in self._sliding:
+            raise EngineError(f"sequence {parent_id} slides its window: it cannot be forked")
         parent_len = self._lengths[parent_id]
         if not (fork_pos == -1 or 0 <= fork_pos <= parent_len):
             raise EngineError(f"fork_pos {fork_pos} outside [0, {parent_len}]")
         self._f_fork(self._kv, parent_id, child_id, fork_pos)
         self._lengths[child_id] = parent_len if fork_pos == -1 else fork_pos
 
+    def enable_sliding_window(self, seq_id: int) -> None:
+        """From the next step on, the cache keeps only the window's tokens (and the sinks) of
+        seq_id and releases the pages before them; it can no longer be forked or popped."""
+        self._check_seq(seq_id)
+        if self._config.kv_window is None:
+            raise EngineError("this model's KV cache has no sliding-window mode")
+        window, sink = self._config.kv_window
+        self._f_slide(self._kv, seq_id, window, sink)
+        self._sliding.add(seq_id)
+
     def popn(self, seq_id: int, num_tokens: int) -> None:
         """Drop the last num_tokens tokens of a sequence from the cache."""
         self._check_seq(seq_id)
+        if seq_id in self._sliding and num_tokens:
+            raise EngineError(f"sequence {seq_id} slides its window: it cannot be popped")
         if not 0 <= num_tokens <= self._lengths[seq_id]:
             raise EngineError(f"cannot pop {num_tokens} of {self._lengths[seq_id]} tokens")
         if num_tokens:
@@ -287,6 +309,8 @@ class TVMRunner:
             new_len = self._lengths[sid] + n
             if new_len > self.context_window_size:
                 raise EngineError(f"sequence {sid} would exceed the context window ({new_len})")
+            if sid in self._sliding:
+                continue  # it releases pages as it takes them (engine/pages.py counts them)
             ps = self._page_size
             # A partial last page is already owned (TVM copies it at fork time), so only pages
             # beyond the current ceil(len / page_size) are new.

@@ -208,7 +208,6 @@ def test_overrides_are_honoured_or_refused() -> None:
     for text in (
         "tensor_parallel_shards=2",
         "pipeline_parallel_stages=2",
-        "attention_sink_size=4",
         "max_history_size=2",
     ):
         with pytest.raises(ConfigError, match="not supported"):

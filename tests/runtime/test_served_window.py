@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
+import pytest
 
 from mlctrio.config import EngineOverrides, ServerConfig
 from mlctrio.models.artifact import open_artifact
@@ -61,3 +62,23 @@ def test_the_sliding_window_override_resizes_gemmas_sliding_layers_only() -> Non
     config = ServerConfig(model=str(GEMMA), overrides=EngineOverrides(sliding_window_size=8))
     served = served_artifact(art, config).config
     assert served.sliding_window == 8 and served.layer_types == art.config.layer_types
+
+
+def test_attention_sinks_need_a_sliding_window_and_fit_in_it() -> None:
+    """mlc_llm's attention_sink_size: compiled in beside the window (and in the cache's window,
+    tests/runtime/test_kv_window.py); refused in one line where nothing slides or it does not
+    fit below the window."""
+    from mlctrio.errors import ConfigError
+
+    art = open_artifact(MISTRAL)
+    sinks = ServerConfig(model=str(MISTRAL), overrides=EngineOverrides(attention_sink_size=4))
+    served = served_artifact(art, sinks).config
+    assert served.attention_sink_size == 4 and served.kv_window == (16, 4)
+    assert served_artifact(open_artifact(GEMMA), sinks).config.attention_sink_size == 4
+    bare = attrs.evolve(art, config=attrs.evolve(art.config, layer_types=None, sliding_window=None))
+    for artifact, overrides in ((bare, {}), (art, {"attention_sink_size": 16})):
+        config = ServerConfig(
+            model=str(MISTRAL), overrides=EngineOverrides(**{"attention_sink_size": 4, **overrides})
+        )
+        with pytest.raises(ConfigError, match="attention_sink_size"):
+            served_artifact(artifact, config)
