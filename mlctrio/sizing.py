@@ -37,6 +37,9 @@ class ModelFootprint:
     hidden_size: int = 0
     intermediate_size: int = 0
     vocab_size: int = 0
+    #: Tokens a sliding sequence keeps when the KV cache releases what leaves the window
+    #: (LlamaConfig.kv_window); None: a sequence holds every position.
+    kv_window: int | None = None
 
 
 @attrs.frozen
@@ -93,6 +96,15 @@ def _workspace_bytes(fp: ModelFootprint, prefill_chunk_size: int, max_num_sequen
     return 4 * (prefill_chunk_size * per_token + 2 * max_num_sequence * fp.vocab_size)
 
 
+def _one_sequence(footprint: ModelFootprint, ctx: int, prefill: int, page: int) -> int:
+    """KV tokens a full-length request needs: the context window, or with a releasing sliding
+    window what a sliding sequence holds at most (its window, a prefill chunk it appends before
+    the cache slides, and the pages either may straddle)."""
+    if footprint.kv_window is None:
+        return ctx
+    return min(ctx, footprint.kv_window + prefill + 2 * page)
+
+
 def served_context_window(o: EngineOverrides, model_window: int) -> int:
     """The context window served for a model of `model_window` tokens: the override's, capped
     by max_single_sequence_length (resolve_engine_config refuses one above the model's)."""
@@ -135,10 +147,12 @@ def resolve_engine_config(
         total = int(min(fits, max(ctx, 1 << 20)))
     else:
         total = min(ctx, int(fits))
-    if total < ctx and o.max_total_seq_length is not None:
+    one = _one_sequence(footprint, ctx, prefill, o.kv_page_size or 16)
+    if total < one and o.max_total_seq_length is not None:
         raise ConfigError(
-            f"max_total_seq_length={total} is smaller than the context window ({ctx}): "
-            "a single full-length request could never run."
+            f"max_total_seq_length={total} is smaller than "
+            + (f"what one sequence holds ({one})" if one < ctx else f"the context window ({ctx})")
+            + ": a single full-length request could never run."
         )
     estimate = MemoryEstimate(footprint.weight_bytes, total * per_token, workspace, budget)
     _check_fits(estimate, total, ctx, per_token, config.mode)

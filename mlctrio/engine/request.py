@@ -65,6 +65,8 @@ class EngineLimits:
     max_num_sequence: int
     total_pages: int
     page_size: int
+    #: Tokens a sliding sequence holds at most (engine/pages.py), None without sliding mode.
+    window_tokens: int | None = None
 
     def check(self, spec: GenerationRequest) -> int:
         return max_new_tokens_for(
@@ -73,6 +75,7 @@ class EngineLimits:
             max_num_sequence=self.max_num_sequence,
             total_pages=self.total_pages,
             page_size=self.page_size,
+            window_tokens=self.window_tokens,
         )
 
 
@@ -83,9 +86,11 @@ def max_new_tokens_for(
     max_num_sequence: int,
     total_pages: int,
     page_size: int,
+    window_tokens: int | None = None,
 ) -> int:
     """Validate a request against the engine's limits; returns its max_tokens clipped to the
-    window (<= 0: no room for a single token). Raises PromptTooLongError."""
+    window (<= 0: no room for a single token). Raises PromptTooLongError. A one-choice prompt
+    of a sliding model needs only what its sliding sequence holds (`window_tokens`)."""
     num_prompt = len(spec.prompt_token_ids)
     n = spec.params.n
     if num_prompt == 0:
@@ -96,7 +101,8 @@ def max_new_tokens_for(
             param="messages",
         )
     fork_pages = (n - 1) * (1 if num_prompt % page_size else 0)  # n - 1 copies of a partial page
-    if pages_for(num_prompt, page_size) + fork_pages > total_pages:
+    held = min(num_prompt, window_tokens) if window_tokens and n == 1 else num_prompt
+    if pages_for(held, page_size) + fork_pages > total_pages:
         raise PromptTooLongError(
             f"prompt of {num_prompt} tokens (n={n}) does not fit the KV cache", param="n"
         )

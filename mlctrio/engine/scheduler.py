@@ -30,6 +30,11 @@ Rules (each is checked by tests/engine):
   max_num_sequence` at every step boundary. A finished or aborted request leaves one of its
   sequences in the cache instead of removing it. A request that needs the model's output at every
   prompt position (prompt logprobs, embeddings) never starts from a cached prefix.
+* Sliding windows (engine/pages.py; a model whose every layer slides): the primary branch of a
+  one-choice request gets a windowable sequence, which the step that takes it past the window
+  puts in the cache's sliding mode (`sliding_seq_ids`, run before the step). A sliding sequence
+  is never given to the prefix cache, and a request the cache could not hold whole takes no
+  cached prefix (a fork cannot slide).
 """
 
 from __future__ import annotations
@@ -46,11 +51,12 @@ from .plan import _Draft
 from .prefix_cache import PrefixCache
 from .request import Branch, EngineLimits, Request, RequestEvent, RequestState
 from .request import PromptTooLongError as PromptTooLongError  # re-exported: add() raises it
+from .scheduler_prefix import PrefixCacheUse
 from .types import GenerationRequest
 
 
 @attrs.define(init=False)
-class Scheduler:
+class Scheduler(PrefixCacheUse):
     """Plans steps over a page budget; see the module rules."""
 
     pool: PagePool
@@ -106,6 +112,11 @@ class Scheduler:
             max_num_sequence=self.max_num_sequence,
             total_pages=self.pool.total_pages,
             page_size=self.pool.page_size,
+            window_tokens=(
+                self.pool.window + self.prefill_chunk_size + 2 * self.pool.page_size
+                if self.pool.window
+                else None
+            ),
         )
 
     def add(self, spec: GenerationRequest) -> Request:
@@ -283,7 +294,12 @@ class Scheduler:
         hit = -1  # -1: no prefix lookup (the primary holds its sequence, no cache, or the
         # request needs every prompt position computed)
         cache = self.prefix_cache
-        if primary.seq_id is None and cache is not None and not req.spec.needs_every_position:
+        if (
+            primary.seq_id is None
+            and cache is not None
+            and not req.spec.needs_every_position
+            and not (self._outgrows_cache(req) and not siblings)
+        ):
             hit = self._fork_cached_prefix(draft, primary, target)
         want = min(target - primary.num_cached, budget)
         if want > 0:
@@ -313,59 +329,6 @@ class Scheduler:
                 self._append(draft, req, b, k)
                 planned += k
         return planned
-
-    def _prefill_target(self, req: Request) -> tuple[Branch, list[Branch], int]:
-        """(primary, its unforked siblings, the tokens the primary computes before they fork)."""
-        primary = req.primary()
-        assert primary is not None, "a queued request has an unfinished choice"
-        siblings = [b for b in req.unforked() if b is not primary]
-        return primary, siblings, primary.num_prompt_tokens if siblings else primary.num_tokens
-
-    # -- prefix cache -------------------------------------------------------------------------
-
-    def _fork_cached_prefix(self, draft: _Draft, primary: Branch, target: int) -> int:
-        """Give the seq-less primary a fork of the longest cached prefix of its first target
-        tokens (room permitting); returns the tokens reused."""
-        assert self.prefix_cache is not None
-        tokens = primary.token_slice(0, target)
-        fork, gone = self.prefix_cache.fork_prefix(tokens, self._ids.take)
-        draft.removed.extend(self._ids.give_back(gone))
-        if fork is None:
-            return 0
-        draft.cache_forks.append(fork)
-        _, primary.seq_id, primary.num_cached = fork
-        return primary.num_cached
-
-    def _undo_cache_fork(self, draft: _Draft, primary: Branch) -> None:
-        _, child, _ = draft.cache_forks.pop()
-        assert child == primary.seq_id, "the undone fork is the last one planned"
-        self.pool.remove(child)
-        self._ids.give_back([child])
-        primary.seq_id, primary.num_cached = None, 0
-
-    def _record_lookup(self, req: Request, num_query: int, num_hit: int) -> None:
-        assert self.prefix_cache is not None
-        self.prefix_cache.record_lookup(num_query, num_hit)
-        if req.num_cached_prompt_tokens is None:  # usage reports the first admission's reuse
-            req.num_cached_prompt_tokens = min(num_hit, req.num_prompt_tokens)
-
-    def _reclaim(self, draft: _Draft, num_free_pages: int) -> None:
-        """Evict cached sequences (LRU, never pinned ones) until num_free_pages are free."""
-        if self.prefix_cache is not None and self.pool.num_free < num_free_pages:
-            draft.removed.extend(self._ids.give_back(self.prefix_cache.reclaim(num_free_pages)))
-
-    def _free_slots(self, draft: _Draft, req: Request, seats: int) -> bool:
-        """Evict cached sequences until they and `seats` fit the runner's sequence slots, the one
-        req would fork from last. False when they cannot (pinned ones) fit."""
-        cache = self.prefix_cache
-        if cache is None or seats + len(cache) <= self.max_num_sequence:
-            return True
-        primary, _, target = self._prefill_target(req)
-        tokens = primary.token_slice(0, target) if primary.seq_id is None else None
-        draft.removed.extend(
-            self._ids.give_back(cache.shrink(self.max_num_sequence - seats, tokens))
-        )
-        return seats + len(cache) <= self.max_num_sequence
 
     def _grow_pages(self, b: Branch, k: int) -> int:
         if b.seq_id is None:

@@ -58,6 +58,7 @@ from mlctrio.models.attention_prefill_cpu import (
 from mlctrio.models.fastmath import LOG2E
 from mlctrio.models.fastmath import exp2_nonpositive as _exp2
 from mlctrio.models.rope_cpu import rope_with_position_map_cpu
+from mlctrio.models.rope_inline_cpu import linear_rope, trig_macros
 
 _STOCK = STOCK
 _SWAP_LOCK = threading.Lock()
@@ -81,10 +82,26 @@ def attention_decode_cpu(
             num_kv_heads, num_qo_heads, head_dim, qkv_dtype, sliding_window, rope_scaling, page_size
         )
     H_kv, H_q, D, G, P = num_kv_heads, num_qo_heads, head_dim, num_qo_heads // num_kv_heads, BLOCK
-    W, S, SW = max(window, 1), sink, sliding_window
+    W, S, SW, H = max(window, 1), sink, sliding_window, head_dim // 2
     SYM = "batch_decode_paged_kv_cpu" + ("_slid" if SW else "")
+    setup, page_trig = trig_macros(P, D, rope_scaling)
 
     # fmt: off
+    @T.macro
+    def rotate_fast(k_rot, pages, page, hk, n, kpos, kpo, col0, off, snk, gf, cstep, sstep, cs, sn, rope_theta, rope_scale):
+        page_trig(cs, sn, gf, cstep, sstep, kpos, kpo, col0, off, snk, rope_scale)
+        for j, d in T.grid(n, H):
+            k_rot[j, d] = T.Cast("float32", pages[page, 0, hk, j, d]) * cs[j, d] - T.Cast("float32", pages[page, 0, hk, j, d + H]) * sn[j, d]
+            k_rot[j, d + H] = T.Cast("float32", pages[page, 0, hk, j, d + H]) * cs[j, d] + T.Cast("float32", pages[page, 0, hk, j, d]) * sn[j, d]
+
+    @T.macro
+    def rotate_exact(k_rot, pages, page, hk, n, kpos, kpo, col0, off, snk, gf, cstep, sstep, cs, sn, rope_theta, rope_scale):
+        for j, d in T.grid(n, D):
+            kpos[0] = kpo + column_position(col0 + j, off, snk)  # see the ragged prefill kernel
+            k_rot[j, d] = _rope(pages, kpos[0], D, rope_theta, rope_scale, (page, 0, hk, j, d), qkv_dtype, rope_scaling)
+
+    rotate = rotate_fast if linear_rope(rope_scaling) else rotate_exact
+
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
         Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
@@ -119,6 +136,11 @@ def attention_decode_cpu(
                 alpha = T.sblock_alloc_buffer((G,), "float32")
                 m_new = T.sblock_alloc_buffer((G,), "float32")
                 kpos = T.sblock_alloc_buffer((1,), "int32")
+                gf = T.sblock_alloc_buffer((H,), "float32")  # inline RoPE: rope_inline_cpu.py
+                cstep = T.sblock_alloc_buffer((H,), "float32")
+                sstep = T.sblock_alloc_buffer((H,), "float32")
+                cs = T.sblock_alloc_buffer((P, H), "float32")
+                sn = T.sblock_alloc_buffer((P, H), "float32")
                 b: T.let[T.int32] = task // H_kv
                 hk: T.let[T.int32] = task % H_kv
                 p_begin: T.let[T.int32] = page_indptr[b]
@@ -142,13 +164,13 @@ def attention_decode_cpu(
                 for g in T.serial(G):
                     m_loc[g] = T.float32(-5e4)
                     l_loc[g] = T.float32(1)
+                if rotary_mode == 1:
+                    setup(gf, cstep, sstep, rope_theta, rope_scale)
                 for pi in T.serial(T.if_then_else(sv > 0, 0, lo // P), n_pages):
                     page: T.let[T.int32] = page_values[p_begin + pi]
                     n: T.let[T.int32] = T.min(P, kv_len - pi * P)
                     if rotary_mode == 1:
-                        for j, d in T.grid(n, D):
-                            kpos[0] = kpo + column_position(pi * P + j, off, snk)  # see the ragged prefill kernel
-                            k_rot[j, d] = _rope(pages, kpos[0], D, rope_theta, rope_scale, (page, 0, hk, j, d), qkv_dtype, rope_scaling)
+                        rotate(k_rot, pages, page, hk, n, kpos, kpo, pi * P, off, snk, gf, cstep, sstep, cs, sn, rope_theta, rope_scale)
                         for g, j in T.grid(G, n):
                             s_loc[g, j] = T.float32(0)
                             for d in T.serial(D):
@@ -173,9 +195,12 @@ def attention_decode_cpu(
                             l_loc[g] += s_loc[g, j]
                         for d in T.vectorized(D):
                             o_loc[g, d] = o_loc[g, d] * alpha[g]
-                    for j, g in T.grid(n, G):
-                        for d in T.vectorized(D):
-                            o_loc[g, d] += s_loc[g, j] * T.Cast("float32", pages[page, 1, hk, j, d])
+                    for j in T.serial(n):
+                        # (slots the slid layout released may hold anything: 0 * NaN = NaN)
+                        if tirx.any(pi * P + j < snk, pi * P + j >= off):
+                            for g in T.serial(G):
+                                for d in T.vectorized(D):
+                                    o_loc[g, d] += s_loc[g, j] * T.Cast("float32", pages[page, 1, hk, j, d])
                 for g in T.serial(G):
                     for d in T.vectorized(D):
                         output[b, hk * G + g, d] = T.Cast(qkv_dtype, o_loc[g, d] / l_loc[g])

@@ -23,6 +23,7 @@ from tvm.script import tirx as T
 
 from mlctrio.models.fastmath import LOG2E
 from mlctrio.models.fastmath import exp2_nonpositive as _exp2
+from mlctrio.models.rope_inline_cpu import linear_rope, trig_macros
 
 BLOCK = 16  # kv positions per softmax block; equals the page size the stock kernels assume
 STOCK = {
@@ -44,6 +45,46 @@ def column_position(col: Any, off: Any, snk: Any) -> Any:
     """Position (from the block's k_rope_pos_offset) of the key in page-list column `col`: the
     sinks [0, snk) keep theirs, the window from column `off` on follows them."""
     return T.if_then_else(col < snk, col, col - off + snk)
+
+
+def _rotate_macros(
+    P: int, D: int, dtype: str, rope_scaling: dict[str, Any]
+) -> tuple[Any, Any, Any]:
+    """(setup, rotate_paged, rotate_ragged): inline RoPE of a block of keys into the transposed
+    tile kt[d, j] (zeros past n), by angle addition where the frequencies allow it
+    (rope_inline_cpu.py), else by `_rope` per element."""
+    H = D // 2
+    setup, page_trig = trig_macros(P, D, rope_scaling)
+    fast = linear_rope(rope_scaling)
+
+    # fmt: off
+    @T.macro
+    def rotate_paged(kt, pages, page, hk, n, kpos, kpo, col0, off, snk, gf, cstep, sstep, cs, sn, rope_theta, rope_scale):
+        if fast:
+            page_trig(cs, sn, gf, cstep, sstep, kpos, kpo, col0, off, snk, rope_scale)
+            for j, d in T.grid(P, H):
+                kt[d, j] = T.if_then_else(j < n, T.Cast("float32", pages[page, 0, hk, j, d]) * cs[j, d] - T.Cast("float32", pages[page, 0, hk, j, d + H]) * sn[j, d], T.float32(0))
+                kt[d + H, j] = T.if_then_else(j < n, T.Cast("float32", pages[page, 0, hk, j, d + H]) * cs[j, d] + T.Cast("float32", pages[page, 0, hk, j, d]) * sn[j, d], T.float32(0))
+        else:
+            for j, dd in T.grid(P, D):
+                kpos[0] = kpo + column_position(col0 + j, off, snk)  # see the ragged kernel
+                kt[dd, j] = T.if_then_else(j < n, _rope(pages, kpos[0], D, rope_theta, rope_scale, (page, 0, hk, j, dd), dtype, rope_scaling), T.Cast(dtype, 0))
+
+    @T.macro
+    def rotate_ragged(kt, k, row0, hk, n, kpos, kpo, col0, gf, cstep, sstep, cs, sn, rope_theta, rope_scale):
+        if fast:
+            page_trig(cs, sn, gf, cstep, sstep, kpos, kpo, col0, 0, 0, rope_scale)
+            for j, d in T.grid(P, H):
+                kt[d, j] = T.if_then_else(j < n, T.Cast("float32", k[row0 + T.min(j, n - 1), hk, d]) * cs[j, d] - T.Cast("float32", k[row0 + T.min(j, n - 1), hk, d + H]) * sn[j, d], T.float32(0))
+                kt[d + H, j] = T.if_then_else(j < n, T.Cast("float32", k[row0 + T.min(j, n - 1), hk, d + H]) * cs[j, d] + T.Cast("float32", k[row0 + T.min(j, n - 1), hk, d]) * sn[j, d], T.float32(0))
+        else:
+            for j, d in T.grid(P, D):
+                # RoPE position through a buffer: a loop-variable position inside _rope's
+                # float Let fails LLVM codegen in T.parallel.
+                kpos[0] = kpo + col0 + T.min(j, n - 1)
+                kt[d, j] = T.if_then_else(j < n, _rope(k, kpos[0], D, rope_theta, rope_scale, (row0 + T.min(j, n - 1), hk, d), dtype, rope_scaling), T.Cast(dtype, 0))
+    # fmt: on
+    return setup, rotate_paged, rotate_ragged
 
 
 def _qtile(group: int) -> int:
@@ -135,6 +176,7 @@ def attention_prefill_ragged_cpu(
     QT = _qtile(G)
     R = QT * G
     load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling, window)
+    setup, _, rotate_ragged = _rotate_macros(BLOCK, D, dtype, rope_scaling)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -177,8 +219,15 @@ def attention_prefill_ragged_cpu(
                 m_new = T.sblock_alloc_buffer((R,), "float32")
                 alpha = T.sblock_alloc_buffer((R,), "float32")
                 kpos = T.sblock_alloc_buffer((1,), "int32")
+                gf = T.sblock_alloc_buffer((D // 2,), "float32")  # inline RoPE (rope_inline_cpu.py)
+                cstep = T.sblock_alloc_buffer((D // 2,), "float32")
+                sstep = T.sblock_alloc_buffer((D // 2,), "float32")
+                cs = T.sblock_alloc_buffer((BLOCK, D // 2), "float32")
+                sn = T.sblock_alloc_buffer((BLOCK, D // 2), "float32")
                 hk: T.let[T.int32] = task // n_tiles
                 t0: T.let[T.int32] = task % n_tiles * QT
+                if rotary_mode == 1:
+                    setup(gf, cstep, sstep, rope_theta, rope_scale)
                 for b in T.serial(batch_size):
                     seg0: T.let[T.int32] = T.max(t0, q_indptr[b])
                     seg1: T.let[T.int32] = T.min(t0 + QT, q_indptr[b + 1])
@@ -194,11 +243,7 @@ def attention_prefill_ragged_cpu(
                         for blk in T.serial(T.if_then_else(sv > 0, 0, T.max(lo[0], 0) // BK), T.ceildiv(n_cols, BK)):
                             n: T.let[T.int32] = T.min(BK, kv_len - blk * BK)
                             if rotary_mode == 1:
-                                for j, d in T.grid(BK, D):
-                                    # RoPE position through a buffer: a loop-variable position
-                                    # inside _rope's float Let fails LLVM codegen in T.parallel.
-                                    kpos[0] = k_rope_pos_offset[b] + blk * BK + T.min(j, n - 1)
-                                    kt[d, j] = T.if_then_else(j < n, _rope(k, kpos[0], D, rope_theta, rope_scale, (kv0 + blk * BK + T.min(j, n - 1), hk, d), dtype, rope_scaling), T.Cast(dtype, 0))
+                                rotate_ragged(kt, k, kv0 + blk * BK, hk, n, kpos, k_rope_pos_offset[b], blk * BK, gf, cstep, sstep, cs, sn, rope_theta, rope_scale)
                             else:
                                 for j, d in T.grid(BK, D):
                                     kt[d, j] = T.if_then_else(j < n, k[kv0 + blk * BK + T.min(j, n - 1), hk, d], T.Cast(dtype, 0))
@@ -233,6 +278,7 @@ def attention_prefill_cpu(
     QT = _qtile(G)
     R = QT * G
     load_q, block, store = _prefill_macros(G, D, QT, dtype, rope_scaling, window)
+    setup, rotate_paged, _ = _rotate_macros(BLOCK, D, dtype, rope_scaling)
     SYM = "batch_prefill_paged_kv_cpu" + ("_slid" if SW else "")
 
     # fmt: off
@@ -275,8 +321,15 @@ def attention_prefill_cpu(
                 m_new = T.sblock_alloc_buffer((R,), "float32")
                 alpha = T.sblock_alloc_buffer((R,), "float32")
                 kpos = T.sblock_alloc_buffer((1,), "int32")
+                gf = T.sblock_alloc_buffer((D // 2,), "float32")  # inline RoPE (rope_inline_cpu.py)
+                cstep = T.sblock_alloc_buffer((D // 2,), "float32")
+                sstep = T.sblock_alloc_buffer((D // 2,), "float32")
+                cs = T.sblock_alloc_buffer((BLOCK, D // 2), "float32")
+                sn = T.sblock_alloc_buffer((BLOCK, D // 2), "float32")
                 hk: T.let[T.int32] = task // n_tiles
                 t0: T.let[T.int32] = task % n_tiles * QT
+                if rotary_mode == 1:
+                    setup(gf, cstep, sstep, rope_theta, rope_scale)
                 for b in T.serial(batch_size):
                     seg0: T.let[T.int32] = T.max(t0, q_indptr[b])
                     seg1: T.let[T.int32] = T.min(t0 + QT, q_indptr[b + 1])
@@ -297,16 +350,17 @@ def attention_prefill_cpu(
                             page: T.let[T.int32] = page_values[p0 + blk]
                             n: T.let[T.int32] = T.min(P, kv_len - blk * P)
                             if rotary_mode == 1:
-                                for j, dd in T.grid(P, D):
-                                    kpos[0] = kpo + column_position(blk * P + j, off, snk)  # see ragged kernel
-                                    kt[dd, j] = T.if_then_else(j < n, _rope(pages, kpos[0], D, rope_theta, rope_scale, (page, 0, hk, j, dd), dtype, rope_scaling), T.Cast(dtype, 0))
+                                rotate_paged(kt, pages, page, hk, n, kpos, kpo, blk * P, off, snk, gf, cstep, sstep, cs, sn, rope_theta, rope_scale)
                             else:
                                 for j, dd in T.grid(P, D):
                                     kt[dd, j] = T.if_then_else(j < n, pages[page, 0, hk, j, dd], T.Cast(dtype, 0))
                             block(kt, q_loc, s_loc, lim, lo, m_loc, l_loc, o_loc, m_new, alpha, blk * P, sv)
-                            for r, j in T.grid(R, n):
-                                for dd in T.vectorized(D):
-                                    o_loc[r, dd] += s_loc[r, j] * T.Cast("float32", pages[page, 1, hk, j, dd])
+                            for j in T.serial(n):
+                                # (slots the slid layout released may hold anything)
+                                if tirx.any(blk * P + j < snk, blk * P + j >= off):
+                                    for r in T.serial(R):
+                                        for dd in T.vectorized(D):
+                                            o_loc[r, dd] += s_loc[r, j] * T.Cast("float32", pages[page, 1, hk, j, dd])
                         store(output, lse, o_loc, m_loc, l_loc, seg0, seg1 - seg0, hk)
     # fmt: on
     return batch_prefill_paged_kv_cpu

@@ -64,6 +64,7 @@ def footprint(art: ModelArtifact, param_infos: list[Any]) -> ModelFootprint:
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
         vocab_size=c.vocab_size,
+        kv_window=c.kv_window[0] if c.kv_window else None,
     )
 
 

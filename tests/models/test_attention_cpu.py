@@ -38,12 +38,12 @@ _OWN_ARGS = {
 
 
 @functools.cache
-def _kernel(kind: str, own: bool, h_q: int, h_kv: int):
+def _kernel(kind: str, own: bool, h_q: int, h_kv: int, slid: bool = False):
     factory = (_OWN_ARGS if own else _STOCK_ARGS)[kind]
     if kind == "ragged":
         func = factory(h_kv, h_q, D, D, "float32", {})
     else:
-        func = factory(h_kv, h_q, D, "float32", False, {})
+        func = factory(h_kv, h_q, D, "float32", slid, {})
     return tvm.compile(tvm.IRModule({"main": func}), target=host_cpu_target())["main"]
 
 
@@ -66,12 +66,12 @@ def _paged(rng: np.random.Generator, h_kv: int, kv_lens: list[int]):
     return pages, indptr, values, last
 
 
-def _run(kind: str, h_q: int, h_kv: int, inputs: list, n_out: int, scalars: list):
+def _run(kind: str, h_q: int, h_kv: int, inputs: list, n_out: int, scalars: list, slid=False):
     results = []
     for own in (False, True):
         out = _t(np.zeros((n_out, h_q, D), "float32"))
         lse = _t(np.zeros((n_out, h_q), "float32"))
-        _kernel(kind, own, h_q, h_kv)(*[_t(a) for a in inputs], out, lse, *scalars)
+        _kernel(kind, own, h_q, h_kv, slid)(*[_t(a) for a in inputs], out, lse, *scalars)
         results.append((out.numpy(), lse.numpy()))
     (o_ref, l_ref), (o, lse_) = results
     assert np.isfinite(o).all() and np.isfinite(lse_).all()
@@ -138,10 +138,11 @@ def test_kv_cache_uses_our_kernels_on_llvm_only() -> None:
         "batch_decode_paged_kv_cpu",
         "batch_prefill_paged_kv_cpu",
         "batch_prefill_ragged_kv",
+        # the variants for the cache's sliding-window mode (slid page layout: test_kv_window.py)
+        "batch_decode_paged_kv_cpu_slid",
+        "batch_prefill_paged_kv_cpu_slid",
     ):
         assert "T.parallel" in names[name].script(), name
-    # The sliding-window variants (never used by mlctrio) stay stock and serial.
-    assert "T.parallel" not in names["batch_decode_paged_kv_cpu_sliding_window"].script()
     with ac.stock_kernels():
         stock, _ = build_irmodule(TINY, "q0f32", host_cpu_target())
     assert "T.parallel" not in stock["batch_decode_paged_kv_cpu"].script()
@@ -149,3 +150,52 @@ def test_kv_cache_uses_our_kernels_on_llvm_only() -> None:
     from tvm.relax.frontend.nn.llm import kv_cache
 
     assert kv_cache._attention_decode_cpu is ac._STOCK["decode"]
+
+
+def _slid_pages(rng: np.random.Generator, h_kv: int, layouts: list[tuple[int, int, int]]):
+    """Pages in the cache's sliding-window layout, per sequence (length, sink, offset): columns
+    [0, sink) sinks, [sink, offset) released slots (NaN), then the window's length - sink
+    tokens; length_info is (3, B): last page length, offset, sink."""
+    cols = [o + n - s for n, s, o in layouts]
+    kv_pages, indptr, values, last = _paged(rng, h_kv, cols)
+    for b, (_, s, o) in enumerate(layouts):
+        for c in range(s, o):
+            kv_pages[values[indptr[b] + c // PAGE], :, :, c % PAGE, :] = np.nan
+    info = np.stack([last, [o for *_, o in layouts], [s for _, s, _ in layouts]]).astype("int32")
+    return kv_pages, indptr, values, info
+
+
+# (logical length, sink, window's first column): no sinks with the window mid-page or aligned,
+# sinks ending mid-page with the window in the same page or the next, a sink of whole pages.
+SLID = [(40, 0, 5), (33, 0, 0), (50, 4, 9), (30, 4, 16), (64, 16, 16), (20, 16, 27)]
+
+
+@pytest.mark.parametrize(("h_q", "h_kv"), GQA)
+@pytest.mark.parametrize("rotary_mode", [0, 1])
+def test_slid_layout_decode_matches_stock(h_q: int, h_kv: int, rotary_mode: int) -> None:
+    """The cache's sliding-window mode: TVM's stock kernels for it attend to every held key
+    (sinks, then the window); ours too for a full layer (sm_scale > 0), positions by the held
+    order (inline RoPE by angle addition: rope_inline_cpu.py)."""
+    rng = np.random.default_rng(300 + h_q * 10 + h_kv + rotary_mode)
+    pages, indptr, values, info = _slid_pages(rng, h_kv, SLID)
+    b = len(SLID)
+    q = rng.standard_normal((b, h_q, D)).astype("float32")
+    k_off = np.zeros(b, "int32")
+    q_pos = np.array([n for n, _, _ in SLID], "int32")
+    inputs = [q, pages, indptr, values, info, k_off, q_pos]
+    _run("decode", h_q, h_kv, inputs, b, [rotary_mode, 1.0, 10000.0, D**-0.5], slid=True)
+
+
+@pytest.mark.parametrize(("h_q", "h_kv"), GQA)
+@pytest.mark.parametrize("rotary_mode", [0, 1])
+def test_slid_layout_paged_prefill_matches_stock(h_q: int, h_kv: int, rotary_mode: int) -> None:
+    rng = np.random.default_rng(400 + h_q * 10 + h_kv + rotary_mode)
+    pages, indptr, values, info = _slid_pages(rng, h_kv, SLID)
+    q_lens = [3, 1, 9, 20, 2, 5]
+    n = sum(q_lens)
+    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype("int32")
+    q = rng.standard_normal((n, h_q, D)).astype("float32")
+    k_off = np.zeros(len(q_lens), "int32")
+    q_pos = np.concatenate([np.arange(m) + k for m, (k, _, _) in zip(q_lens, SLID, strict=True)])
+    inputs = [q, q_indptr, pages, indptr, values, info, k_off, q_pos.astype("int32")]
+    _run("prefill", h_q, h_kv, inputs, n, [0, rotary_mode, 1.0, 10000.0, D**-0.5], slid=True)

@@ -44,7 +44,7 @@ def _runner(lib_cache_dir: Path, sink: int = 0, **kw: Any) -> TVMRunner:
         cm.lib_path,
         load_params(art, cm.params),
         config,
-        max_num_sequence=8,
+        max_num_sequence=kw.get("max_num_sequence", 8),
         max_total_seq_length=kw.get("max_total_seq_length", 1024),
         prefill_chunk_size=64,
     )
@@ -243,3 +243,30 @@ def test_the_page_mirror_counts_what_the_cache_holds(runner, lib_cache_dir, sink
     finally:
         for seq in seqs:
             r.remove_sequence(seq)
+
+
+def test_a_cache_smaller_than_a_request_serves_it_by_sliding(lib_cache_dir, reference) -> None:
+    """The memory win: a 64-token KV cache (9 pages with the cache's spares) serves a 53-token
+    prompt plus 150 tokens (prefix cache on: the repeat takes no fork it could not finish), with
+    the tokens of an engine whose cache holds everything; two choices (forks, which cannot
+    slide) are cut short for pages instead."""
+    prompt = reference["prompts"][3]
+    params = {"temperature": 0.0, "ignore_eos": True, "max_tokens": 150}
+    small = _core(
+        _runner(lib_cache_dir, max_total_seq_length=64, max_num_sequence=2),
+        window=True,
+        prefix_cache=True,
+    )
+    assert small.scheduler.pool.total_pages * PAGE < len(prompt) + 150
+    got = _serve(small, [("long", prompt, params)])
+    again = _serve(small, [("again", prompt, params)])
+    big = _serve(
+        _core(_runner(lib_cache_dir), window=False, prefix_cache=False), [("long", prompt, params)]
+    )
+    assert got["tokens"]["long"][0] == big["tokens"]["long"][0]
+    assert len(got["tokens"]["long"][0]) == 150
+    assert again["tokens"]["again"][0] == got["tokens"]["long"][0]
+    assert small.scheduler.prefix_cache is not None
+    assert small.scheduler.prefix_cache.num_hit_tokens_total == 0
+    two = _serve(small, [("two", prompt, {**params, "n": 2})])
+    assert all(len(t) < 150 for t in two["tokens"].get("two", {0: []}).values())
