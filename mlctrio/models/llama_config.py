@@ -147,6 +147,23 @@ class LlamaConfig:
         layers = ("sliding",) * self.num_hidden_layers
         return attrs.evolve(self, sliding_window=window, layer_types=layers)
 
+    def summary(self) -> str:
+        """One short line for logs (the repr lists every layer's type: kilobytes)."""
+        parts = [
+            f"{self.model_type}: {self.num_hidden_layers} layers, hidden {self.hidden_size}",
+            f"heads {self.num_attention_heads}/{self.num_key_value_heads}x{self.head_dim}",
+            f"vocab {self.vocab_size}, context {self.context_window_size}",
+        ]
+        if self.has_sliding_layers:
+            layers = self.layer_types or ()
+            slid = sum(t == "sliding" for t in layers)
+            parts.append(f"window {self.sliding_window} on {slid} of {len(layers)} layers")
+        if self.attention_sink_size:
+            parts.append(f"{self.attention_sink_size} sinks")
+        if self.num_experts:
+            parts.append(f"experts {self.num_experts_per_tok} of {self.num_experts}")
+        return ", ".join(parts)
+
     def with_attention_sinks(self, sink: int) -> LlamaConfig:
         """mlc_llm's `attention_sink_size` override: sliding layers also see the first `sink`
         positions. Compiled in, like the window."""

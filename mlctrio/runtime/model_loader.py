@@ -194,7 +194,7 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
         config.model,
         art.format,
         summary(art.quantization),
-        art.config,
+        art.config.summary(),
     )
     tokenizer, template = tokenizer_and_template(art)
     lib, infos, compile_info = model_library(config, art)
