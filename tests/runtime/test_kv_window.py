@@ -128,7 +128,9 @@ def test_attention_sinks_stay_visible_and_held(runner, lib_cache_dir: Path, refe
         assert most <= MOST_PAGES + (1 if sees_first else 0)
 
 
-def _core(runner: TVMRunner, *, window: bool, prefix_cache: bool) -> EngineCore:
+def _core(
+    runner: TVMRunner, *, window: bool, prefix_cache: bool, speculator: Any = None
+) -> EngineCore:
     tok = ByteTokenizer()
     config = EngineConfig(
         model="test://mistral",
@@ -140,7 +142,8 @@ def _core(runner: TVMRunner, *, window: bool, prefix_cache: bool) -> EngineCore:
     )
     if not window:
         runner = _NoWindow(runner)  # type: ignore[assignment]
-    return EngineCore(runner, tok, config, extra_stop_token_ids=RawChatTemplate().stop_token_ids)
+    stops = RawChatTemplate().stop_token_ids
+    return EngineCore(runner, tok, config, extra_stop_token_ids=stops, speculator=speculator)
 
 
 @attrs.define
@@ -270,3 +273,26 @@ def test_a_cache_smaller_than_a_request_serves_it_by_sliding(lib_cache_dir, refe
     assert small.scheduler.prefix_cache.num_hit_tokens_total == 0
     two = _serve(small, [("two", prompt, {**params, "n": 2})])
     assert all(len(t) < 150 for t in two["tokens"].get("two", {0: []}).values())
+
+
+def test_speculative_drafts_stop_at_the_window(lib_cache_dir, reference) -> None:
+    """Drafts (always the same token, so mostly rejected: appended, then popped) while the
+    sequence is short of the window, none once it slides (the cache cannot pop a slid
+    sequence); the tokens are the plain engine's and the mirror follows the cache each step."""
+    from mlctrio.runtime.speculative import Speculator
+
+    class Fives:
+        def propose(self, branches: list, want: list[int]) -> list[list[int]]:
+            return [[5] * k for k in want]
+
+    prompt = reference["prompts"][1][:3]
+    params = {"temperature": 0.0, "ignore_eos": True, "max_tokens": 4 * WINDOW}
+    spec = Speculator("ngram", Fives(), draft_length=4, max_batch=8)
+    core = _core(_runner(lib_cache_dir), window=True, prefix_cache=False, speculator=spec)
+    drafted = _serve(core, [("r", prompt, params)])
+    plain = _serve(
+        _core(_runner(lib_cache_dir), window=False, prefix_cache=False), [("r", prompt, params)]
+    )
+    assert drafted["tokens"] == plain["tokens"]
+    assert drafted["most"] <= MOST_PAGES
+    assert spec.stats.num_draft_tokens > 0
