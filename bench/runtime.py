@@ -210,7 +210,7 @@ def main() -> None:
         nargs=argparse.REMAINDER,
         help="the mixture-of-experts table instead: bytes read per token by the active experts "
         "and tok/s against that bandwidth bound (bench/moe.py, which takes the rest of the "
-        "arguments: --layers, --experts, --top-k, --quant, --steps)",
+        "arguments: --layers, --experts, --top-k, --quant, --steps, --per-token)",
     )
     args = ap.parse_args()
     if args.moe is not None:

@@ -8,9 +8,12 @@ fixtures of test_families.py (which check Mixtral and Qwen3-MoE against transfor
   mlp_only_layers; the weight mapping of both naming schemes into stacked tensors; an MoE GGUF
   file that says too little refused (never read as a dense model).
 - Compiled (slow): quantized experts (the tile16 group kernel, and the dequantise-per-tile one
-  for a width that is not whole groups) equal the float model on the dequantised weights, in
-  prefill, decode and batched decode; and a step never reads an expert it did not choose:
-  NaN in every unchosen expert leaves the logits finite and unchanged.
+  for a width that is not whole groups; with experts of whole groups, the grouped GEMM of
+  several-token steps too) equal the float model on the dequantised weights, in prefill, decode
+  and batched decode; and a step never reads an expert it did not choose: NaN in every unchosen
+  expert leaves the logits finite and unchanged.
+- The grouped GEMM (moe_grouped.py) against the per-token path and numpy on chosen routings:
+  experts without rows, an expert in every token, one token, many (moe_paths.py compiles both).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ MOE = LlamaConfig(
     norm_topk_prob=True,
     mlp_only_layers=(1,),
 )
+# Experts of 32 (whole groups): q4 / q8 experts take the grouped GEMM's tile16 kernels in steps
+# of several tokens (MOE's take the per-token path there: its down inputs are not whole groups).
+MOE32 = attrs.evolve(MOE, moe_intermediate_size=32)
 
 
 def _route_reference(logits: np.ndarray, top_k: int, normalize: bool) -> tuple:
@@ -230,16 +236,18 @@ def serve(lib_cache_dir: Path):
     from mlctrio.models.compile import compile_model
     from mlctrio.runtime.tvm_runner import TVMRunner
 
-    def _serve(quant: str, hf: dict, unchosen_nan: int | None = None) -> list[np.ndarray]:
-        cm = compile_model(MOE, quant, cache_dir=lib_cache_dir)
-        mlc = hf_to_mlc(MOE, hf, quant)
+    def _serve(
+        quant: str, hf: dict, unchosen_nan: int | None = None, config: LlamaConfig = MOE
+    ) -> list[np.ndarray]:
+        cm = compile_model(config, quant, cache_dir=lib_cache_dir)
+        mlc = hf_to_mlc(config, hf, quant)
         if unchosen_nan is not None:  # every float tensor of experts >= unchosen_nan
             for name, arr in mlc.items():
                 if ".moe_" in name and arr.dtype.kind == "f":
                     arr[unchosen_nan:] = np.nan
         params = mlc_to_params(mlc, cm.params)
         runner = TVMRunner(
-            cm.lib_path, params, MOE, max_num_sequence=4, max_total_seq_length=512,
+            cm.lib_path, params, config, max_num_sequence=4, max_total_seq_length=512,
             prefill_chunk_size=64,
         )  # fmt: skip
         try:
@@ -251,27 +259,33 @@ def serve(lib_cache_dir: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["q4f32_1", "q8f32_1"])
-def test_quantized_experts_equal_float_on_dequantised_weights(serve, quant: str) -> None:
-    hf = random_hf_weights(MOE, seed=1, scale=0.2)
-    got = serve(f"{quant};act=f32", hf)
-    want = serve("q0f32", _effective(hf, quant))
+@pytest.mark.parametrize(
+    ("quant", "config"), [("q4f32_1", MOE), ("q8f32_1", MOE), ("q4f32_1", MOE32)]
+)
+def test_quantized_experts_equal_float_on_dequantised_weights(
+    serve, quant: str, config: LlamaConfig
+) -> None:
+    hf = random_hf_weights(config, seed=1, scale=0.2)
+    got = serve(f"{quant};act=f32", hf, config=config)
+    want = serve("q0f32", _effective(hf, quant), config=config)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1"])
-def test_a_step_reads_only_the_chosen_experts(serve, quant: str) -> None:
+@pytest.mark.parametrize(
+    ("quant", "config"), [("q0f32", MOE), ("q4f32_1", MOE), ("q4f32_1", MOE32)]
+)
+def test_a_step_reads_only_the_chosen_experts(serve, quant: str, config: LlamaConfig) -> None:
     """All-zero routers: every expert ties, so experts 0..top_k-1 are chosen for every token
     (the lower ids first). NaN in the others' stored weights (q4: their scales) must not reach
     the logits."""
-    hf = random_hf_weights(MOE, seed=3, scale=0.2)
+    hf = random_hf_weights(config, seed=3, scale=0.2)
     for layer in (0, 2):
         p = f"model.layers.{layer}.mlp"
         hf[f"{p}.gate.weight"] = np.zeros_like(hf[f"{p}.gate.weight"])
-    clean = serve(quant, hf)
-    poisoned = serve(quant, hf, unchosen_nan=MOE.num_experts_per_tok)
+    clean = serve(quant, hf, config=config)
+    poisoned = serve(quant, hf, unchosen_nan=config.num_experts_per_tok, config=config)
     for c, p in zip(clean, poisoned, strict=True):
         assert np.isfinite(p).all()
         np.testing.assert_array_equal(c, p)
@@ -289,3 +303,34 @@ def test_bench_counts_only_the_active_experts() -> None:
         ("lm_head.q_weight", 1000),
     ]
     assert step_bytes(sizes, config) == (1000 + 10 + 80 + 40, 1000 + 10 + 1280 + 640)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q0f32", "q0bf16", "q4f32_1", "q8f32_1", "q4_1"])
+def test_grouped_experts_equal_the_per_token_path(quant: str) -> None:
+    """The grouped GEMM of several-token steps (moe_grouped.py) against the per-token path and
+    a numpy reference, on routings with experts of no rows, an expert every token routes to, one
+    token and many; poisoning the experts without rows changes nothing."""
+    import tvm
+
+    from tests.models.moe_paths import EXPERTS, build_paths, experts_reference, routings
+
+    grouped, per_token, params, (gate_up, down) = build_paths(quant)
+    rng = np.random.default_rng(7)
+    for case, ids in routings(rng).items():
+        x = rng.standard_normal((len(ids), gate_up.shape[2])).astype(np.float32)
+        w = rng.uniform(0.1, 1, ids.shape).astype(np.float32)
+        args = [tvm.runtime.tensor(a) for a in (x, w, ids, *params)]
+        got, want = grouped(*args).numpy(), per_token(*args).numpy()
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=case)
+        ref = experts_reference(x, w, ids, gate_up, down)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * scale, err_msg=case)
+        unused = sorted(set(range(EXPERTS)) - set(ids.ravel().tolist()))
+        if unused:
+            poisoned = [p.copy() for p in params]
+            for p in poisoned:  # every float expert tensor (q4 / q8: the scales)
+                if p.dtype.kind == "f" and p.ndim >= 3 and p.shape[0] == EXPERTS:
+                    p[unused] = np.nan
+            args = [tvm.runtime.tensor(a) for a in (x, w, ids, *poisoned)]
+            np.testing.assert_array_equal(grouped(*args).numpy(), got, err_msg=case)
