@@ -6,9 +6,10 @@ The f32 kernels of a q4 weight spend 3 vector ops per 16 weights turning nibbles
 at ~20 GB/s of weights and q4 prefill slower than f32. Like llama.cpp, every step (prefill and
 decode; prefill rows are passed as a batch of one-token rows) instead quantises the activations
 to int8 per group of 32 inputs
-(`q8_quantize`: scale = max|x| / 127, q = round-half-even(x * 127 / max|x|)), and multiply them
-with the 4-bit weights by `vpdpbusd` (64 unsigned x signed byte products summed into 16 int32
-lanes per instruction):
+(`q8_quantize`: q = round-half-even(x * (127 / max|x|)), scale d = max|x| / 127, s = d * sum q;
+for the GGUF formats (QuantSpec.f16_act_scales) d and s rounded to f16, as llama.cpp's x86
+`quantize_row_q8_0` / `quantize_row_q8_1` store them), and multiply them with the 4-bit weights by `vpdpbusd` (64 unsigned x signed byte products summed
+into 16 int32 lanes per instruction):
 
 - the weights are in the tile16 layout (quantization.pack_tile_np): one 16-lane uint32 vector
   holds one word (8 nibbles, inputs 8w..8w+7) of 16 output features; `w & 0x0F0F0F0F` gives the
@@ -18,7 +19,8 @@ lanes per instruction):
 - per group g: y += scale[n, g] * d_g * (sum_k stored * q_k - zero * sum_k q_k), the second
   sum precomputed per group (stored values are value + zero, so the zero point comes out
   exactly: 7 for mlc-llm's q4, 8 for GGUF Q4_0, 128 for 8-bit weights stored as q + 128);
-  formats with a min (GGUF Q4_1) add min[n, g] * d_g * sum_k q_k instead.
+  formats with a min (GGUF Q4_1) add scale[n, g] * d_g * sum_k stored * q_k + min[n, g] * s_g,
+  as llama.cpp's `ggml_vec_dot_q4_1_q8_1` does (the f16 s_g, not d_g * sum q).
 
 8-bit weights (q8_0, q8f*_1) skip the nibble split: quantization.pack_words_np already stores
 each 8-input chunk as the two words (even inputs, odd inputs) that meet the two activation dwords,
@@ -26,7 +28,9 @@ so per 16 x 8 weights: two loads and 2 `vpdpbusd` per row.
 
 So per 16 x 8 weights: one load, 3 integer ops and 2 `vpdpbusd` per row, against 32 float ops
 in the f32 kernel. A tile's weights (K / 2 bytes) stay in L1 while all row blocks reuse them. Results differ from the f32 path by the int8 rounding of the activations
-(relative ~1e-3, as llama.cpp's q4_0 x q8_0); models/reference.py emulates it exactly.
+(relative ~1e-3, as llama.cpp's q4_0 x q8_0); models/reference.py emulates it (the rounding
+exactly, float summation order not: a last-bit difference can flip a rounding, docs/discussion/0006
+§6).
 Used only where `target_has_features("avx512vnni")` (llama.py); elsewhere the f32 kernel runs.
 """
 
@@ -43,12 +47,18 @@ WORD = 8  # nibbles per uint32 word
 VDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 LOW_NIBBLES = 0x0F0F0F0F
 ROWS_BLOCK = 4  # rows per register block when the row count is symbolic
+XD = 3  # per row and group, q8_quantize's floats: d, sum q, s
 
 
 @functools.cache
-def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
-    """(x (b, 1, K) f32) -> (xq (b, K/8, 2) int32 byte-packed, xd (b, K/32, 2) f32 [scale, sum q])."""
+def q8_quantize_func(in_features: int, f16_scales: bool = False) -> tirx.PrimFunc:
+    """(x (b, 1, K) f32) -> (xq (b, K/8, 2) int32 byte-packed, xd (b, K/32, 3) f32 [d, sum q, s]):
+    d = max|x| / 127, s = d * sum q, with `f16_scales` both rounded to f16 (llama.cpp's q8_0 /
+    q8_1 blocks)."""
     K, KW, G = in_features, in_features // WORD, in_features // GROUP
+
+    def f16(v: Any) -> Any:
+        return T.Cast("float32", T.Cast("float16", v)) if f16_scales else v
 
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
@@ -57,7 +67,7 @@ def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
         b = T.int64()
         x = T.match_buffer(var_x, (b, 1, K), "float32")
         xq = T.match_buffer(var_xq, (b, KW, 2), "int32")
-        xd = T.match_buffer(var_xd, (b, G, 2), "float32")
+        xd = T.match_buffer(var_xd, (b, G, XD), "float32")
         for r in T.parallel(b):
             for g in T.serial(G):
                 with T.sblock("quantize"):
@@ -71,10 +81,12 @@ def q8_quantize_func(in_features: int) -> tirx.PrimFunc:
                     amax[1] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
                     for k in T.serial(GROUP):
                         q[k] = T.Cast("int32", T.nearbyint(x[r, 0, g * GROUP + k] * amax[1]))
-                    xd[r, g, 0] = amax[0] / T.float32(127)
                     xd[r, g, 1] = T.float32(0)
                     for k in T.serial(GROUP):
                         xd[r, g, 1] = xd[r, g, 1] + T.Cast("float32", q[k])
+                    amax[0] = amax[0] / T.float32(127)
+                    xd[r, g, 0] = f16(amax[0])
+                    xd[r, g, 2] = f16(amax[0] * xd[r, g, 1])
                     for w, h in T.grid(GROUP // WORD, 2):
                         xq[r, g * (GROUP // WORD) + w, h] = T.bitwise_or(
                             T.bitwise_or(T.bitwise_and(q[w * WORD + h], 255), T.shift_left(T.bitwise_and(q[w * WORD + h + 2], 255), 8)),
@@ -100,8 +112,8 @@ def group_q8_matmul_func(
     last block reads a clamped row and stores nothing).
 
     Per 8 inputs: 4 bits, one word, its low and high nibbles; 8 bits, two words (even inputs,
-    odd inputs), each multiplied as it is. Per group: y += d * (s * isum - zero * s * qsum), or
-    y += d * (s * isum + m * qsum) with a min (d: the activations' scale, qsum their sum)."""
+    odd inputs), each multiplied as it is. Per group: y += sc * d * (isum - zero * qsum), or
+    y += sc * d * isum + m * s with a min (sc, m: the weights' scale and min; d, qsum, s: xd)."""
     KW, G, R = in_features * bits // 32, in_features // GROUP, rows_block
     WPG = GROUP // WORD  # 8-input chunks per group
     SPG = 2 if has_min else 1  # q_scale columns per group
@@ -128,13 +140,14 @@ def group_q8_matmul_func(
             T.reinterpret("int32x16", w[no, chunk * 2 + 1, lanes]),
         )
 
-    def group_term(sc: Any, no: Any, g: Any, isum: Any, d: Any, qsum: Any) -> Any:
+    def group_term(sc: Any, no: Any, g: Any, isum: Any, xd: Any, row: Any) -> Any:
         scale = T.Cast("float32x16", sc[no, g * SPG, lanes])
+        d = T.Broadcast(xd[row, g, 0], 16)
         if has_min:
             low = T.Cast("float32x16", sc[no, g * SPG + 1, lanes])
-            return T.Broadcast(d, 16) * (scale * isum + low * T.Broadcast(qsum, 16))
-        zq = T.Broadcast(qsum * T.float32(zero), 16)
-        return scale * T.Broadcast(d, 16) * (isum - zq)
+            return scale * d * isum + low * T.Broadcast(xd[row, g, 2], 16)
+        zq = T.Broadcast(xd[row, g, 1] * T.float32(zero), 16)
+        return scale * d * (isum - zq)
 
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
@@ -142,7 +155,7 @@ def group_q8_matmul_func(
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b = T.int64()
         xq = T.match_buffer(var_xq, (b, in_features // WORD, 2), "int32")
-        xd = T.match_buffer(var_xd, (b, G, 2), "float32")
+        xd = T.match_buffer(var_xd, (b, G, XD), "float32")
         y = T.match_buffer(var_y, (b, 1, tiles, 16), "float32")
         for no in T.parallel(tiles):
             for ro in T.serial((b + R - 1) // R):
@@ -164,7 +177,7 @@ def group_q8_matmul_func(
                                 iacc[r, lanes] = vdp(iacc[r, lanes], hi, xq[row, g * WPG + wi, 1])
                         for r in T.unroll(R):
                             row = T.min(ro * R + r, b - 1)
-                            yacc[r, lanes] = yacc[r, lanes] + group_term(sc, no, g, T.Cast("float32x16", iacc[r, lanes]), xd[row, g, 0], xd[row, g, 1])
+                            yacc[r, lanes] = yacc[r, lanes] + group_term(sc, no, g, T.Cast("float32x16", iacc[r, lanes]), xd, row)
                     for r in T.unroll(R):
                         if ro * R + r < b:
                             y[ro * R + r, 0, no, lanes] = yacc[r, lanes]

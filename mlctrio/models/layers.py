@@ -88,12 +88,12 @@ class QLinear(nn.Module):
         rows = x.shape[0]
         k, tiles = self.in_f, self.out_f // TILE
         xq, xd = op.tensor_ir_op(
-            int8_cpu.q8_quantize_func(k),
+            int8_cpu.q8_quantize_func(k, self.spec.f16_act_scales),
             "q8_quantize",
             [x],
             [
                 Tensor.placeholder((rows, k // 8, 2), "int32"),
-                Tensor.placeholder((rows, k // int8_cpu.GROUP, 2), "float32"),
+                Tensor.placeholder((rows, k // int8_cpu.GROUP, int8_cpu.XD), "float32"),
             ],
         )
         rows_block = 1 if one_row else int8_cpu.ROWS_BLOCK

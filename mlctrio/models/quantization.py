@@ -28,10 +28,11 @@ name is part of the compile-cache key.
 
 A scheme also says how group-quantized layers take their activations (`act=`, ACTIVATIONS):
 "q8" quantizes them to int8 per group of 32 and multiplies with VNNI (int8_cpu.py; llama.cpp's
-q8_0 / q8_1 vec-dot types; about 2x faster prefill), "f32" keeps them float (exact arithmetic on
-the stored weights, so a result does not hinge on float summation order, which int8 rounding of
-a model with outlier activations turns into different greedy tokens), "auto" is q8 on CPUs with
-AVX512-VNNI. docs/discussion/0006 has the measurements.
+q8_0 / q8_1 vec-dot types, with their f16 scales for the GGUF formats; about 2x faster
+prefill), "f32" keeps them float (exact arithmetic on the stored weights, so a result does not
+hinge on float summation order, which int8 rounding of a model with outlier activations turns
+into different greedy tokens), "auto" is q8 on CPUs with AVX512-VNNI. docs/discussion/0006 has
+the measurements.
 
 On the CPU, linear weights whose output features split into tiles of 16 are re-laid out at load
 time ("tile16", `pack_tile_np`): (out, x) -> (out / 16, x, 16). Files keep their own layout.
@@ -73,6 +74,9 @@ class QuantSpec:
     bits: int = 4  # group: 4 or 8
     zero: int = MAX_INT  # group: the stored value of 0 (unused with has_min)
     has_min: bool = False  # group: value = stored * scale + min
+    # group, int8 activations: their scale d and sum s rounded to f16, as llama.cpp's q8_0 / q8_1
+    # blocks hold them (the GGUF formats: llama.cpp's arithmetic; docs/discussion/0006 §6)
+    f16_act_scales: bool = False
 
     @property
     def is_group(self) -> bool:
@@ -101,9 +105,9 @@ class QuantSpec:
 
 
 def _group(
-    name: str, bits: int, zero: int, scale: str, mlc: str, has_min: bool = False
+    name: str, bits: int, zero: int, scale: str, mlc: str, has_min: bool = False, gguf: bool = False
 ) -> QuantSpec:
-    return QuantSpec(name, "group", "uint32", scale, mlc, 32, bits, zero, has_min)
+    return QuantSpec(name, "group", "uint32", scale, mlc, 32, bits, zero, has_min, gguf)
 
 
 QUANTIZATIONS: dict[str, QuantSpec] = {
@@ -112,9 +116,9 @@ QUANTIZATIONS: dict[str, QuantSpec] = {
     "q0bf16": QuantSpec("q0bf16", "bf16", "uint16", "float32", "float32"),
     "q4f16_1": _group("q4f16_1", 4, MAX_INT, "float16", "float16"),
     "q4f32_1": _group("q4f32_1", 4, MAX_INT, "float32", "float32"),
-    "q4_0": _group("q4_0", 4, 8, "float16", "float32"),
-    "q4_1": _group("q4_1", 4, 0, "float16", "float32", has_min=True),
-    "q8_0": _group("q8_0", 8, 128, "float16", "float32"),
+    "q4_0": _group("q4_0", 4, 8, "float16", "float32", gguf=True),
+    "q4_1": _group("q4_1", 4, 0, "float16", "float32", has_min=True, gguf=True),
+    "q8_0": _group("q8_0", 8, 128, "float16", "float32", gguf=True),
     "q8f16_1": _group("q8f16_1", 8, 128, "float16", "float16"),
     "q8f32_1": _group("q8f32_1", 8, 128, "float32", "float32"),
 }
@@ -338,13 +342,36 @@ def effective_weight_np(
     return stored[0].astype(np.float32)
 
 
-def q8_activations_np(x: npt.NDArray[np.float32], group: int = 32) -> npt.NDArray[np.float32]:
-    """x (..., K) as int8_cpu.q8_quantize sees it: per group of `group`, q = rint(x * (127 /
-    max|x|)) in float32 arithmetic, value q * (max|x| / 127)."""
-    shape = x.shape
-    g = x.astype(np.float32).reshape(-1, shape[-1] // group, group)
-    amax = np.abs(g).max(axis=-1, keepdims=True)
+def q8_blocks_np(
+    x: npt.NDArray[np.float32], group: int = 32, f16_scales: bool = True
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """x (..., K) as int8_cpu.q8_quantize quantizes it, per group of `group`: q = rint(x * (127 /
+    max|x|)) in float32 arithmetic, d = max|x| / 127, s = d * sum q; with `f16_scales` d and s
+    rounded to f16 (llama.cpp's x86 quantize_row_q8_0 / q8_1). Returns q (..., K / group, group)
+    and d, s (..., K / group), all float32."""
+    g = x.astype(np.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    amax = np.abs(g).max(axis=-1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.rint(g * inv)
-    out: npt.NDArray[np.float32] = (q * (amax / np.float32(127))).astype(np.float32)
-    return out.reshape(shape)
+    q = np.rint(g * inv[..., None])
+    d = (amax / np.float32(127)).astype(np.float32)
+    s = (d * q.sum(axis=-1, dtype=np.float32)).astype(np.float32)
+    if f16_scales:
+        return q, d.astype(np.float16).astype(np.float32), s.astype(np.float16).astype(np.float32)
+    return q, d, s
+
+
+def q8_linear_np(
+    x: npt.NDArray[np.float32],
+    w: npt.NDArray[np.float32],
+    spec: QuantSpec,
+    mins: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]:
+    """x (n, K) @ w.T (w: the effective weight (out, K) stored as `spec`) as int8_cpu's kernels
+    compute it: the activations rounded by `q8_blocks_np`; with a min (`mins`: (out, K / 32) of
+    a has_min format) each group's min is multiplied by s rather than d * sum q, as llama.cpp's
+    ggml_vec_dot_q4_1_q8_1 does."""
+    q, d, s = q8_blocks_np(x, spec.group_size, spec.f16_act_scales)
+    y = (q * d[..., None]).reshape(x.shape) @ w.T
+    if mins is not None:
+        y = y + (s - d * q.sum(axis=-1)) @ mins.T
+    return y.astype(np.float32)

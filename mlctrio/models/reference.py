@@ -19,7 +19,7 @@ from mlctrio.models.quantization import (
     Scheme,
     as_scheme,
     effective_weight_np,
-    q8_activations_np,
+    q8_linear_np,
     uses_int8,
 )
 
@@ -95,14 +95,16 @@ class ReferenceLlama:
         self.c, self.int8 = config, int8
         self.scheme = scheme = as_scheme(quantization)
         self.inv_freq = rope_inv_freq(config)
-        self.rounds_input: set[int] = set()  # ids of weights whose layer takes int8 inputs
+        # id of a weight whose layer takes int8 inputs -> its spec and per-group mins (has_min)
+        self.int8_inputs: dict[int, tuple[QuantSpec, F32 | None]] = {}
 
         def lin(prefix: str, cols: int = config.hidden_size) -> F32:
             spec = scheme.spec_for(prefix)
             stored = [params[f"{prefix}.{n}"] for n in spec.stored_names]
             w = effective_weight_np(stored, spec, cols)
             if int8 and uses_int8(spec, *w.shape):
-                self.rounds_input.add(id(w))
+                mins = stored[1][:, 1::2].astype(np.float32) if spec.has_min else None
+                self.int8_inputs[id(w)] = spec, mins
             return w
 
         self.embed = lin("model.embed_tokens")
@@ -128,8 +130,8 @@ class ReferenceLlama:
         return RefKVCache(self.c.num_hidden_layers)
 
     def _linear(self, x: F32, w: F32) -> F32:
-        if id(w) in self.rounds_input:
-            x = q8_activations_np(x)
+        if id(w) in self.int8_inputs:
+            return q8_linear_np(x, w, *self.int8_inputs[id(w)])
         return x @ w.T
 
     def forward(
