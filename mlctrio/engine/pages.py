@@ -10,9 +10,10 @@ Rules (the same ones `ModelRunner` documents, and the ones a test checks against
   So a page shared by several sequences is always full, and appending never writes into it — except
   after `pop`, where the now-partial shared last page is copied on the next append (copy-on-write).
 * `remove` drops the sequence's references; pages whose refcount reaches 0 become free.
-* Sliding windows (`PagePool(window=W, sink=S)`, a model whose every layer slides): a sequence
-  added `windowable` (never one forked, nor one that will be forked) keeps at most its last W
-  tokens plus the first S, as TVM's cache does once the sequence is put in sliding mode. An
+* Sliding windows (`PagePool(window=W, sink=S)`, a model whose every layer slides; W counts
+  all tokens kept, the S sinks included): a sequence added `windowable` (never one forked, nor
+  one that will be forked) keeps at most W tokens, its first S and its last W - S, as TVM's
+  cache does once the sequence is put in sliding mode. An
   append that takes such a sequence past W puts it there (`append` returns True: the runner
   must be told before the step) and from then on every append releases the pages wholly before
   the window, by the cache's own arithmetic (`_slide`: the layout is S sink tokens, then the

@@ -16,7 +16,7 @@ every new position ((sum of lengths, hidden_size): embeddings). A runner without
 such requests with an EngineError. A third, `score(batch, num_logits)`, returns the logits at
 the last num_logits[i] positions of entry i ((sum of num_logits, vocab_size)): speculative
 decoding verifies its drafted tokens with it (runtime/speculative.py). A runner whose cache
-releases what leaves a sliding window has `kv_window` ((window, sink) tokens kept, or None) and
+releases what leaves a sliding window has `kv_window` ((tokens kept, sink), or None) and
 `enable_sliding_window(seq_id)`, which puts a sequence in that mode before a step
 (engine/pages.py has the rules, engine/plan.py when it is called).
 """

@@ -84,7 +84,7 @@ class Scheduler(PrefixCacheUse):
         prefill_tokens_while_decoding: int | None = None,
         kv_window: tuple[int, int] | None = None,
     ) -> None:
-        """kv_window: (window, sink) of a cache that releases what leaves a sliding window
+        """kv_window: (tokens kept, sink) of a cache that releases what leaves a sliding window
         (engine/pages.py); None: it holds every token."""
         window, sink = kv_window or (None, 0)
         self.pool = PagePool(total_pages, page_size, window=window, sink=sink)

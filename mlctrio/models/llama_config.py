@@ -88,15 +88,18 @@ class LlamaConfig:
 
     @property
     def kv_window(self) -> tuple[int, int] | None:
-        """(window, sink) when the KV cache can release what leaves the window: every layer
-        slides, and RoPE is the cache's. The cache then rotates inline by position within what
-        it holds (relative distances, hence attention, unchanged), which a model that rotates
-        by itself cannot follow (Gemma 3; its global layers need every position anyway). None
-        too when no sequence can outgrow the window (the mode costs some speed: 0011)."""
+        """(tokens kept, sink) when the KV cache can release what leaves the window: every
+        layer slides, and RoPE is the cache's. A sliding sequence keeps its `sink` first tokens
+        and its last `sliding_window` ones (tokens kept = both). The cache then rotates keys
+        inline by position within what it holds (relative distances, hence attention,
+        unchanged), which a model that rotates by itself cannot follow (Gemma 3; its global
+        layers need every position anyway). None too when no sequence can outgrow the window
+        (the mode costs some speed: docs/discussion/0011)."""
         layers = self.layer_types or ("full",)
         slides = self.sliding_window and self.sliding_window < self.context_window_size
         if slides and not self.rope_in_model and set(layers) == {"sliding"}:
-            return self.sliding_window, self.attention_sink_size or 0
+            sink = self.attention_sink_size or 0
+            return (self.sliding_window or 0) + sink, sink
         return None
 
     @property

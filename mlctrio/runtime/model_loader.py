@@ -177,9 +177,11 @@ def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
             raise ConfigError(f"--overrides attention_sink_size={sink}: {exc}") from None
         log.info("attention sinks: the first %d positions (--overrides attention_sink_size)", sink)
     if served.kv_window:
+        kept, sink = served.kv_window
         log.info(
-            "KV cache keeps the last %d positions of a sequence (+%d sinks) once it passes them",
-            *served.kv_window,
+            "KV cache keeps a sequence's last %d positions (and %d sinks) once it passes them",
+            kept - sink,
+            sink,
         )
     return art if served is art.config else attrs.evolve(art, config=served)
 

@@ -179,7 +179,8 @@ class TVMRunner:
 
     @property
     def kv_window(self) -> tuple[int, int] | None:
-        """(window, sink): the cache releases what leaves a sliding window (engine/runner.py)."""
+        """(tokens kept, sink): the cache releases what leaves a sliding window
+        (LlamaConfig.kv_window, engine/runner.py)."""
         return self._config.kv_window
 
     def total_pages(self) -> int:
@@ -224,8 +225,8 @@ class TVMRunner:
         self._check_seq(seq_id)
         if self._config.kv_window is None:
             raise EngineError("this model's KV cache has no sliding-window mode")
-        window, sink = self._config.kv_window
-        self._f_slide(self._kv, seq_id, window, sink)
+        kept, sink = self._config.kv_window
+        self._f_slide(self._kv, seq_id, kept, sink)
         self._sliding.add(seq_id)
 
     def popn(self, seq_id: int, num_tokens: int) -> None:

@@ -118,7 +118,7 @@ def test_attention_sinks_stay_visible_and_held(runner, lib_cache_dir: Path, refe
     """With 4 sinks the first token still matters three windows later; without, it cannot (2
     layers of a 16-token window see back 30 positions). The cache holds the sinks' page too."""
     sinks = _runner(lib_cache_dir, sink=4)
-    assert sinks.kv_window == (WINDOW, 4)
+    assert sinks.kv_window == (WINDOW + 4, 4)  # tokens kept: the sinks and the window
     prompt = reference["prompts"][3] + list(range(3, 40))  # 90 tokens
     changed = [(prompt[0] + 1) % 512, *prompt[1:]]
     for r, sees_first in ((runner, False), (sinks, True)):
@@ -221,7 +221,7 @@ def test_the_page_mirror_counts_what_the_cache_holds(runner, lib_cache_dir, sink
     from mlctrio.engine.pages import PagePool
 
     r = _runner(lib_cache_dir, sink=4) if sink else runner
-    pool = PagePool(r.total_pages(), PAGE, window=WINDOW, sink=sink)
+    pool = PagePool(r.total_pages(), PAGE, window=WINDOW + sink, sink=sink)
     rng = np.random.default_rng(sink)
     seqs = {0: True, 1: True, 2: False}  # seq id: windowable
     for seq, windowable in seqs.items():

@@ -73,7 +73,7 @@ def test_attention_sinks_need_a_sliding_window_and_fit_in_it() -> None:
     art = open_artifact(MISTRAL)
     sinks = ServerConfig(model=str(MISTRAL), overrides=EngineOverrides(attention_sink_size=4))
     served = served_artifact(art, sinks).config
-    assert served.attention_sink_size == 4 and served.kv_window == (16, 4)
+    assert served.attention_sink_size == 4 and served.kv_window == (16 + 4, 4)
     assert served_artifact(open_artifact(GEMMA), sinks).config.attention_sink_size == 4
     bare = attrs.evolve(art, config=attrs.evolve(art.config, layer_types=None, sliding_window=None))
     for artifact, overrides in ((bare, {}), (art, {"attention_sink_size": 16})):
