@@ -3,6 +3,7 @@
     python bench/gguf_parity.py FILE.gguf
     python bench/gguf_parity.py FILE.gguf --type Q8_0            # llama-quantize FILE first
     python bench/gguf_parity.py FILE.gguf --activations q8       # mlctrio's int8 activations
+    python bench/gguf_parity.py FILE.gguf --float64              # who is right at divergences
 
 Both servers run on FILE at the same time (parity is not timed): `mlctrio serve FILE` and
 `llama-server -m FILE` (bench/llama_cpp.py finds or builds it), `--threads` threads each.
@@ -31,6 +32,11 @@ Both servers run on FILE at the same time (parity is not timed): `mlctrio serve 
     `max dlogp` (max_logprob_diff) measures how far apart the two computations are even where the
     chosen tokens agree: the largest spread, within one step, of the differences between the two
     servers' logprobs of the tokens in both top lists, over the steps that saw the same context.
+
+(c) With `--float64`, after both servers stop: at each first differing step, bench/gguf_float64.py's
+    float64 numpy model of FILE computes the log-probabilities after the shared context (the
+    prompt ids and llama-server's ids before the step) and says which server's token it prefers
+    (or neither), with its logprob gap between the two; a summary line counts the picks.
 """
 
 from __future__ import annotations
@@ -293,12 +299,13 @@ def run_parity(args: argparse.Namespace, gguf: Path) -> dict[str, Any]:
             lambda t: mlctrio_tokenize(ours, model, t),
             lambda t: llama_server.tokenize(llama, t),
         )
-        greedy = []
+        greedy, contexts = [], []
         for prompt in GREEDY_PROMPTS:
             ids = llama_server.tokenize(llama, prompt)
             our_toks, our_tops = mlctrio_greedy(ours, model, ids, args.tokens, args.top)
             res = llama_server.greedy_tokens(llama, ids, args.tokens, n_probs=args.top)
             their_toks = [vocab[t] for t in res.tokens]
+            contexts.append((ids, res.tokens))
             their_tops = [{vocab[i]: lp for i, lp in step} for step in res.top_logprobs]
             step, mg, lg, verdict = divergence(
                 our_toks, our_tops, their_toks, their_tops, args.tie_nats
@@ -308,7 +315,12 @@ def run_parity(args: argparse.Namespace, gguf: Path) -> dict[str, Any]:
             greedy.append(
                 GreedyCheck(prompt, len(ids), our_toks, their_toks, step, mg, lg, verdict, diff)
             )
-    return {"tokenize": tok, "greedy": greedy}
+    result: dict[str, Any] = {"tokenize": tok, "greedy": greedy}
+    if args.float64:  # the servers are stopped: the cores are free
+        from bench.gguf_float64 import float64_checks
+
+        result["float64"] = float64_checks(gguf, greedy, contexts, vocab)
+    return result
 
 
 def _vocab_texts(gguf: Path) -> list[str]:
@@ -364,6 +376,10 @@ def report(result: dict[str, Any], title: str) -> int:
             "\n\ufffd: a token that is part of a UTF-8 character; several ids share this text, "
             "so its gaps may compare different ids"
         )
+    if "float64" in result:
+        from bench.gguf_float64 import report_float64
+
+        report_float64(result["float64"])
     return 0 if n_ok == len(tok) else 1
 
 
@@ -382,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--top", type=int, default=5, help="top logprobs per step (mlctrio: <= 5)")
     p.add_argument("--tie-nats", type=float, default=0.05, help="near-tie threshold, nats")
+    p.add_argument(
+        "--float64", action="store_true", help="float64's choice at each divergence (see (c))"
+    )
     p.add_argument("--json-out", type=Path, help="write the results as JSON")
     return p
 
