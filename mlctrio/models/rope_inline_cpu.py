@@ -2,13 +2,13 @@
 
 When the KV cache rotates keys at attention time (TVM's inline RoPE mode, which its
 sliding-window mode forces; attention_cpu.py), every kernel task rotates every key it reads.
-TVM's `_rope` evaluates a power, a cosine and a sine per element: in decode that was 3.5x the
-cost of the attention itself. Here, per task, each frequency's angle step is computed once
-(`setup`), and per page of P columns the cos/sin of the first position only (`page_trig`); the
-next positions follow by angle addition, cos(a + g) = cos a cos g - sin a sin g (15 steps:
-relative error ~1e-6, as float32 angles of large positions already have). Positions jump inside a
-page only where the cache's slid layout puts the window after its sinks (column `off`): the
-recurrence restarts there.
+TVM's `_rope` evaluates a power, a cosine and a sine per element, which made sliding-mode
+decode several times slower (docs/discussion/0011). Here, per task, each frequency's angle step
+is computed once (`setup`), and per page of P columns the cos/sin of the first position only
+(`page_trig`); the next positions follow by angle addition, cos(a + g) = cos a cos g -
+sin a sin g (15 steps: relative error ~1e-6, as float32 angles of large positions already
+have). Positions jump inside a page only where the cache's slid layout puts the window after
+its sinks (column `off`): the recurrence restarts there.
 
 Rules:
 - Only for frequency functions linear in the position (TVM's default and llama3 scaling), whose
