@@ -35,7 +35,8 @@ from mlctrio.models.llama_config import SMALL, TINY, LlamaConfig
 from mlctrio.models.quantization import get_quantization
 from mlctrio.models.reference import ReferenceLlama
 from mlctrio.models.weights import hf_to_mlc, mlc_to_params, random_hf_weights
-from mlctrio.runtime.tvm_runner import TVMRunner, set_openblas_threads
+from mlctrio.runtime.tvm_library import set_openblas_threads
+from mlctrio.runtime.tvm_runner import TVMRunner
 
 PRESETS = {"small": SMALL, "tiny": TINY}
 PREFILL_LENS = (128, 512)

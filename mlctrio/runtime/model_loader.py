@@ -141,7 +141,7 @@ def check_library(module: Any, lib: Path, art: ModelArtifact, what: str, model: 
     """Refuse a library whose build info names another config or quantization than `art`'s.
     The info comes from the library itself, else from the metadata `.json` beside it."""
     from ..models.build_info import build_mismatch
-    from .tvm_runner import library_build_info
+    from .tvm_library import library_build_info
 
     info = library_build_info(module) or _beside_record(lib)
     if info is None:
@@ -176,6 +176,8 @@ def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
         except ValueError as exc:
             raise ConfigError(f"--overrides attention_sink_size={sink}: {exc}") from None
         log.info("attention sinks: the first %d positions (--overrides attention_sink_size)", sink)
+    if config.speculative_mode in ("medusa", "eagle"):  # their heads read the hidden states
+        served = served.with_hidden_outputs()
     if served.kv_window:
         kept, sink = served.kv_window
         log.info(
@@ -187,7 +189,8 @@ def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
 
 
 def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
-    from .tvm_runner import TVMRunner, load_library
+    from .tvm_library import load_library
+    from .tvm_runner import TVMRunner
 
     path = resolve_model_dir(config.model)
     art = served_artifact(open_artifact(path, config.quantization, config.activations), config)
@@ -237,6 +240,7 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
             tokenizer,
             sampling_vocab_size(runner.vocab_size, tokenizer),
             load_draft,
+            runner,
         ),
     )
     info = ModelInfo(
@@ -266,7 +270,8 @@ def load_model(config: ServerConfig) -> tuple[EngineCore, ModelInfo]:
 def load_draft(config: ServerConfig, engine: EngineConfig) -> tuple[Any, Any]:
     """small_draft's draft model (config.draft_model): its runner, sized like the target's
     engine (sequences, chunk, pages; KV for spec_max_batch contexts), and its tokenizer."""
-    from .tvm_runner import TVMRunner, load_library
+    from .tvm_library import load_library
+    from .tvm_runner import TVMRunner
 
     assert config.draft_model is not None
     model = config.draft_model.model

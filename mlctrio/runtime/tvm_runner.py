@@ -8,22 +8,14 @@ way. The KV cache ICHECKs raise on most misuse, but an out-of-range logit positi
 inside `take`, so batches are validated here first; validation failures raise `EngineError`
 (the scheduler should never send them).
 
-Threads: TVM's pool sizes itself once, from TVM_NUM_THREADS, at its first parallel kernel (its
-default is half the cores on x86). `configure_threads` sets it, and OpenBLAS to one thread because
-OpenBLAS workers busy-spin and steal the cores TVM is using; call it before the first step (the
-constructor does, unless told not to).
+Threads: see tvm_library.configure_threads (the constructor calls it).
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,73 +26,16 @@ from tvm import relax
 from mlctrio.engine.runner import LaunchHook
 from mlctrio.errors import EngineError, ModelLoadError
 from mlctrio.models.llama_config import LlamaConfig
-from mlctrio.sizing import usable_cpu_count
+from mlctrio.runtime.hidden_tap import HiddenTap
+from mlctrio.runtime.tvm_library import configure_threads, load_library, optional_function
 
 log = logging.getLogger(__name__)
 
 
-def configure_threads(num_threads: int | None = None) -> int:
-    """Set TVM_NUM_THREADS (default: every core this process may use) and limit OpenBLAS to 1
-    thread. Returns TVM's count.
-
-    An explicit TVM_NUM_THREADS in the environment wins. Takes effect only before TVM's thread pool
-    starts (the first parallel kernel in the process).
-    """
-    n = num_threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or usable_cpu_count()
-    os.environ.setdefault("TVM_NUM_THREADS", str(n))
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # for libraries loaded later
-    set_openblas_threads(1)  # numpy's OpenBLAS is already loaded: tell it directly
-    return int(os.environ["TVM_NUM_THREADS"])
-
-
-def set_openblas_threads(n: int) -> None:
-    """Set the thread count of the OpenBLAS bundled with numpy (loaded already: env is too late)."""
-    libdir = Path(np.__file__).parent.parent / "numpy.libs"
-    for path in glob.glob(str(libdir / "lib*openblas*.so*")):
-        lib = ctypes.CDLL(path)
-        for sym in (
-            "scipy_openblas_set_num_threads64_",
-            "openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                return
-
-
-def load_library(lib: str | Path) -> tvm.runtime.Module:
-    """dlopen a compiled model library; a missing or broken file is a ModelLoadError. (Cached
-    libraries are checked against their sha256 before they get here: compile.read_entry.)"""
-    try:
-        return tvm.runtime.load_module(str(lib))
-    except Exception as exc:  # a missing/corrupt .so surfaces as a generic TVM error
-        raise ModelLoadError(f"cannot load compiled model {lib}: {exc}") from exc
-
-
-def library_build_info(module: tvm.runtime.Module) -> dict[str, Any] | None:
-    """The build info the library carries (models/build_info.py), or None when it has none."""
-    from mlctrio.models.build_info import BUILD_INFO_FUNC
-
-    try:
-        func = _optional_function(relax.VirtualMachine(module, tvm.cpu()), BUILD_INFO_FUNC)
-    except Exception as exc:  # not a Relax VM library at all
-        raise ModelLoadError(f"not an mlctrio model library: {exc}") from exc
-    if func is None:
-        return None
-    try:
-        info = json.loads(str(func()))
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _optional_function(vm: relax.VirtualMachine, name: str) -> Any:
-    """The VM function `name`, or None when the library does not export it."""
-    try:
-        return vm[name]
-    except AttributeError:  # what the VM raises for an unknown function
-        return None
+# `score` runs a step of at most this many tokens, every one needing logits, through the decode
+# function (one row per token): bench/verify_forms.py measured it at 0.6-0.7x the prefill
+# form's time for 2-4 tokens on SmolLM2 (Q4_1, 2 threads), about even at 5-8, slower beyond.
+ROWS_FORM_MAX_TOKENS = 4
 
 
 class TVMRunner:
@@ -135,9 +70,18 @@ class TVMRunner:
         self._f_embed = self._vm["embed"]
         self._f_prefill = self._vm["batch_prefill"]
         self._f_decode = self._vm["batch_decode"]
-        self._f_decode1 = _optional_function(self._vm, "decode")  # libraries before cpu-9 lack it
+        self._f_decode1 = optional_function(self._vm, "decode")  # libraries before cpu-9 lack it
         self._f_verify = self._vm["batch_verify"]
-        self._f_hidden = _optional_function(self._vm, "batch_prefill_to_last_hidden_states")
+        self._f_hidden = optional_function(self._vm, "batch_prefill_to_last_hidden_states")
+        # with config.hidden_outputs: the same steps also returning hidden states (hidden_tap.py)
+        self._f_tapped = {
+            name: optional_function(self._vm, f"{name}_hidden")
+            for name in ("batch_prefill", "batch_decode", "decode")
+        }
+        self.hidden_tap: HiddenTap | None = None
+        #: `score` runs a step of up to this many tokens, each needing logits, through the
+        #: decode function (0: never)
+        self.rows_form_max = ROWS_FORM_MAX_TOKENS
         shape = tvm_ffi.Shape
         self._kv = self._vm["create_paged_kv_cache"](
             shape([max_num_sequence]),
@@ -166,6 +110,10 @@ class TVMRunner:
         return self._config.vocab_size
 
     @property
+    def model_config(self) -> LlamaConfig:
+        return self._config
+
+    @property
     def page_size(self) -> int:
         return self._page_size
 
@@ -182,6 +130,24 @@ class TVMRunner:
         """(tokens kept, sink): the cache releases what leaves a sliding window
         (LlamaConfig.kv_window, engine/runner.py)."""
         return self._config.kv_window
+
+    def enable_hidden_tap(self, keep: int) -> HiddenTap:
+        """From now on record the last `keep` hidden states of every sequence after each step
+        (Medusa and EAGLE drafts read them). EngineError when the library lacks the `*_hidden`
+        functions (it was compiled without LlamaConfig.hidden_outputs)."""
+        if any(f is None for f in self._f_tapped.values()):
+            raise EngineError("this model library has no hidden-state outputs: compile with them")
+        if self.hidden_tap is None or self.hidden_tap.keep < keep:
+            self.hidden_tap = HiddenTap(self._config.hidden_size, keep)
+        return self.hidden_tap
+
+    def embed_rows(self, token_ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        """The model's input embedding of each token id (float32, (n, hidden))."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise EngineError("token id outside the vocabulary")
+        out = self._f_embed(tvm.runtime.tensor(ids, tvm.cpu()), self._params).numpy()
+        return out.astype(np.float32, copy=False).reshape(ids.size, -1)
 
     def total_pages(self) -> int:
         return self._total_pages
@@ -203,6 +169,8 @@ class TVMRunner:
         self._f_remove(self._kv, seq_id)
         del self._lengths[seq_id]
         self._sliding.discard(seq_id)
+        if self.hidden_tap is not None:
+            self.hidden_tap.drop(seq_id)
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         """Create child from parent's first fork_pos tokens (-1: all of them)."""
@@ -218,6 +186,8 @@ class TVMRunner:
             raise EngineError(f"fork_pos {fork_pos} outside [0, {parent_len}]")
         self._f_fork(self._kv, parent_id, child_id, fork_pos)
         self._lengths[child_id] = parent_len if fork_pos == -1 else fork_pos
+        if self.hidden_tap is not None:
+            self.hidden_tap.fork(parent_id, child_id, self._lengths[child_id])
 
     def enable_sliding_window(self, seq_id: int) -> None:
         """From the next step on, the cache keeps only the window's tokens (and the sinks) of
@@ -275,6 +245,13 @@ class TVMRunner:
         seq_ids, lengths, tokens = self._validate(batch)
         if any(not 1 <= k <= n for k, n in zip(num_logits, lengths, strict=True)):
             raise EngineError("num_logits must be in [1, entry length]")
+        if len(tokens) <= self.rows_form_max and all(
+            k == n for k, n in zip(num_logits, lengths, strict=True)
+        ):
+            # every new token needs its logits (a step of decodes and drafts): the decode
+            # function, each token one row of its (b, 1) matmuls; the cache still attends each
+            # entry's tokens causally (it dispatches on the lengths begin_forward was given)
+            return self._forward(seq_ids, lengths, tokens, all_positions=False, as_rows=True)
         ends = np.cumsum(lengths, dtype=np.int32)
         pos = np.concatenate(
             [np.arange(e - k, e, dtype=np.int32) for e, k in zip(ends, num_logits, strict=True)]
@@ -331,10 +308,16 @@ class TVMRunner:
         all_positions: bool,
         hidden: bool = False,
         positions: npt.NDArray[np.int32] | None = None,
+        as_rows: bool = False,
     ) -> npt.NDArray[np.float32]:
         dev = tvm.cpu()
         width = self._config.hidden_size
         total = int(tokens.size)
+        tap = self.hidden_tap is not None and not all_positions
+        fn = self._f_tapped if tap else {
+            "batch_prefill": self._f_prefill, "batch_decode": self._f_decode,
+            "decode": self._f_decode1,
+        }  # fmt: skip
         self._f_begin(self._kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lengths))
         try:
             embeds = self._f_embed(tvm.runtime.tensor(tokens, dev), self._params)
@@ -343,13 +326,13 @@ class TVMRunner:
             if all_positions:
                 f = self._f_hidden if hidden else self._f_verify
                 out = f(embeds._create_view((1, total, width)), self._kv, self._params)
-            elif positions is None and all(n == 1 for n in lengths):
-                decode = self._f_decode1 if total == 1 and self._f_decode1 else self._f_decode
+            elif as_rows or (positions is None and all(n == 1 for n in lengths)):
+                decode = fn["decode"] if total == 1 and fn["decode"] else fn["batch_decode"]
                 out = decode(embeds._create_view((total, 1, width)), self._kv, self._params)
             else:
                 # Positions are in range by construction (cumsum of lengths >= 1 each, < total).
                 pos = np.cumsum(lengths, dtype=np.int32) - 1 if positions is None else positions
-                out = self._f_prefill(
+                out = fn["batch_prefill"](
                     embeds._create_view((1, total, width)),
                     tvm.runtime.tensor(pos, dev),
                     self._kv,
@@ -357,10 +340,21 @@ class TVMRunner:
                 )
         finally:
             self._f_end(self._kv)
+        if tap:
+            self._record_hidden(seq_ids, lengths, out[1].numpy().reshape(total, width))
         for sid, n in zip(seq_ids, lengths, strict=True):
             self._lengths[sid] += n
         logits = out[0].numpy()
         return logits.reshape(-1, logits.shape[-1])
+
+    def _record_hidden(
+        self, seq_ids: list[int], lengths: list[int], rows: npt.NDArray[np.float32]
+    ) -> None:
+        assert self.hidden_tap is not None
+        at = 0
+        for sid, n in zip(seq_ids, lengths, strict=True):
+            self.hidden_tap.record(sid, self._lengths[sid], rows[at : at + n])
+            at += n
 
     def close(self) -> None:
         """Drop the KV cache and VM (frees their memory when the last reference goes)."""

@@ -119,7 +119,7 @@ def test_model_lib_that_fails_its_record_is_refused_before_dlopen(
     def refuse(path: object) -> None:
         raise AssertionError("dlopen-ed a library that fails its record")
 
-    monkeypatch.setattr("mlctrio.runtime.tvm_runner.load_library", refuse)
+    monkeypatch.setattr("mlctrio.runtime.tvm_library.load_library", refuse)
     corrupt = r"is corrupt: entry\.so is \d+ bytes, its record says 1$"
     with pytest.raises(ModelLoadError, match=corrupt):
         model_loader.load_model(ServerConfig(model="demo://tiny", model_lib=str(lib)))
