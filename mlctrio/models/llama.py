@@ -36,6 +36,7 @@ from mlctrio.models.layers import (
     rotate_qk,
 )
 from mlctrio.models.llama_config import LlamaConfig
+from mlctrio.models.llama_spec import default_spec
 from mlctrio.models.moe import MoEMLP
 from mlctrio.models.quantization import QuantSpec, Scheme, as_scheme
 from mlctrio.models.te_ops import geglu_te, softcap_te, swiglu_te
@@ -203,10 +204,25 @@ class LlamaForCausalLM(nn.Module):
     def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
 
+    # The `*_hidden` functions (exported when config.hidden_outputs): the same steps, also
+    # returning the final normed hidden state of every new position, which Medusa heads and
+    # EAGLE's draft layer read (runtime/hidden_tap.py).
+    def batch_prefill_hidden(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache):
+        h = self._forward(input_embeds, paged_kv_cache)
+        logits = self._logits(_take_positions(h, logit_positions))
+        return logits, _f32(h), paged_kv_cache
+
+    def batch_decode_hidden(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        h = self._forward(input_embeds, paged_kv_cache)
+        return self._logits(h), _f32(h), paged_kv_cache
+
+    def decode_hidden(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self.batch_decode_hidden(input_embed, paged_kv_cache)
+
     def batch_prefill_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
         # The final (normed) hidden state at every position: embeddings pool it.
         h = self._forward(input_embeds, paged_kv_cache)
-        return (h.astype("float32") if h.dtype != "float32" else h), paged_kv_cache
+        return _f32(h), paged_kv_cache
 
     def create_paged_kv_cache(
         self,
@@ -252,52 +268,7 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
-        h, dt = self.config.hidden_size, self.act_dtype
-        packed = {"param_mode": "packed", "effect_mode": "none"}
-        kv = nn.spec.Object(object_type=PagedKVCache)
-        mod_spec = {
-            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
-            "prefill": {
-                "input_embed": nn.spec.Tensor([1, "seq_len", h], dt),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
-            "batch_prefill": {
-                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
-                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
-            "batch_decode": {
-                "input_embeds": nn.spec.Tensor(["batch_size", 1, h], dt),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
-            "decode": {
-                "input_embed": nn.spec.Tensor([1, 1, h], dt),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
-            "batch_verify": {
-                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
-            "batch_prefill_to_last_hidden_states": {
-                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
-            "create_paged_kv_cache": {
-                "max_batch_size": int,
-                "max_total_seq_len": int,
-                "prefill_chunk_size": int,
-                "page_size": int,
-                "support_sliding_window": int,
-                "$": {"param_mode": "none", "effect_mode": "none"},
-            },
-        }
-        return nn.spec.ModuleSpec.from_raw(mod_spec, self)
+        return default_spec(self)
 
 
 def has_vnni(target: Target) -> bool:
@@ -354,6 +325,10 @@ def _take_positions(h: Tensor, positions: Tensor) -> Tensor:
         return te.compute((b, n, d), at, name="take_positions", attrs={"mlctrio.kind": "injective"})
 
     return op.tensor_expr_op(_gather, "take_positions", [h, positions])
+
+
+def _f32(h: Tensor) -> Tensor:
+    return h.astype("float32") if h.dtype != "float32" else h
 
 
 def _shape_expr(values: list[int]) -> Any:

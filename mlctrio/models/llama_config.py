@@ -66,6 +66,9 @@ class LlamaConfig:
     # Attention sinks (mlc_llm's attention_sink_size, StreamingLLM): the first positions every
     # sliding layer sees besides its window; None: none.
     attention_sink_size: int | None = None
+    # A build option, not the model's: also export the `*_hidden` functions, which return the
+    # final hidden states beside the logits (Medusa and EAGLE drafts read them). None: not.
+    hidden_outputs: bool | None = None
 
     @property
     def sm_scale(self) -> float:
@@ -178,6 +181,10 @@ class LlamaConfig:
             raise ValueError(f"attention_sink_size {sink} must be below the window")
         return attrs.evolve(self, attention_sink_size=sink or None)
 
+    def with_hidden_outputs(self) -> LlamaConfig:
+        """The same model, compiled with the `*_hidden` functions as well (models/llama.py)."""
+        return attrs.evolve(self, hidden_outputs=True)
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether `layer`'s MLP is a mixture of experts (models/moe.py)."""
         return bool(self.num_experts) and layer not in (self.mlp_only_layers or ())
@@ -210,6 +217,7 @@ _LATER_FIELDS = (
     "norm_topk_prob",
     "mlp_only_layers",
     "attention_sink_size",
+    "hidden_outputs",
 )
 
 

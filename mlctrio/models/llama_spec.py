@@ -1,0 +1,87 @@
+"""The exported functions of LlamaForCausalLM and their signatures (mlc-llm's names).
+
+Every library has embed, prefill, batch_prefill, batch_decode, decode, batch_verify,
+batch_prefill_to_last_hidden_states and create_paged_kv_cache; a config with `hidden_outputs`
+adds batch_prefill_hidden, batch_decode_hidden and decode_hidden (the same steps, also
+returning the final hidden states: Medusa and EAGLE drafts read them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+
+
+def default_spec(model: Any) -> nn.spec.ModuleSpec:
+    """The signatures of every exported function (what TVM's export_tvm compiles)."""
+    h, dt = model.config.hidden_size, model.act_dtype
+    packed = {"param_mode": "packed", "effect_mode": "none"}
+    kv = nn.spec.Object(object_type=PagedKVCache)
+    mod_spec = {
+        "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+        "prefill": {
+            "input_embed": nn.spec.Tensor([1, "seq_len", h], dt),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        "batch_prefill": {
+            "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+            "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        "batch_decode": {
+            "input_embeds": nn.spec.Tensor(["batch_size", 1, h], dt),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        "decode": {
+            "input_embed": nn.spec.Tensor([1, 1, h], dt),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        "batch_verify": {
+            "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        "batch_prefill_to_last_hidden_states": {
+            "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        **(_hidden_specs(model, packed, kv) if model.config.hidden_outputs else {}),
+        "create_paged_kv_cache": {
+            "max_batch_size": int,
+            "max_total_seq_len": int,
+            "prefill_chunk_size": int,
+            "page_size": int,
+            "support_sliding_window": int,
+            "$": {"param_mode": "none", "effect_mode": "none"},
+        },
+    }
+    return nn.spec.ModuleSpec.from_raw(mod_spec, model)
+
+
+def _hidden_specs(model: Any, packed: dict[str, str], kv: Any) -> dict[str, Any]:
+    h, dt = model.config.hidden_size, model.act_dtype
+    return {
+        "batch_prefill_hidden": {
+            "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+            "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        "batch_decode_hidden": {
+            "input_embeds": nn.spec.Tensor(["batch_size", 1, h], dt),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+        "decode_hidden": {
+            "input_embed": nn.spec.Tensor([1, 1, h], dt),
+            "paged_kv_cache": kv,
+            "$": packed,
+        },
+    }
