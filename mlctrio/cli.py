@@ -124,8 +124,10 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
         choices=SPECULATIVE_MODES,
         default="disable",
         help="draft tokens and verify them in one model call (output unchanged): ngram (prompt "
-        "lookup) or small_draft (the first --additional-models entry drafts); see --overrides "
-        "spec_draft_length (0: adaptive) and spec_max_batch",
+        "lookup), small_draft (the first --additional-models entry drafts), medusa or eagle "
+        "(heads trained for the model: shipped for the default model, else the first "
+        "--additional-models entry names their directory); see --overrides spec_draft_length "
+        "(0: adaptive) and spec_max_batch",
     )
     serve.add_argument(
         "--reasoning-parser",
@@ -278,14 +280,23 @@ def additional_models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
     `--speculative-mode small_draft` the first --additional-models entry is the draft model."""
     embedding = [args.embedding_model] if args.embedding_model is not None else []
     more = list(args.additional_models)
-    if args.speculative_mode == "small_draft":
+    if args.speculative_mode in DRAFTING_MODES:
         more = more[1:]
     return (*more, *embedding)
 
 
+# The modes whose first --additional-models entry is not served but drafts (mlc_llm's way):
+# small_draft's draft model, the heads directory of medusa and eagle (optional: mlctrio finds
+# the heads it ships for the served model, runtime/spec_heads.py).
+DRAFTING_MODES = ("small_draft", "medusa", "eagle")
+
+
 def draft_model(args: argparse.Namespace) -> ModelSpec | None:
-    """small_draft's draft model (mlc_llm's way: the first --additional-models entry)."""
-    if args.speculative_mode != "small_draft":
+    """The first --additional-models entry in a DRAFTING_MODES mode: small_draft's draft model,
+    medusa's or eagle's heads."""
+    if args.speculative_mode not in DRAFTING_MODES:
+        return None
+    if not args.additional_models and args.speculative_mode != "small_draft":
         return None
     if not args.additional_models:
         raise ConfigError(

@@ -220,7 +220,7 @@ class ServerConfig:
         """One configuration per served model, the main one (this) first. Additional models
         share every setting but the model, its name and `--model-lib` (the main model's)."""
         base = attrs.evolve(self, model_lib=None, additional_models=(), draft_model=None)
-        if self.speculative_mode == "small_draft":  # the draft model drafts for MODEL only
+        if self.speculative_mode in ("small_draft", "medusa", "eagle"):  # for MODEL only
             base = attrs.evolve(base, speculative_mode="disable")
         more = [
             attrs.evolve(base, model=s.model, served_model_name=s.name)

@@ -182,7 +182,8 @@ def test_missing_model_file_is_one_line(spawn: Callable[..., _Proc], tmp_path: P
 @pytest.mark.parametrize(
     ("mode", "why"),
     [
-        ("eagle", "--speculative-mode eagle: no eagle heads are available for this model"),
+        ("eagle", "--speculative-mode eagle: mock://echo has no hidden states to draft from"),
+        ("medusa", "--speculative-mode medusa: mock://echo has no hidden states to draft from"),
         ("small_draft", "mock://echo cannot load a draft model"),
     ],
 )
