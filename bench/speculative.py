@@ -3,6 +3,7 @@
     python bench/speculative.py                       # target: SmolLM2 F32, draft: its Q4_1
     python bench/speculative.py --target-type Q8_0 --concurrency 1,8 --rounds 2
     python bench/speculative.py --modes plain,ngram --workloads copy --no-llama
+    python bench/speculative.py --target-type Q4_1 --modes plain,medusa,eagle --workloads chat
 
 The target is the embedded SmolLM2-135M-Instruct converted with llama-quantize (`--target-type`,
 F32 by default; `--target-type Q4_1` is the file itself), the draft model the embedded Q4_1
@@ -11,6 +12,8 @@ file. Servers, one at a time, each with `--threads` threads:
     plain        mlctrio serve TARGET
     ngram        mlctrio serve TARGET --speculative-mode ngram
     small_draft  mlctrio serve TARGET --speculative-mode small_draft --additional-models DRAFT
+    medusa       mlctrio serve TARGET --speculative-mode medusa   (the heads mlctrio ships)
+    eagle        mlctrio serve TARGET --speculative-mode eagle    (the draft layer it ships)
     llama        llama-server -m TARGET                       (unless --no-llama)
     llama-draft  llama-server -m TARGET -md DRAFT --spec-draft-n-max N  (--llama-draft-max)
     llama-ngram  llama-server -m TARGET --spec-type ngram-simple (n=4, m=16)
@@ -81,7 +84,7 @@ COPY = [
     f"Add a docstring to each function in this code and return the whole code:\n\n{_CODE}",
 ]
 WORKLOADS = {"chat": CHAT, "copy": COPY}
-MODES = ("plain", "ngram", "small_draft", "llama", "llama-draft", "llama-ngram")
+MODES = ("plain", "ngram", "small_draft", "medusa", "eagle", "llama", "llama-draft", "llama-ngram")
 
 
 def _chat_once(url: str, model: str, prompt: str, max_tokens: int) -> int:
@@ -135,7 +138,7 @@ def open_server(mode: str, target: Path, draft: Path, args: argparse.Namespace) 
         overrides = f"max_num_sequence={max(8, *args.levels)}"
         if args.spec_max_batch is not None:
             overrides += f";spec_max_batch={args.spec_max_batch}"
-        extra = ["--mode", "server", "--overrides", overrides]
+        extra = ["--mode", "server", "--overrides", overrides, "--activations", args.activations]
         if mode != "plain":
             extra += ["--speculative-mode", mode]
         if mode == "small_draft":
@@ -206,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--llama-draft-max", type=int, default=8)
     p.add_argument("--no-llama", action="store_true")
+    p.add_argument("--activations", default="auto", help="mlctrio's --activations (f32, q8)")
     p.add_argument(
         "--spec-max-batch", type=int, default=None,
         help="mlctrio's spec_max_batch override (to measure where drafting stops paying)",
