@@ -1,10 +1,11 @@
 """Speculative decoding on the real default model (SmolLM2-135M-Instruct), through the SDK.
 
-With temperature 0 a server that drafts (n-gram lookup, or a draft model) answers exactly what a
-server that does not draft answers: chat and completions, streamed and not, with and without a
-json_schema. The drafts are forced (a fixed draft length of 4) so that verification really runs
-on every request; /metrics counts the drafts and /debug/config names the mode. The draft model
-here is the served model itself with the same kernels: it must be accepted almost always.
+With temperature 0 a server that drafts (n-gram lookup, a draft model, the shipped Medusa heads
+or EAGLE layer) answers exactly what a server that does not draft answers: chat and
+completions, streamed and not, with and without a json_schema. The drafts are forced (a fixed
+draft length of 4) so that verification really runs on every request; /metrics counts the
+drafts and /debug/config names the mode. The draft model here is the served model itself with
+the same kernels: it must be accepted almost always.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .conftest import ServerHandle, make_config, start_server
 pytestmark = pytest.mark.slow
 MODEL = default_served_name(DEFAULT_MODEL)
 FORCED = EngineOverrides(spec_draft_length=4)
+MODES = ["ngram", "small_draft", "medusa", "eagle"]
 SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -35,7 +37,8 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def servers(smollm2_gguf: object) -> Iterator[dict[str, ServerHandle]]:
-    """The default model served three ways: plainly, with n-gram drafts, with a draft model."""
+    """The default model served plainly and in each drafting mode (medusa and eagle find the
+    heads mlctrio ships for it with no further flag)."""
     common = {"model": DEFAULT_MODEL, "activations": "f32", "enable_debug": True}
     handles: dict[str, ServerHandle] = {}
     try:
@@ -52,6 +55,10 @@ def servers(smollm2_gguf: object) -> Iterator[dict[str, ServerHandle]]:
             ),
             load_timeout_s=600,
         )
+        for mode in ("medusa", "eagle"):
+            handles[mode] = start_server(
+                make_config(**common, speculative_mode=mode, overrides=FORCED), load_timeout_s=600
+            )
         yield handles
     finally:
         for handle in handles.values():
@@ -105,7 +112,7 @@ def _completion(handle: ServerHandle, prompt: str, stream: bool) -> str:
         return f"{text}|{reason}"
 
 
-@pytest.mark.parametrize("mode", ["ngram", "small_draft"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_greedy_output_is_the_plain_servers(
     servers: dict[str, ServerHandle], mode: str, stream: bool
@@ -126,7 +133,7 @@ def _metric(text: str, name: str, mode: str) -> float:
     return float(match.group(1))
 
 
-@pytest.mark.parametrize("mode", ["ngram", "small_draft"])
+@pytest.mark.parametrize("mode", MODES)
 def test_metrics_and_config_report_the_drafts(servers: dict[str, ServerHandle], mode: str) -> None:
     handle = servers[mode]
     names = ["num_drafts", "num_draft_tokens", "num_accepted_tokens"]
