@@ -52,7 +52,6 @@ def default_spec(model: Any) -> nn.spec.ModuleSpec:
             "paged_kv_cache": kv,
             "$": packed,
         },
-        **(_hidden_specs(model, packed, kv) if model.config.hidden_outputs else {}),
         "create_paged_kv_cache": {
             "max_batch_size": int,
             "max_total_seq_len": int,
@@ -62,26 +61,7 @@ def default_spec(model: Any) -> nn.spec.ModuleSpec:
             "$": {"param_mode": "none", "effect_mode": "none"},
         },
     }
+    if model.config.hidden_outputs:  # the same signatures as the steps they extend
+        for name in ("batch_prefill", "batch_decode", "decode"):
+            mod_spec[f"{name}_hidden"] = mod_spec[name]
     return nn.spec.ModuleSpec.from_raw(mod_spec, model)
-
-
-def _hidden_specs(model: Any, packed: dict[str, str], kv: Any) -> dict[str, Any]:
-    h, dt = model.config.hidden_size, model.act_dtype
-    return {
-        "batch_prefill_hidden": {
-            "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
-            "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
-            "paged_kv_cache": kv,
-            "$": packed,
-        },
-        "batch_decode_hidden": {
-            "input_embeds": nn.spec.Tensor(["batch_size", 1, h], dt),
-            "paged_kv_cache": kv,
-            "$": packed,
-        },
-        "decode_hidden": {
-            "input_embed": nn.spec.Tensor([1, 1, h], dt),
-            "paged_kv_cache": kv,
-            "$": packed,
-        },
-    }
