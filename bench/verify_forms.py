@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    config = ServerConfig(model=args.model, activations=args.activations,
-                          overrides=EngineOverrides(num_threads=args.threads, max_num_sequence=8))  # fmt: skip
+    overrides = EngineOverrides(num_threads=args.threads, max_num_sequence=8)
+    config = ServerConfig(model=args.model, activations=args.activations, overrides=overrides)
     core, _ = load_model(config)
     runner = core.runner
     for sid in range(8):

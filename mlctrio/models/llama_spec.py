@@ -63,5 +63,5 @@ def default_spec(model: Any) -> nn.spec.ModuleSpec:
     }
     if model.config.hidden_outputs:  # the same signatures as the steps they extend
         for name in ("batch_prefill", "batch_decode", "decode"):
-            mod_spec[f"{name}_hidden"] = mod_spec[name]
+            mod_spec[f"{name}_hidden"] = dict(mod_spec[name])  # from_raw pops "$"
     return nn.spec.ModuleSpec.from_raw(mod_spec, model)
