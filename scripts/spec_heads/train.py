@@ -67,18 +67,44 @@ class Eagle(nn.Module):
         self.norm = nn.Parameter(torch.ones(h))
 
     def forward(self, emb: torch.Tensor, feat: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        c = self.c
-        b, t, _ = emb.shape
         z = self.fc(torch.cat([emb, feat], -1))
+        q, k, v = self._qkv(z)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._out(z, a)
+
+    def second_step(self, emb: torch.Tensor, feat: torch.Tensor, guess: torch.Tensor):
+        """The layer's second draft step at every position j at once: its input there is its own
+        guess of h_j (`guess`, its output at j - 1) instead of the target's, and it attends the
+        target's positions before j plus itself, as at inference (EAGLE-3's training-time test,
+        one step deep)."""
+        d = self.c["head_dim"]
+        z = self.fc(torch.cat([emb, feat], -1))
+        z2 = self.fc(torch.cat([emb, guess], -1))
+        _, k, v = self._qkv(z)
+        q2, k2, v2 = self._qkv(z2)
+        t = z.shape[1]
+        scores = (q2 @ k.transpose(-1, -2)) * d**-0.5  # (b, heads, t, t)
+        before = torch.ones(t, t, dtype=torch.bool).tril(-1)
+        scores = scores.masked_fill(~before, float("-inf"))
+        own = (q2 * k2).sum(-1, keepdim=True) * d**-0.5  # (b, heads, t, 1)
+        p = torch.softmax(torch.cat([scores, own], -1), -1)
+        a = p[..., :t] @ v + p[..., t:] * v2
+        return self._out(z2, a)
+
+    def _qkv(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.c
+        b, t, _ = z.shape
         pos = torch.arange(t)
         nh, kvh, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
         q = rope(self.q(z).view(b, t, nh, d), pos, c["rope_theta"]).transpose(1, 2)
         k = rope(self.k(z).view(b, t, kvh, d), pos, c["rope_theta"]).transpose(1, 2)
         v = self.v(z).view(b, t, kvh, d).transpose(1, 2)
-        k = k.repeat_interleave(nh // kvh, dim=1)
-        v = v.repeat_interleave(nh // kvh, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = z + self.o(a.transpose(1, 2).reshape(b, t, nh * d))
+        return q, k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)
+
+    def _out(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = a.shape
+        x = z + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        c = self.c
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]) * self.norm
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
 
@@ -170,10 +196,48 @@ def eagle_tensors(d: dict, seqs: np.ndarray, vmap: np.ndarray, noise: float):
             torch.from_numpy(wmask))  # fmt: skip
 
 
-def train_eagle(d: dict, head: torch.Tensor, vmap: np.ndarray, cfg: dict, minutes: float) -> dict:
+# torch parameter name -> the EAGLE checkpoint's tensor name (runtime/spec_heads.py)
+EAGLE_NAMES = {
+    "fc.weight": "fc.weight",
+    "fc.bias": "fc.bias",
+    "norm": "layers.0.post_attention_layernorm.weight",
+    **{f"{n}.weight": f"layers.0.self_attn.{n}_proj.weight" for n in "qkvo"},
+    **{f"{n}.weight": f"layers.0.mlp.{n}_proj.weight" for n in ("gate", "up", "down")},
+}
+
+
+def eagle_loss(model: Eagle, batch: tuple, head: torch.Tensor, two_steps: bool):
+    """(loss, per-step accuracy terms): SmoothL1 on the next feature + 0.1 x cross-entropy on
+    the token after it, for the first draft step and, with two_steps, the second."""
+    emb, feat, tf, ty, w = batch
+    f = model(emb, feat, None)
+    outs = [(f, w)]
+    if two_steps:  # at position j the layer's own guess of h_j: its output at j - 1
+        guess = torch.cat([feat[:, :1], f[:, :-1].detach()], 1)
+        w2 = w.clone()
+        w2[:, 0] = 0.0
+        outs.append((model.second_step(emb, feat, guess), w2))
+    loss = torch.zeros(())
+    for out, mask in outs:
+        m = mask * (ty >= 0)
+        reg = (F.smooth_l1_loss(out, tf, reduction="none").mean(-1) * mask).sum() / mask.sum()
+        ce = F.cross_entropy((out @ head.T).reshape(-1, head.shape[0]), ty.reshape(-1),
+                             ignore_index=-1, reduction="none").view(ty.shape)  # fmt: skip
+        loss = loss + reg + 0.1 * (ce * m).sum() / m.sum()
+    return loss, outs
+
+
+def train_eagle(
+    d: dict, head: torch.Tensor, vmap: np.ndarray, cfg: dict, minutes: float,
+    init: dict | None = None, two_steps: bool = False, lr: float = 5e-4,
+) -> dict:  # fmt: skip
     train_ids, held_ids = split(len(d["offsets"]) - 1)
     model = Eagle(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
+    if init is not None:  # continue from trained heads (EAGLE_NAMES' tensors)
+        by_name = {v: k for k, v in EAGLE_NAMES.items()}
+        model.load_state_dict({by_name[k]: torch.from_numpy(v) for k, v in init.items()
+                               if k in by_name})  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     std = float(d["hidden"][:: max(1, len(d["hidden"]) // 20000)].astype(np.float32).std())
     end, start = time.time() + minutes * 60, time.time()
     step, rng = 0, np.random.default_rng(2)
@@ -184,43 +248,35 @@ def train_eagle(d: dict, head: torch.Tensor, vmap: np.ndarray, cfg: dict, minute
             frac = (time.time() - start) / (minutes * 60)
             for g in opt.param_groups:
                 warm = min(1.0, step / 50 + 0.02)
-                g["lr"] = 5e-4 * warm * (0.55 + 0.45 * math.cos(math.pi * frac))
-            emb, feat, tf, ty, w = eagle_tensors(d, seqs, vmap, 0.2 * std)
-            f = model(emb, feat, None)
-            reg = (F.smooth_l1_loss(f, tf, reduction="none").mean(-1) * w).sum() / w.sum()
-            logits = f @ head.T
-            ce = F.cross_entropy(logits.reshape(-1, head.shape[0]), ty.reshape(-1),
-                                 ignore_index=-1, reduction="none").view(ty.shape)  # fmt: skip
-            ce = (ce * w * (ty >= 0)).sum() / (w * (ty >= 0)).sum()
-            loss = reg + 0.1 * ce
+                g["lr"] = lr * warm * (0.55 + 0.45 * math.cos(math.pi * frac))
+            batch = eagle_tensors(d, seqs, vmap, 0.2 * std)
+            loss, _ = eagle_loss(model, batch, head, two_steps)
             opt.zero_grad()
             loss.backward()
             opt.step()
             step += 1
             if step % 50 == 0:
-                print(f"eagle step {step} reg {reg.item():.4f} ce {ce.item():.3f}", flush=True)
+                print(f"eagle step {step} loss {loss.item():.4f}", flush=True)
     acc = eagle_accuracy(model, d, held_ids, head, vmap)
-    print(f"eagle: {step} steps, held-out top-1 accuracy of the first draft {acc:.3f}")
+    print(f"eagle: {step} steps, held-out top-1 accuracy of the first and second drafts {acc}")
     sd = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    names = {"fc.weight": "fc.weight", "fc.bias": "fc.bias", "norm":
-             "layers.0.post_attention_layernorm.weight"}  # fmt: skip
-    for n in ("q", "k", "v", "o"):
-        names[f"{n}.weight"] = f"layers.0.self_attn.{n}_proj.weight"
-    for n in ("gate", "up", "down"):
-        names[f"{n}.weight"] = f"layers.0.mlp.{n}_proj.weight"
-    return {"tensors": {names[k]: v for k, v in sd.items()}, "accuracy": acc, "steps": step}
+    return {"tensors": {EAGLE_NAMES[k]: v for k, v in sd.items()}, "accuracy": acc, "steps": step}
 
 
-def eagle_accuracy(model: Eagle, d: dict, ids: np.ndarray, head: torch.Tensor, vmap) -> float:
-    good = total = 0
+def eagle_accuracy(model: Eagle, d: dict, ids: np.ndarray, head: torch.Tensor, vmap) -> list:
+    """Held-out top-1 accuracy of the first draft, and of the second given its own first guess
+    of the feature (the token before it taken as right)."""
+    good, total = [0, 0], [0, 0]
     with torch.no_grad():
         for i in range(0, len(ids), 16):
-            emb, feat, _, ty, w = eagle_tensors(d, ids[i : i + 16], vmap, 0.0)
-            pred = (model(emb, feat, None) @ head.T).argmax(-1)
-            m = (w > 0) & (ty >= 0)
-            good += int(((pred == ty) & m).sum())
-            total += int(m.sum())
-    return good / max(1, total)
+            batch = eagle_tensors(d, ids[i : i + 16], vmap, 0.0)
+            _, outs = eagle_loss(model, batch, head, two_steps=True)
+            ty = batch[3]
+            for s, (out, mask) in enumerate(outs):
+                m = (mask > 0) & (ty >= 0)
+                good[s] += int((((out @ head.T).argmax(-1) == ty) & m).sum())
+                total[s] += int(m.sum())
+    return [round(g / max(1, t), 4) for g, t in zip(good, total, strict=True)]
 
 
 def main() -> None:
@@ -233,6 +289,10 @@ def main() -> None:
     ap.add_argument("--minutes-eagle", type=float, default=15)
     ap.add_argument("--eagle-intermediate", type=int, default=0, help="0: the target's")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eagle-init", type=Path, default=None, help="continue from these heads")
+    ap.add_argument("--eagle-two-steps", action="store_true",
+                    help="also train the second draft step on the layer's own guess")  # fmt: skip
+    ap.add_argument("--eagle-lr", type=float, default=5e-4)
     ap.add_argument("--only", choices=["medusa", "eagle"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -259,7 +319,13 @@ def main() -> None:
         cfg = {k: tc[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
                                   "head_dim", "rope_theta", "rms_norm_eps")}  # fmt: skip
         cfg["intermediate_size"] = args.eagle_intermediate or tc["intermediate_size"]
-        e = train_eagle(d, head, vmap, cfg, args.minutes_eagle)
+        init = None
+        if args.eagle_init is not None:
+            from mlctrio.runtime.spec_heads import read_heads
+
+            init = read_heads(args.eagle_init, "eagle")[1]
+        e = train_eagle(d, head, vmap, cfg, args.minutes_eagle, init, args.eagle_two_steps,
+                        args.eagle_lr)  # fmt: skip
         write_heads(args.out / f"{args.name}-eagle",
                     {"kind": "eagle", **cfg, **common,
                      "trained": {"steps": e["steps"], "held_out_accuracy": e["accuracy"]}},
