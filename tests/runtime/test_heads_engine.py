@@ -178,3 +178,49 @@ def test_scoring_every_token_as_decode_rows_gives_the_prefill_logits() -> None:
         np.testing.assert_allclose(got[True], got[False], rtol=1e-4, atol=1e-4)
     finally:
         core.close()
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_forks_and_prefix_hits_keep_the_output(kind: str, tmp_path: Path) -> None:
+    """n > 1 (forked sequences: the tap copies the parent's hidden states) and a prompt repeated
+    after its first run (a prefix-cache hit: those positions' hidden states were never
+    computed): the drafting engine gives the plain engine's tokens, and its page mirror matches
+    the cache after every step."""
+    heads = _heads(tmp_path, kind)
+    small = EngineOverrides(spec_draft_length=3)
+    params = [
+        SamplingParams(temperature=0.9, seed=5, n=2, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),  # the prompt again
+    ]
+    prompt = PROMPTS[2]
+
+    def run(core: EngineCore) -> list[list[int]]:
+        got: list[list[int]] = []
+        for i, p in enumerate(params):
+            core.add_request(GenerationRequest(f"q{i}", prompt, p, time.monotonic()))
+            tokens: dict[int, list[int]] = {}
+            while core.has_work():
+                for out in core.step():
+                    for d in out.deltas:
+                        tokens.setdefault(d.index, []).extend(d.token_ids)
+                assert core.scheduler.pool.num_free == core.runner.free_pages()
+            got += [tokens[k] for k in sorted(tokens)]
+        return got
+
+    plain, _ = load_model(ServerConfig(model="demo://tiny", overrides=small))
+    core, _ = load_model(
+        ServerConfig(
+            model="demo://tiny", speculative_mode=kind, draft_model=ModelSpec(str(heads)),
+            overrides=small,
+        )
+    )  # fmt: skip
+    try:
+        expected = run(plain)
+        assert run(core) == expected
+        stats = core.stats()  # (acceptance is checked above: here every draft may be wrong)
+        assert stats.spec_num_drafts_total > 0
+        assert stats.num_prefix_cache_hit_tokens_total > 0
+    finally:
+        core.close()
+        plain.close()
