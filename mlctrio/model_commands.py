@@ -39,6 +39,13 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     comp.add_argument("model", help="model directory (HF or MLC), HF://org/name or demo://...")
     comp.add_argument("--quantization", default=None, choices=QUANT_CHOICES)
     comp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    comp.add_argument(
+        "--speculative-mode",
+        default="disable",
+        choices=["disable", "small_draft", "eagle", "medusa", "ngram"],
+        help="the library `serve --speculative-mode` loads: medusa and eagle need the one that "
+        "also returns hidden states",
+    )
     comp.add_argument("-o", "--output", type=Path, required=True)
 
 
@@ -85,7 +92,10 @@ def run_model_command(args: argparse.Namespace) -> int:
     from .models.compile import compile_model
 
     art = open_artifact(path, args.quantization)
-    compiled = compile_model(art.config, art.quantization, target=args.device)
+    config = art.config
+    if args.speculative_mode in ("medusa", "eagle"):  # as runtime/model_loader.served_artifact
+        config = config.with_hidden_outputs()
+    compiled = compile_model(config, art.quantization, target=args.device)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(compiled.lib_path, args.output)
     print(args.output)

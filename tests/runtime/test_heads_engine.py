@@ -14,7 +14,7 @@ import pytest
 
 from mlctrio.config import EngineOverrides, ModelSpec, ServerConfig
 from mlctrio.engine.types import GenerationRequest, SamplingParams
-from mlctrio.errors import ConfigError
+from mlctrio.errors import ConfigError, ModelLoadError
 from mlctrio.models.demo import PRESETS, demo_weights
 from mlctrio.runtime.core import EngineCore
 from mlctrio.runtime.model_loader import load_model
@@ -224,3 +224,29 @@ def test_forks_and_prefix_hits_keep_the_output(kind: str, tmp_path: Path) -> Non
     finally:
         core.close()
         plain.close()
+
+
+def test_compile_builds_the_library_that_serve_loads_for_heads(tmp_path: Path) -> None:
+    """`mlctrio compile --speculative-mode eagle` builds the hidden-output library, which
+    `serve --model-lib` then accepts for eagle (and refuses for plain serving: its config
+    differs)."""
+    import subprocess
+    import sys
+
+    lib = tmp_path / "eagle.so"
+    subprocess.run(
+        [sys.executable, "-m", "mlctrio", "compile", "demo://tiny", "--speculative-mode", "eagle",
+         "-o", str(lib)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    heads = ModelSpec(str(_heads(tmp_path, "eagle")))
+    config = ServerConfig(
+        model="demo://tiny", model_lib=str(lib), speculative_mode="eagle", draft_model=heads
+    )
+    core, _ = load_model(config)
+    try:
+        assert core.runner.hidden_tap is not None
+    finally:
+        core.close()
+    with pytest.raises(ModelLoadError, match="does not match"):
+        load_model(ServerConfig(model="demo://tiny", model_lib=str(lib)))
