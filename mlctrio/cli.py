@@ -19,7 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import REASONING_PARSERS, SPECULATIVE_MODES, EngineOverrides, ModelSpec, ServerConfig
+from .config import (
+    DRAFTING_MODES,
+    REASONING_PARSERS,
+    SPECULATIVE_MODES,
+    EngineOverrides,
+    ModelSpec,
+    ServerConfig,
+)
 from .errors import ConfigError, MlctrioError
 from .model_commands import HF_QUANTIZATIONS, add_model_commands, run_model_command
 
@@ -283,12 +290,6 @@ def additional_models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
     if args.speculative_mode in DRAFTING_MODES:
         more = more[1:]
     return (*more, *embedding)
-
-
-# The modes whose first --additional-models entry is not served but drafts (mlc_llm's way):
-# small_draft's draft model, the heads directory of medusa and eagle (optional: mlctrio finds
-# the heads it ships for the served model, runtime/spec_heads.py).
-DRAFTING_MODES = ("small_draft", "medusa", "eagle")
 
 
 def draft_model(args: argparse.Namespace) -> ModelSpec | None:

@@ -20,6 +20,11 @@ Mode = Literal["local", "interactive", "server"]
 PrefixCacheMode = Literal["radix", "disable"]
 SpeculativeMode = Literal["disable", "small_draft", "eagle", "medusa", "ngram"]
 SPECULATIVE_MODES: tuple[str, ...] = ("disable", "small_draft", "eagle", "medusa", "ngram")
+#: modes whose drafts read the served model's hidden states (it is compiled with them)
+HEAD_MODES: tuple[str, ...] = ("medusa", "eagle")
+#: modes whose first --additional-models entry drafts instead of being served (mlc_llm's way):
+#: small_draft's draft model; medusa's or eagle's heads (optional: shipped ones are found)
+DRAFTING_MODES: tuple[str, ...] = ("small_draft", *HEAD_MODES)
 #: `--reasoning-parser` (vLLM's names): auto parses `<think>` blocks when the chat template
 #: mentions `<think>`; deepseek_r1 and qwen3 always do; none never does (server/reasoning.py).
 ReasoningParser = Literal["auto", "none", "deepseek_r1", "qwen3"]
@@ -220,7 +225,7 @@ class ServerConfig:
         """One configuration per served model, the main one (this) first. Additional models
         share every setting but the model, its name and `--model-lib` (the main model's)."""
         base = attrs.evolve(self, model_lib=None, additional_models=(), draft_model=None)
-        if self.speculative_mode in ("small_draft", "medusa", "eagle"):  # for MODEL only
+        if self.speculative_mode in DRAFTING_MODES:  # its drafts are for MODEL only
             base = attrs.evolve(base, speculative_mode="disable")
         more = [
             attrs.evolve(base, model=s.model, served_model_name=s.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .config import HEAD_MODES, SPECULATIVE_MODES
 from .errors import ConfigError
 
 # Mirrors models.quantization.HF_QUANTIZATIONS (the CLI does not import tvm-side modules at
@@ -42,7 +43,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     comp.add_argument(
         "--speculative-mode",
         default="disable",
-        choices=["disable", "small_draft", "eagle", "medusa", "ngram"],
+        choices=SPECULATIVE_MODES,
         help="the library `serve --speculative-mode` loads: medusa and eagle need the one that "
         "also returns hidden states",
     )
@@ -93,7 +94,7 @@ def run_model_command(args: argparse.Namespace) -> int:
 
     art = open_artifact(path, args.quantization)
     config = art.config
-    if args.speculative_mode in ("medusa", "eagle"):  # as runtime/model_loader.served_artifact
+    if args.speculative_mode in HEAD_MODES:  # as runtime/model_loader.served_artifact
         config = config.with_hidden_outputs()
     compiled = compile_model(config, art.quantization, target=args.device)
     args.output.parent.mkdir(parents=True, exist_ok=True)

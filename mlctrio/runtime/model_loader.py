@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from ..config import EngineConfig, ServerConfig
+from ..config import HEAD_MODES, EngineConfig, ServerConfig
 from ..engine.model_info import ModelInfo
 from ..errors import ConfigError, ModelLoadError
 from ..models import hub
@@ -176,7 +176,7 @@ def served_artifact(art: ModelArtifact, config: ServerConfig) -> ModelArtifact:
         except ValueError as exc:
             raise ConfigError(f"--overrides attention_sink_size={sink}: {exc}") from None
         log.info("attention sinks: the first %d positions (--overrides attention_sink_size)", sink)
-    if config.speculative_mode in ("medusa", "eagle"):  # their heads read the hidden states
+    if config.speculative_mode in HEAD_MODES:  # their heads read the hidden states
         served = served.with_hidden_outputs()
     if served.kv_window:
         kept, sink = served.kv_window

@@ -63,16 +63,6 @@ def write_heads(path: Path, config: Mapping[str, Any], tensors: Mapping[str, Any
     (path / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n", encoding="utf-8")
 
 
-def target_record(name: str, model_config: Any) -> dict[str, Any]:
-    """What a heads config says about its target (compared by `matches`)."""
-    return {
-        "name": name,
-        "hidden_size": model_config.hidden_size,
-        "vocab_size": model_config.vocab_size,
-        "num_hidden_layers": model_config.num_hidden_layers,
-    }
-
-
 def matches(config: Mapping[str, Any], model_config: Any) -> bool:
     target = config.get("target", {})
     return all(

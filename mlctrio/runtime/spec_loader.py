@@ -67,8 +67,8 @@ def build_speculator(
         mode, engine.spec_draft_length or "adaptive", engine.spec_max_batch,
     )  # fmt: skip
     # n-gram proposals cost nothing to make: only the verification of longer drafts limits them
-    longest = {"ngram": 16, "medusa": getattr(proposer, "max_length", 8)}
-    policy = DraftPolicy(max_length=longest.get(mode, 8))
+    # (medusa: no more than its heads)
+    policy = DraftPolicy(max_length=16 if mode == "ngram" else getattr(proposer, "max_length", 8))
     return Speculator(
         mode,
         proposer,

@@ -68,9 +68,12 @@ class TVMRunner:
             raise ModelLoadError(f"cannot load compiled model {lib}: {exc}") from exc
         self._params = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
         self._f_embed = self._vm["embed"]
-        self._f_prefill = self._vm["batch_prefill"]
-        self._f_decode = self._vm["batch_decode"]
-        self._f_decode1 = optional_function(self._vm, "decode")  # libraries before cpu-9 lack it
+        # the step functions by name ("decode": libraries before cpu-9 lack it)
+        self._f_steps = {
+            "batch_prefill": self._vm["batch_prefill"],
+            "batch_decode": self._vm["batch_decode"],
+            "decode": optional_function(self._vm, "decode"),
+        }
         self._f_verify = self._vm["batch_verify"]
         self._f_hidden = optional_function(self._vm, "batch_prefill_to_last_hidden_states")
         # with config.hidden_outputs: the same steps also returning hidden states (hidden_tap.py)
@@ -314,10 +317,7 @@ class TVMRunner:
         width = self._config.hidden_size
         total = int(tokens.size)
         tap = self.hidden_tap is not None and not all_positions
-        fn = self._f_tapped if tap else {
-            "batch_prefill": self._f_prefill, "batch_decode": self._f_decode,
-            "decode": self._f_decode1,
-        }  # fmt: skip
+        fn = self._f_tapped if tap else self._f_steps
         self._f_begin(self._kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lengths))
         try:
             embeds = self._f_embed(tvm.runtime.tensor(tokens, dev), self._params)

@@ -149,9 +149,9 @@ def test_decode_paths_pad_odd_batches_and_batch_one(compiled, quant: str) -> Non
     pair.add(0, 1, 2)
     pair.step_and_check([(s, toks(rng, 9 + s)) for s in (0, 1, 2)])
     pair.step_and_check([(s, toks(rng, 1)) for s in (2, 0, 1)])  # batch 3: padded to 4
-    assert pair.runner._f_decode1 is not None  # this library exports the batch-1 function
+    assert pair.runner._f_steps["decode"] is not None  # this library exports the batch-1 function
     pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through `decode`
-    pair.runner._f_decode1 = None  # as with a library compiled before it existed
+    pair.runner._f_steps["decode"] = None  # as with a library compiled before it existed
     pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through batch_decode (padded to 2)
 
 
