@@ -170,6 +170,8 @@ class LlamaConfig:
             parts.append(f"{self.attention_sink_size} sinks")
         if self.num_experts:
             parts.append(f"experts {self.num_experts_per_tok} of {self.num_experts}")
+        if self.hidden_outputs:  # the library medusa / eagle read hidden states from
+            parts.append("with hidden-state outputs")
         return ", ".join(parts)
 
     def with_attention_sinks(self, sink: int) -> LlamaConfig:

@@ -6,6 +6,7 @@ mirror matches the cache after every step."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -118,15 +119,24 @@ def test_drafting_with_heads_gives_the_plain_output(
         core.close()
 
 
-def test_hidden_outputs_match_the_plain_functions(tmp_path: Path) -> None:
+def test_hidden_outputs_match_the_plain_functions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = ServerConfig(
         model="demo://tiny",
         speculative_mode="medusa",
         draft_model=ModelSpec(str(_heads(tmp_path, "medusa"))),
     )
+    caplog.set_level(logging.INFO, logger="mlctrio")
     core, _ = load_model(config)
+    tapped_log = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model ")]
+    caplog.clear()
     plain, _ = load_model(ServerConfig(model="demo://tiny"))
+    plain_log = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model ")]
     try:
+        # the model line says which library is served: medusa's carries the hidden states
+        assert len(tapped_log) == 1 and "with hidden-state outputs" in tapped_log[0]
+        assert len(plain_log) == 1 and "hidden-state" not in plain_log[0]
         tapped, ref = core.runner, plain.runner
         assert tapped.hidden_tap is not None
         for r in (tapped, ref):
