@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 
 # `score` runs a step of at most this many tokens, every one needing logits, through the decode
-# function (one row per token): bench/verify_forms.py measured it at 0.6-0.7x the prefill
-# form's time for 2-4 tokens on SmolLM2 (Q4_1, 2 threads), about even at 5-8, slower beyond.
-ROWS_FORM_MAX_TOKENS = 4
+# function (one row per token): bench/verify_forms.py measured it at 0.70-0.74x the prefill
+# form's time for 2-4 tokens on SmolLM2 (Q4_1, 2 threads), 0.74-0.92x for 5-8 (one, two or four
+# sequences), 1.0-1.2x beyond; bench/ngram_replay.py --rows-form-max: F32 and Q8_0 alike.
+ROWS_FORM_MAX_TOKENS = 8
 
 
 class TVMRunner:

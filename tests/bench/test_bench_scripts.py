@@ -452,3 +452,30 @@ def test_speculative_bench_counts_tokens_and_drafts(capsys: pytest.CaptureFixtur
     report(best, argparse.Namespace(workloads=["copy"], levels=[1]))
     table = capsys.readouterr().out
     assert "25.0 (2.50x) acc 3.00/75%" in table and " | plain | 10.0" in table
+
+
+def test_ngram_replay_keeps_every_token_and_the_oracle_never_misses() -> None:
+    """bench/ngram_replay.py's replay on an answer that copies its prompt, then leaves it: every
+    policy yields the answer's tokens exactly once, never drafts past max_tokens, and the oracle
+    drafts only what holds, in no more steps than any fixed length."""
+    from bench.ngram_replay import Replay, replay
+
+    prompt = list(range(100, 140))
+    answer = [7, *prompt[:30], 999, 998, 997]
+    cost = [1.0 + 0.1 * t for t in range(17)]
+    runs = {
+        p: replay(prompt, answer, p, cost) for p in ("k=0", "k=4", "k=16", "adaptive", "oracle")
+    }
+    for policy, run in runs.items():
+        assert run.tokens == len(answer) - 1, policy
+        done = 1
+        for drafted, kept in run.steps:
+            assert 0 <= kept <= drafted and done + drafted < len(answer), policy
+            done += kept + 1
+    assert len(runs["k=0"].steps) == len(answer) - 1
+    assert runs["k=0"].decode_seconds(cost) == len(answer) - 1
+    oracle = runs["oracle"]
+    assert all(d == k for d, k in oracle.steps) and sum(k for _, k in oracle.steps) >= 20
+    assert all(len(oracle.steps) <= len(r.steps) for r in runs.values())
+    assert runs["adaptive"].decode_seconds(cost) < runs["k=0"].decode_seconds(cost)
+    assert Replay([(3, 1), (20, 20)]).decode_seconds(cost) == cost[3] + cost[16]
