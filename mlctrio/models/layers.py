@@ -16,7 +16,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from mlctrio.models import int8_cpu
-from mlctrio.models.quantization import TILE, TILE16, QuantSpec, uses_int8
+from mlctrio.models.quantization import GROUP_ROWS, TILE, TILE16, QuantSpec, uses_int8
 from mlctrio.models.te_heads import head_rms_norm_te, rope_te
 from mlctrio.models.te_ops import embedding_te, matmul_te, matmul_tile16_te, rms_norm_te
 
@@ -35,6 +35,9 @@ class QLinear(nn.Module):
         self.cpu_layout = False  # set by LlamaForCausalLM for llvm targets
         self.tile16 = False  # weights in the tile16 layout (use_cpu_layout)
         self.int8 = False  # int8 activations, int8_cpu's VNNI kernels (use_cpu_layout)
+        # rows per block of the float group decode kernel; LlamaForCausalLM's wide decode
+        # traces with WIDE_GROUP_ROWS (te_ops.matmul_tile16_te)
+        self.group_rows = GROUP_ROWS
         # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
         if spec.is_group:
             groups = -(-in_f // spec.group_size)  # a partial last group is padded, as in mlc-llm
@@ -72,7 +75,9 @@ class QLinear(nn.Module):
             y = op.reshape(self._int8_matmul(rows, one_row), (b, s, self.out_f))
         elif self.tile16:
             y4 = op.tensor_expr_op(
-                matmul_tile16_te(self.spec, self.act_dtype), "matmul", [x, *self.stored()]
+                matmul_tile16_te(self.spec, self.act_dtype, self.group_rows),
+                "matmul",
+                [x, *self.stored()],
             )
             y = op.reshape(y4, (b, s, self.out_f))
         else:

@@ -18,6 +18,8 @@ LlamaMLP in an MoE layer is models/moe.py's.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from tvm import tirx
@@ -38,7 +40,13 @@ from mlctrio.models.layers import (
 from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.llama_spec import default_spec
 from mlctrio.models.moe import MoEMLP
-from mlctrio.models.quantization import QuantSpec, Scheme, as_scheme
+from mlctrio.models.quantization import (
+    GROUP_ROWS,
+    WIDE_GROUP_ROWS,
+    QuantSpec,
+    Scheme,
+    as_scheme,
+)
 from mlctrio.models.te_ops import geglu_te, softcap_te, swiglu_te
 
 # pylint: disable=missing-docstring,invalid-name
@@ -169,6 +177,12 @@ class LlamaForCausalLM(nn.Module):
                     module.use_cpu_layout(tile16=True, vnni=vnni)
                 elif isinstance(module, MoEMLP):
                     module.use_cpu_layout()
+        #: whether any layer decodes with the float group kernel, whose wide form
+        #: `batch_decode_wide` then exports (llama_spec.py)
+        self.wide_decode = any(
+            isinstance(m, QLinear) and m.tile16 and not m.int8 and m.spec.is_group
+            for _, m in _named_modules(self)
+        )
 
     def _logits(self, h: Tensor) -> Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
@@ -195,6 +209,12 @@ class LlamaForCausalLM(nn.Module):
 
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_decode_wide(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        # batch_decode for steps of more than GROUP_ROWS rows: the float group kernels take
+        # WIDE_GROUP_ROWS rows a block, so 5-8 rows convert each weight once, not twice
+        with _group_rows(self, WIDE_GROUP_ROWS):
+            return self.batch_decode(input_embeds, paged_kv_cache)
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         # batch_decode with a static batch of 1 (as in mlc-llm): its matmuls are matrix-vector
@@ -290,6 +310,19 @@ def _named_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
 
     _walk("", root)
     return out
+
+
+@contextlib.contextmanager
+def _group_rows(root: nn.Module, rows: int) -> Iterator[None]:
+    """Trace with every QLinear's float group kernel taking `rows` rows a block."""
+    layers = [m for _, m in _named_modules(root) if isinstance(m, QLinear)]
+    try:
+        for m in layers:
+            m.group_rows = rows
+        yield
+    finally:
+        for m in layers:
+            m.group_rows = GROUP_ROWS
 
 
 def _last_position(h: Tensor) -> Tensor:

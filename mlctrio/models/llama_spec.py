@@ -3,7 +3,9 @@
 Every library has embed, prefill, batch_prefill, batch_decode, decode, batch_verify,
 batch_prefill_to_last_hidden_states and create_paged_kv_cache; a config with `hidden_outputs`
 adds batch_prefill_hidden, batch_decode_hidden and decode_hidden (the same steps, also
-returning the final hidden states: Medusa and EAGLE drafts read them).
+returning the final hidden states: Medusa and EAGLE drafts read them); a model whose layers
+decode with the float group kernel adds batch_decode_wide (batch_decode with 8-row blocks, for
+steps of more than 4 rows).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def default_spec(model: Any) -> nn.spec.ModuleSpec:
             "$": {"param_mode": "none", "effect_mode": "none"},
         },
     }
+    if model.wide_decode:  # batch_decode with 8-row blocks in the float group kernels
+        mod_spec["batch_decode_wide"] = dict(mod_spec["batch_decode"])
     if model.config.hidden_outputs:  # the same signatures as the steps they extend
         for name in ("batch_prefill", "batch_decode", "decode"):
             mod_spec[f"{name}_hidden"] = dict(mod_spec[name])  # from_raw pops "$"

@@ -54,6 +54,10 @@ ELEMS_PER_WORD = 32 // NUM_BITS  # 8 nibbles per uint32
 MAX_INT = 2 ** (NUM_BITS - 1) - 1  # 7: the zero point of mlc-llm's stored nibble
 TILE = 16  # output features per tile of the "tile16" CPU layout
 GROUP_ROWS = 4  # rows per register block of the q4 decode kernel ("matmul_group")
+# ... and of its wide form (`batch_decode_wide`, steps of more than GROUP_ROWS rows): one weight
+# conversion shared by 8 rows instead of two blocks of 4 (bench/runtime.py: Q8_0 batch 8
+# decode 12-15% faster, batch 2-4 20-27% slower, hence both forms)
+WIDE_GROUP_ROWS = 8
 TILE16 = "tile16"
 
 

@@ -318,7 +318,9 @@ def _schedule_matmul_group(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) 
     i, j, no, ni, gr = sch.get_loops(block)
     static_rows = _const(sch.get(i).extent) is not None
     rows = sch.fuse(i, j)
-    r_o, r_i = sch.split(rows, [None, 1 if static_rows else GROUP_ROWS])
+    ann = sch.get(block).annotations
+    block_rows = int(ann["mlctrio.group_rows"]) if "mlctrio.group_rows" in ann else GROUP_ROWS
+    r_o, r_i = sch.split(rows, [None, 1 if static_rows else block_rows])
     sch.reorder(no, r_o, gr, r_i, ni)
     sch.parallel(no)
     acc = sch.cache_write(block, 0, "local")

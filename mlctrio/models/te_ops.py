@@ -123,7 +123,9 @@ def _is_one_row(x: te.Tensor) -> bool:
     return all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in x.shape[:2])
 
 
-def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor]:
+def matmul_tile16_te(
+    spec: QuantSpec, act_dtype: str, group_rows: int = GROUP_ROWS
+) -> Callable[..., te.Tensor]:
     """TE function (x (b, s, K), *weights in tile16 layout) -> (b, s, N / 16, 16) = x @ W.T.
 
     The output keeps the tile split (the caller reshapes it to (b, s, N), a free view), so the
@@ -137,8 +139,9 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
       y[n] = sum_g scale[n, g] * (sum_{k in g} stored[n, k] * x[k] - zero * sum_{k in g} x[k])
       (or + min[n, g] * sum_{k in g} x[k] for formats with a min),
       which leaves 3 vector ops per 16 weights (shift, and, convert) shared by the rows of a
-      block plus one FMA per row. A symbolic batch is padded to GROUP_ROWS rows ("x_pad",
-      "matmul_unpad" around it) so the row block has no tail.
+      block plus one FMA per row. A symbolic batch is padded to `group_rows` rows ("x_pad",
+      "matmul_unpad" around it) so the row block has no tail; the block carries that row
+      count ("mlctrio.group_rows") for the schedule.
     """
 
     def _tile(x: te.Tensor, *ws: te.Tensor) -> te.Tensor:
@@ -177,8 +180,8 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
         g = spec.group_size
         groups = int(in_features) // g
         padded = not _is_one_row(x)
-        if padded:  # decode (b, 1): rows padded to a multiple of GROUP_ROWS with zeros
-            rows = (b + GROUP_ROWS - 1) // GROUP_ROWS * GROUP_ROWS
+        if padded:  # decode (b, 1): rows padded to a multiple of group_rows with zeros
+            rows = (b + group_rows - 1) // group_rows * group_rows
             x = te.compute(
                 (rows, s, in_features),
                 lambda i, j, k: tirx.if_then_else(i < b, x[i, j, k], tirx.const(0, x.dtype)),
@@ -217,7 +220,7 @@ def matmul_tile16_te(spec: QuantSpec, act_dtype: str) -> Callable[..., te.Tensor
             (x.shape[0], s, q_weight.shape[0], TILE),
             lambda i, j, no, ni: te.sum(_term(i, j, no, ni), axis=gr),
             name="matmul",
-            attrs={"mlctrio.kind": "matmul_group"},
+            attrs={"mlctrio.kind": "matmul_group", "mlctrio.group_rows": group_rows},
         )
         if not padded:
             return y

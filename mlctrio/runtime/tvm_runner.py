@@ -1,12 +1,13 @@
 """`TVMRunner`: the `ModelRunner` (engine/runner.py) over a compiled Llama library and its KV cache.
 
 One instance lives on the engine worker thread; it is not thread-safe. Each `step` is:
-kv_state_begin_forward -> embed -> batch_decode (every entry 1 token) or batch_prefill (otherwise,
-logits only at each entry's last position) -> kv_state_end_forward. `verify` (logits at every
-position) and `hidden` (final hidden states at every position, for embeddings) run the same
-way. The KV cache ICHECKs raise on most misuse, but an out-of-range logit position segfaults
-inside `take`, so batches are validated here first; validation failures raise `EngineError`
-(the scheduler should never send them).
+kv_state_begin_forward -> embed -> batch_decode (every entry 1 token; `decode` for one,
+`batch_decode_wide` for more than GROUP_ROWS where the library has it) or batch_prefill
+(otherwise, logits only at each entry's last position) -> kv_state_end_forward. `verify`
+(logits at every position) and `hidden` (final hidden states at every position, for
+embeddings) run the same way. The KV cache ICHECKs raise on most misuse, but an out-of-range
+logit position segfaults inside `take`, so batches are validated here first; validation
+failures raise `EngineError` (the scheduler should never send them).
 
 Threads: see tvm_library.configure_threads (the constructor calls it).
 """
@@ -26,6 +27,7 @@ from tvm import relax
 from mlctrio.engine.runner import LaunchHook
 from mlctrio.errors import EngineError, ModelLoadError
 from mlctrio.models.llama_config import LlamaConfig
+from mlctrio.models.quantization import GROUP_ROWS
 from mlctrio.runtime.hidden_tap import HiddenTap
 from mlctrio.runtime.tvm_library import configure_threads, load_library, optional_function
 
@@ -69,11 +71,13 @@ class TVMRunner:
             raise ModelLoadError(f"cannot load compiled model {lib}: {exc}") from exc
         self._params = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
         self._f_embed = self._vm["embed"]
-        # the step functions by name ("decode": libraries before cpu-9 lack it)
+        # the step functions by name ("decode": libraries before cpu-9 lack it;
+        # "batch_decode_wide": only libraries with float group kernels have it)
         self._f_steps = {
             "batch_prefill": self._vm["batch_prefill"],
             "batch_decode": self._vm["batch_decode"],
             "decode": optional_function(self._vm, "decode"),
+            "batch_decode_wide": optional_function(self._vm, "batch_decode_wide"),
         }
         self._f_verify = self._vm["batch_verify"]
         self._f_hidden = optional_function(self._vm, "batch_prefill_to_last_hidden_states")
@@ -328,7 +332,11 @@ class TVMRunner:
                 f = self._f_hidden if hidden else self._f_verify
                 out = f(embeds._create_view((1, total, width)), self._kv, self._params)
             elif as_rows or (positions is None and all(n == 1 for n in lengths)):
-                decode = fn["decode"] if total == 1 and fn["decode"] else fn["batch_decode"]
+                decode = fn["batch_decode"]
+                if total == 1 and fn["decode"]:
+                    decode = fn["decode"]
+                elif total > GROUP_ROWS and fn.get("batch_decode_wide"):
+                    decode = fn["batch_decode_wide"]  # 8-row blocks (llama.batch_decode_wide)
                 out = decode(embeds._create_view((total, 1, width)), self._kv, self._params)
             else:
                 # Positions are in range by construction (cumsum of lengths >= 1 each, < total).

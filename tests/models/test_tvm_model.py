@@ -155,6 +155,39 @@ def test_decode_paths_pad_odd_batches_and_batch_one(compiled, quant: str) -> Non
     pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through batch_decode (padded to 2)
 
 
+def test_wide_decode_blocks_match_the_reference_and_the_narrow_ones(compiled) -> None:
+    """With float activations a group-quantized library also exports batch_decode_wide (8-row
+    blocks in the group kernels); the runner takes it for steps of more than 4 rows. Batches of
+    5 and 8 match the reference, and batch_decode's 4-row blocks bit for bit. A float library,
+    which has no group kernel, exports no wide form."""
+    assert make_pair(compiled("tiny", "q0f32"), TINY).runner._f_steps["batch_decode_wide"] is None
+    cm = compiled("tiny", "q4f32_1;act=f32")
+    mlc = hf_to_mlc(TINY, random_hf_weights(TINY, seed=5), cm.quantization)
+    runner = TVMRunner(
+        cm.lib_path, mlc_to_params(mlc, cm.params), TINY,
+        max_num_sequence=8, max_total_seq_length=2048, prefill_chunk_size=256,
+    )  # fmt: skip
+    ref = ReferenceLlama(TINY, mlc, cm.quantization, int8=False)
+    pair = Pair(runner, ref, ref.new_cache())
+    wide = runner._f_steps["batch_decode_wide"]
+    assert wide is not None
+    calls: list[int] = []
+    runner._f_steps["batch_decode_wide"] = lambda *a: calls.append(1) or wide(*a)
+    rng = np.random.default_rng(6)
+    pair.add(*range(8))
+    pair.step_and_check([(s, toks(rng, 3 + s)) for s in range(8)])
+    for n in (5, 8, 4):
+        batch = [(s, toks(rng, 1)) for s in range(n)]
+        got = pair.step_and_check(batch)
+        for s, _ in batch:
+            runner.popn(s, 1)
+        runner._f_steps["batch_decode_wide"] = None  # batch_decode, two blocks of 4
+        narrow = runner.step(batch)
+        runner._f_steps["batch_decode_wide"] = lambda *a: calls.append(1) or wide(*a)
+        np.testing.assert_array_equal(got, narrow)
+    assert len(calls) == 2  # the steps of 5 and 8 rows; 4 rows stay narrow
+
+
 def test_q4_without_vnni_runs_the_float_kernels(lib_dir: Path) -> None:
     """On a CPU without AVX512-VNNI the q4 layers keep float activations: the tile16 kernels
     (dequantise-per-tile for prefill, the group-scale kernel for decode) must be exact too."""
