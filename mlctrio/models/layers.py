@@ -35,8 +35,8 @@ class QLinear(nn.Module):
         self.cpu_layout = False  # set by LlamaForCausalLM for llvm targets
         self.tile16 = False  # weights in the tile16 layout (use_cpu_layout)
         self.int8 = False  # int8 activations, int8_cpu's VNNI kernels (use_cpu_layout)
-        # rows per block of the float group decode kernel; LlamaForCausalLM's wide decode
-        # traces with WIDE_GROUP_ROWS (te_ops.matmul_tile16_te)
+        # rows per block of the float group decode kernel; LlamaForCausalLM's batch_decode_r2
+        # and _r8 trace with 2 and 8 (te_ops.matmul_tile16_te)
         self.group_rows = GROUP_ROWS
         # Every Parameter gets an explicit dtype: Module.to() would also cast packed uint32 weights.
         if spec.is_group:

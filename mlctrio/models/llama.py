@@ -42,7 +42,6 @@ from mlctrio.models.llama_spec import default_spec
 from mlctrio.models.moe import MoEMLP
 from mlctrio.models.quantization import (
     GROUP_ROWS,
-    WIDE_GROUP_ROWS,
     QuantSpec,
     Scheme,
     as_scheme,
@@ -177,9 +176,9 @@ class LlamaForCausalLM(nn.Module):
                     module.use_cpu_layout(tile16=True, vnni=vnni)
                 elif isinstance(module, MoEMLP):
                     module.use_cpu_layout()
-        #: whether any layer decodes with the float group kernel, whose wide form
-        #: `batch_decode_wide` then exports (llama_spec.py)
-        self.wide_decode = any(
+        #: whether any layer decodes with the float group kernel, whose other row blocks
+        #: `batch_decode_r2` / `_r8` then export (llama_spec.py)
+        self.row_block_forms = any(
             isinstance(m, QLinear) and m.tile16 and not m.int8 and m.spec.is_group
             for _, m in _named_modules(self)
         )
@@ -210,10 +209,14 @@ class LlamaForCausalLM(nn.Module):
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._forward(input_embeds, paged_kv_cache)), paged_kv_cache
 
-    def batch_decode_wide(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        # batch_decode for steps of more than GROUP_ROWS rows: the float group kernels take
-        # WIDE_GROUP_ROWS rows a block, so 5-8 rows convert each weight once, not twice
-        with _group_rows(self, WIDE_GROUP_ROWS):
+    # batch_decode with the float group kernels taking 2 or 8 rows a block instead of GROUP_ROWS
+    # (quantization.decode_row_block: 2 rows, and 5 or more); the `_hidden` ones likewise
+    def batch_decode_r2(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        with _group_rows(self, 2):
+            return self.batch_decode(input_embeds, paged_kv_cache)
+
+    def batch_decode_r8(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        with _group_rows(self, 8):
             return self.batch_decode(input_embeds, paged_kv_cache)
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
@@ -238,6 +241,14 @@ class LlamaForCausalLM(nn.Module):
 
     def decode_hidden(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self.batch_decode_hidden(input_embed, paged_kv_cache)
+
+    def batch_decode_hidden_r2(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        with _group_rows(self, 2):
+            return self.batch_decode_hidden(input_embeds, paged_kv_cache)
+
+    def batch_decode_hidden_r8(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        with _group_rows(self, 8):
+            return self.batch_decode_hidden(input_embeds, paged_kv_cache)
 
     def batch_prefill_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
         # The final (normed) hidden state at every position: embeddings pool it.

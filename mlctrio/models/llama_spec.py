@@ -4,8 +4,9 @@ Every library has embed, prefill, batch_prefill, batch_decode, decode, batch_ver
 batch_prefill_to_last_hidden_states and create_paged_kv_cache; a config with `hidden_outputs`
 adds batch_prefill_hidden, batch_decode_hidden and decode_hidden (the same steps, also
 returning the final hidden states: Medusa and EAGLE drafts read them); a model whose layers
-decode with the float group kernel adds batch_decode_wide (batch_decode with 8-row blocks, for
-steps of more than 4 rows).
+decode with the float group kernel adds batch_decode_r2 and batch_decode_r8 (and their `_hidden`
+forms): batch_decode with row blocks of 2 and 8 instead of 4, for steps of 2 and of 5 or more
+rows (quantization.decode_row_block).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+
+from mlctrio.models.quantization import DECODE_ROW_BLOCKS
 
 
 def default_spec(model: Any) -> nn.spec.ModuleSpec:
@@ -63,9 +66,12 @@ def default_spec(model: Any) -> nn.spec.ModuleSpec:
             "$": {"param_mode": "none", "effect_mode": "none"},
         },
     }
-    if model.wide_decode:  # batch_decode with 8-row blocks in the float group kernels
-        mod_spec["batch_decode_wide"] = dict(mod_spec["batch_decode"])
     if model.config.hidden_outputs:  # the same signatures as the steps they extend
         for name in ("batch_prefill", "batch_decode", "decode"):
             mod_spec[f"{name}_hidden"] = dict(mod_spec[name])  # from_raw pops "$"
+    if model.row_block_forms:  # batch_decode with other row blocks in the float group kernels
+        bases = ["batch_decode", *(["batch_decode_hidden"] if model.config.hidden_outputs else [])]
+        for base in bases:
+            for rows in DECODE_ROW_BLOCKS:
+                mod_spec[f"{base}_r{rows}"] = dict(mod_spec["batch_decode"])
     return nn.spec.ModuleSpec.from_raw(mod_spec, model)

@@ -54,10 +54,17 @@ ELEMS_PER_WORD = 32 // NUM_BITS  # 8 nibbles per uint32
 MAX_INT = 2 ** (NUM_BITS - 1) - 1  # 7: the zero point of mlc-llm's stored nibble
 TILE = 16  # output features per tile of the "tile16" CPU layout
 GROUP_ROWS = 4  # rows per register block of the q4 decode kernel ("matmul_group")
-# ... and of its wide form (`batch_decode_wide`, steps of more than GROUP_ROWS rows): one weight
-# conversion shared by 8 rows instead of two blocks of 4 (bench/runtime.py: Q8_0 batch 8
-# decode 12-15% faster, batch 2-4 20-27% slower, hence both forms)
-WIDE_GROUP_ROWS = 8
+# ... and of the other forms a library exports (`batch_decode_r2`, `batch_decode_r8`): a weight
+# conversion shared by the rows of a block, so 2 rows are cheapest in blocks of 2 and 5-8 in
+# one block of 8 (docs/discussion/0005 section 5), and 3-4 in GROUP_ROWS
+DECODE_ROW_BLOCKS = (2, 8)
+
+
+def decode_row_block(rows: int) -> int:
+    """The row block of the float group kernel that decodes `rows` rows cheapest."""
+    return 2 if rows == 2 else GROUP_ROWS if rows <= GROUP_ROWS else 8
+
+
 TILE16 = "tile16"
 
 

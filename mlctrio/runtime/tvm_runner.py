@@ -2,7 +2,7 @@
 
 One instance lives on the engine worker thread; it is not thread-safe. Each `step` is:
 kv_state_begin_forward -> embed -> batch_decode (every entry 1 token; `decode` for one,
-`batch_decode_wide` for more than GROUP_ROWS where the library has it) or batch_prefill
+`batch_decode_r2` / `_r8` for 2 and for 5+ where the library has them) or batch_prefill
 (otherwise, logits only at each entry's last position) -> kv_state_end_forward. `verify`
 (logits at every position) and `hidden` (final hidden states at every position, for
 embeddings) run the same way. The KV cache ICHECKs raise on most misuse, but an out-of-range
@@ -27,7 +27,7 @@ from tvm import relax
 from mlctrio.engine.runner import LaunchHook
 from mlctrio.errors import EngineError, ModelLoadError
 from mlctrio.models.llama_config import LlamaConfig
-from mlctrio.models.quantization import GROUP_ROWS
+from mlctrio.models.quantization import DECODE_ROW_BLOCKS, decode_row_block
 from mlctrio.runtime.hidden_tap import HiddenTap
 from mlctrio.runtime.tvm_library import configure_threads, load_library, optional_function
 
@@ -71,13 +71,16 @@ class TVMRunner:
             raise ModelLoadError(f"cannot load compiled model {lib}: {exc}") from exc
         self._params = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
         self._f_embed = self._vm["embed"]
-        # the step functions by name ("decode": libraries before cpu-9 lack it;
-        # "batch_decode_wide": only libraries with float group kernels have it)
+        # the step functions by name ("decode": libraries before cpu-9 lack it; the row-block
+        # forms "batch_decode_r2" / "_r8": only libraries with float group kernels have them)
         self._f_steps = {
             "batch_prefill": self._vm["batch_prefill"],
             "batch_decode": self._vm["batch_decode"],
             "decode": optional_function(self._vm, "decode"),
-            "batch_decode_wide": optional_function(self._vm, "batch_decode_wide"),
+            **{
+                f"batch_decode_r{r}": optional_function(self._vm, f"batch_decode_r{r}")
+                for r in DECODE_ROW_BLOCKS
+            },
         }
         self._f_verify = self._vm["batch_verify"]
         self._f_hidden = optional_function(self._vm, "batch_prefill_to_last_hidden_states")
@@ -86,6 +89,10 @@ class TVMRunner:
             name: optional_function(self._vm, f"{name}_hidden")
             for name in ("batch_prefill", "batch_decode", "decode")
         }
+        for r in DECODE_ROW_BLOCKS:
+            self._f_tapped[f"batch_decode_r{r}"] = optional_function(
+                self._vm, f"batch_decode_hidden_r{r}"
+            )
         self.hidden_tap: HiddenTap | None = None
         #: `score` runs a step of up to this many tokens, each needing logits, through the
         #: decode function (0: never)
@@ -143,7 +150,7 @@ class TVMRunner:
         """From now on record the last `keep` hidden states of every sequence after each step
         (Medusa and EAGLE drafts read them). EngineError when the library lacks the `*_hidden`
         functions (it was compiled without LlamaConfig.hidden_outputs)."""
-        if any(f is None for f in self._f_tapped.values()):
+        if any(self._f_tapped[n] is None for n in ("batch_prefill", "batch_decode", "decode")):
             raise EngineError("this model library has no hidden-state outputs: compile with them")
         if self.hidden_tap is None or self.hidden_tap.keep < keep:
             self.hidden_tap = HiddenTap(self._config.hidden_size, keep)
@@ -332,11 +339,10 @@ class TVMRunner:
                 f = self._f_hidden if hidden else self._f_verify
                 out = f(embeds._create_view((1, total, width)), self._kv, self._params)
             elif as_rows or (positions is None and all(n == 1 for n in lengths)):
-                decode = fn["batch_decode"]
+                rows = decode_row_block(total)  # the cheapest row block, if compiled
+                decode = fn.get(f"batch_decode_r{rows}") or fn["batch_decode"]
                 if total == 1 and fn["decode"]:
                     decode = fn["decode"]
-                elif total > GROUP_ROWS and fn.get("batch_decode_wide"):
-                    decode = fn["batch_decode_wide"]  # 8-row blocks (llama.batch_decode_wide)
                 out = decode(embeds._create_view((total, 1, width)), self._kv, self._params)
             else:
                 # Positions are in range by construction (cumsum of lengths >= 1 each, < total).

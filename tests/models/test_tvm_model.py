@@ -155,12 +155,14 @@ def test_decode_paths_pad_odd_batches_and_batch_one(compiled, quant: str) -> Non
     pair.step_and_check([(1, toks(rng, 1))])  # batch 1 through batch_decode (padded to 2)
 
 
-def test_wide_decode_blocks_match_the_reference_and_the_narrow_ones(compiled) -> None:
-    """With float activations a group-quantized library also exports batch_decode_wide (8-row
-    blocks in the group kernels); the runner takes it for steps of more than 4 rows. Batches of
-    5 and 8 match the reference, and batch_decode's 4-row blocks bit for bit. A float library,
-    which has no group kernel, exports no wide form."""
-    assert make_pair(compiled("tiny", "q0f32"), TINY).runner._f_steps["batch_decode_wide"] is None
+def test_row_block_forms_match_the_reference_and_batch_decode(compiled) -> None:
+    """With float activations a group-quantized library also exports batch_decode_r2 and _r8
+    (row blocks of 2 and 8 in the group kernels); the runner takes r2 for steps of 2 rows, r8
+    for more than 4, batch_decode (blocks of 4) for 3-4. Each step matches the reference, and
+    batch_decode's own blocks bit for bit. A float library, which has no group kernel, exports
+    no such forms."""
+    plain = make_pair(compiled("tiny", "q0f32"), TINY).runner
+    assert plain._f_steps["batch_decode_r2"] is None and plain._f_steps["batch_decode_r8"] is None
     cm = compiled("tiny", "q4f32_1;act=f32")
     mlc = hf_to_mlc(TINY, random_hf_weights(TINY, seed=5), cm.quantization)
     runner = TVMRunner(
@@ -169,23 +171,29 @@ def test_wide_decode_blocks_match_the_reference_and_the_narrow_ones(compiled) ->
     )  # fmt: skip
     ref = ReferenceLlama(TINY, mlc, cm.quantization, int8=False)
     pair = Pair(runner, ref, ref.new_cache())
-    wide = runner._f_steps["batch_decode_wide"]
-    assert wide is not None
-    calls: list[int] = []
-    runner._f_steps["batch_decode_wide"] = lambda *a: calls.append(1) or wide(*a)
+    forms = {name: runner._f_steps[name] for name in ("batch_decode_r2", "batch_decode_r8")}
+    assert all(forms.values())
+    calls: list[str] = []
+
+    def _counting() -> None:
+        for name, f in forms.items():
+            runner._f_steps[name] = lambda *a, name=name, f=f: calls.append(name) or f(*a)
+
+    _counting()
     rng = np.random.default_rng(6)
     pair.add(*range(8))
     pair.step_and_check([(s, toks(rng, 3 + s)) for s in range(8)])
-    for n in (5, 8, 4):
+    for n in (2, 5, 8, 3):
         batch = [(s, toks(rng, 1)) for s in range(n)]
         got = pair.step_and_check(batch)
         for s, _ in batch:
             runner.popn(s, 1)
-        runner._f_steps["batch_decode_wide"] = None  # batch_decode, two blocks of 4
+        for name in forms:  # batch_decode, blocks of 4
+            runner._f_steps[name] = None
         narrow = runner.step(batch)
-        runner._f_steps["batch_decode_wide"] = lambda *a: calls.append(1) or wide(*a)
+        _counting()
         np.testing.assert_array_equal(got, narrow)
-    assert len(calls) == 2  # the steps of 5 and 8 rows; 4 rows stay narrow
+    assert calls == ["batch_decode_r2", "batch_decode_r8", "batch_decode_r8"]  # 3 rows: blocks of 4
 
 
 def test_q4_without_vnni_runs_the_float_kernels(lib_dir: Path) -> None:
