@@ -18,8 +18,7 @@ LlamaMLP in an MoE layer is models/moe.py's.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 from tvm import tirx
@@ -212,12 +211,10 @@ class LlamaForCausalLM(nn.Module):
     # batch_decode with the float group kernels taking 2 or 8 rows a block instead of GROUP_ROWS
     # (quantization.decode_row_block: 2 rows, and 5 or more); the `_hidden` ones likewise
     def batch_decode_r2(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        with _group_rows(self, 2):
-            return self.batch_decode(input_embeds, paged_kv_cache)
+        return _with_rows(self, 2, self.batch_decode, input_embeds, paged_kv_cache)
 
     def batch_decode_r8(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        with _group_rows(self, 8):
-            return self.batch_decode(input_embeds, paged_kv_cache)
+        return _with_rows(self, 8, self.batch_decode, input_embeds, paged_kv_cache)
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         # batch_decode with a static batch of 1 (as in mlc-llm): its matmuls are matrix-vector
@@ -243,12 +240,10 @@ class LlamaForCausalLM(nn.Module):
         return self.batch_decode_hidden(input_embed, paged_kv_cache)
 
     def batch_decode_hidden_r2(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        with _group_rows(self, 2):
-            return self.batch_decode_hidden(input_embeds, paged_kv_cache)
+        return _with_rows(self, 2, self.batch_decode_hidden, input_embeds, paged_kv_cache)
 
     def batch_decode_hidden_r8(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        with _group_rows(self, 8):
-            return self.batch_decode_hidden(input_embeds, paged_kv_cache)
+        return _with_rows(self, 8, self.batch_decode_hidden, input_embeds, paged_kv_cache)
 
     def batch_prefill_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
         # The final (normed) hidden state at every position: embeddings pool it.
@@ -323,14 +318,14 @@ def _named_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-@contextlib.contextmanager
-def _group_rows(root: nn.Module, rows: int) -> Iterator[None]:
-    """Trace with every QLinear's float group kernel taking `rows` rows a block."""
+def _with_rows(root: nn.Module, rows: int, step: Callable[..., Any], *args: Any) -> Any:
+    """`step(*args)` traced with every QLinear's float group kernel taking `rows` rows a
+    block (LlamaForCausalLM's batch_decode_r2 / _r8)."""
     layers = [m for _, m in _named_modules(root) if isinstance(m, QLinear)]
     try:
         for m in layers:
             m.group_rows = rows
-        yield
+        return step(*args)
     finally:
         for m in layers:
             m.group_rows = GROUP_ROWS
