@@ -48,6 +48,12 @@ class QLinear(nn.Module):
             self.weight = nn.Parameter((out_f, in_f), spec.weight_dtype)
         self.bias = nn.Parameter((out_f,), act_dtype) if bias else None
 
+    @property
+    def group_decode(self) -> bool:
+        """Whether one-token steps run te_ops' float group kernel (`group_rows` applies)."""
+        s = self.spec
+        return self.tile16 and not self.int8 and s.is_group and self.in_f % s.group_size == 0
+
     def stored(self) -> list[nn.Parameter]:
         return [self.q_weight, self.q_scale] if self.spec.is_group else [self.weight]
 

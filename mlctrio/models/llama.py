@@ -39,12 +39,7 @@ from mlctrio.models.layers import (
 from mlctrio.models.llama_config import LlamaConfig
 from mlctrio.models.llama_spec import default_spec
 from mlctrio.models.moe import MoEMLP
-from mlctrio.models.quantization import (
-    GROUP_ROWS,
-    QuantSpec,
-    Scheme,
-    as_scheme,
-)
+from mlctrio.models.quantization import GROUP_ROWS, QuantSpec, Scheme, as_scheme
 from mlctrio.models.te_ops import geglu_te, softcap_te, swiglu_te
 
 # pylint: disable=missing-docstring,invalid-name
@@ -178,8 +173,7 @@ class LlamaForCausalLM(nn.Module):
         #: whether any layer decodes with the float group kernel, whose other row blocks
         #: `batch_decode_r2` / `_r8` then export (llama_spec.py)
         self.row_block_forms = any(
-            isinstance(m, QLinear) and m.tile16 and not m.int8 and m.spec.is_group
-            for _, m in _named_modules(self)
+            isinstance(m, QLinear) and m.group_decode for _, m in _named_modules(self)
         )
 
     def _logits(self, h: Tensor) -> Tensor:

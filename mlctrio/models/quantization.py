@@ -62,7 +62,8 @@ DECODE_ROW_BLOCKS = (2, 8)
 
 def decode_row_block(rows: int) -> int:
     """The row block of the float group kernel that decodes `rows` rows cheapest."""
-    return 2 if rows == 2 else GROUP_ROWS if rows <= GROUP_ROWS else 8
+    narrow, wide = DECODE_ROW_BLOCKS
+    return narrow if rows == narrow else GROUP_ROWS if rows <= GROUP_ROWS else wide
 
 
 TILE16 = "tile16"

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # form's time for 2-4 tokens on SmolLM2 (Q4_1, 2 threads), 0.74-0.92x for 5-8 (one, two or four
 # sequences), 1.0-1.2x beyond; bench/ngram_replay.py --rows-form-max: F32 and Q8_0 alike.
 ROWS_FORM_MAX_TOKENS = 8
+# the steps a library with hidden outputs has in a `*_hidden` form (hidden_tap.py)
+_TAPPED_STEPS = ("batch_prefill", "batch_decode", "decode")
 
 
 class TVMRunner:
@@ -86,8 +88,7 @@ class TVMRunner:
         self._f_hidden = optional_function(self._vm, "batch_prefill_to_last_hidden_states")
         # with config.hidden_outputs: the same steps also returning hidden states (hidden_tap.py)
         self._f_tapped = {
-            name: optional_function(self._vm, f"{name}_hidden")
-            for name in ("batch_prefill", "batch_decode", "decode")
+            name: optional_function(self._vm, f"{name}_hidden") for name in _TAPPED_STEPS
         }
         for r in DECODE_ROW_BLOCKS:
             self._f_tapped[f"batch_decode_r{r}"] = optional_function(
@@ -150,7 +151,7 @@ class TVMRunner:
         """From now on record the last `keep` hidden states of every sequence after each step
         (Medusa and EAGLE drafts read them). EngineError when the library lacks the `*_hidden`
         functions (it was compiled without LlamaConfig.hidden_outputs)."""
-        if any(self._f_tapped[n] is None for n in ("batch_prefill", "batch_decode", "decode")):
+        if any(self._f_tapped[name] is None for name in _TAPPED_STEPS):
             raise EngineError("this model library has no hidden-state outputs: compile with them")
         if self.hidden_tap is None or self.hidden_tap.keep < keep:
             self.hidden_tap = HiddenTap(self._config.hidden_size, keep)
@@ -339,10 +340,10 @@ class TVMRunner:
                 f = self._f_hidden if hidden else self._f_verify
                 out = f(embeds._create_view((1, total, width)), self._kv, self._params)
             elif as_rows or (positions is None and all(n == 1 for n in lengths)):
-                rows = decode_row_block(total)  # the cheapest row block, if compiled
-                decode = fn.get(f"batch_decode_r{rows}") or fn["batch_decode"]
-                if total == 1 and fn["decode"]:
-                    decode = fn["decode"]
+                # one row: the static `decode`; else the cheapest row block, if compiled
+                single = fn["decode"] if total == 1 else None
+                block = fn.get(f"batch_decode_r{decode_row_block(total)}")
+                decode = single or block or fn["batch_decode"]
                 out = decode(embeds._create_view((total, 1, width)), self._kv, self._params)
             else:
                 # Positions are in range by construction (cumsum of lengths >= 1 each, < total).
