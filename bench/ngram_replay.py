@@ -6,7 +6,7 @@ the prompt-lookup proposer, with verification costs measured in process.
 
 Two parts. In process (no server): the plain engine's greedy answers to bench/speculative.py's
 prompts (what every exact mode must produce), and the cost of a step that scores T tokens of
-one 200-token sequence, as `TVMRunner.score` runs it, for T = 1 .. MAX_DRAFT + 1. Then the
+one 200-token sequence, as `TVMRunner.score` runs it, for T = 1 .. NGRAM_MAX_DRAFT + 1. Then the
 replay, without the model: at each step the proposer sees the prompt and the answer so far; a
 draft of k tokens keeps its first tokens while they equal the answer, plus the one token every
 step samples. Per policy it prints steps, drafted / kept tokens, tokens per step and the decode
@@ -24,10 +24,9 @@ end-to-end ratios sit below it. Figures depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -35,14 +34,13 @@ import attrs
 if __package__ in (None, ""):  # run as a script: make the `bench` namespace package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.verify_forms import timed
 from mlctrio.engine.drafts import NgramProposer
+from mlctrio.runtime.spec_loader import NGRAM_MAX_DRAFT
 from mlctrio.runtime.spec_policy import DraftPolicy
+from mlctrio.runtime.speculative import matched_prefix
 
-MAX_DRAFT = 16  # the ngram mode's longest draft (runtime/model_loader.py's policy)
 CONTEXT = 200  # tokens the timed sequence holds before the scored ones
-
-#: (tokens so far, room) -> the draft length to use (0: none); after the step, `learn`
-Chooser = Callable[[list[int], int], int]
 
 
 @attrs.define
@@ -62,15 +60,12 @@ class Replay:
 
 def kept_prefix(draft: Sequence[int], answer: Sequence[int], at: int) -> int:
     """How many tokens of `draft` equal answer[at:] from the start."""
-    n = 0
-    while n < len(draft) and at + n < len(answer) and draft[n] == answer[at + n]:
-        n += 1
-    return n
+    return matched_prefix(draft, answer[at : at + len(draft)])
 
 
 def replay(
     prompt: Sequence[int], answer: Sequence[int], policy: str, cost: Sequence[float],
-    max_draft: int = MAX_DRAFT,
+    max_draft: int = NGRAM_MAX_DRAFT,
 ) -> Replay:  # fmt: skip
     """Replay `answer` (its first token comes from the prompt's prefill) under `policy`:
     "k=N", "adaptive" or "oracle" (see the module docstring)."""
@@ -86,7 +81,7 @@ def replay(
             if unverified is not None:  # as Speculator._check_unverified scores it
                 at, old = unverified
                 seen = answer[at : min(i, at + len(old))]
-                adaptive.observe_draft(0, len(seen), kept_prefix(old, seen, 0))
+                adaptive.observe_draft(0, len(seen), matched_prefix(old, seen))
                 unverified = None
             k = adaptive.choose([0], [len(proposal)], 1, explore=False)
             if not k and proposal:
@@ -107,19 +102,14 @@ def replay(
 
 
 def measure_costs(runner, max_tokens: int, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
-    """Median seconds of scoring t + 1 tokens of one CONTEXT-token sequence, t = 0..max_tokens-1."""
+    """Median seconds of scoring t + 1 tokens of one CONTEXT-token sequence, t = 0..max_tokens-1,
+    in the form the runner picks (verify_forms.timed)."""
     runner.add_sequence(0)
     runner.step([(0, [(17 * i) % 1000 + 100 for i in range(CONTEXT)])])
-    times: list[list[float]] = [[] for _ in range(max_tokens)]
-    for _ in range(repeat):
-        for t in range(max_tokens):
-            tokens = [300 + j for j in range(t + 1)]
-            t0 = time.perf_counter()
-            runner.score([(0, tokens)], [len(tokens)])
-            times[t].append(time.perf_counter() - t0)
-            runner.popn(0, len(tokens))
+    costs = [timed(runner, None, [(0, [300 + j for j in range(t + 1)])], repeat) / 1e3
+             for t in range(max_tokens)]  # fmt: skip
     runner.remove_sequence(0)
-    return [statistics.median(ts) for ts in times]
+    return costs
 
 
 def greedy_answers(core, info, texts: Sequence[str], max_tokens: int):  # type: ignore[no-untyped-def]
@@ -186,12 +176,12 @@ def main() -> None:
     try:
         if args.rows_form_max is not None:
             core.runner.rows_form_max = args.rows_form_max
-        cost = measure_costs(core.runner, MAX_DRAFT + 1, args.repeat)
+        cost = measure_costs(core.runner, NGRAM_MAX_DRAFT + 1, args.repeat)
         print(f"{args.model} ({args.activations} activations), {args.threads} threads")
         print("scoring T tokens of one sequence, ms (median of "
               f"{args.repeat}), and as decode steps:")  # fmt: skip
         print(" ".join(f"T={t + 1}: {c * 1e3:.1f} ({c / cost[0]:.2f})" for t, c in enumerate(cost)))
-        policies = ["k=2", "k=4", "k=8", f"k={MAX_DRAFT}", "adaptive", "oracle"]
+        policies = ["k=2", "k=4", "k=8", f"k={NGRAM_MAX_DRAFT}", "adaptive", "oracle"]
         for name in args.workloads.split(","):
             pairs = greedy_answers(core, info, WORKLOADS[name], args.max_tokens)
             report(name, pairs, cost, policies)

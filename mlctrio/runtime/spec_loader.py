@@ -37,6 +37,10 @@ _SAMPLE_IDS = 512  # ids whose bytes are compared between the two tokenizers
 DraftLoader = Callable[[ServerConfig, EngineConfig], tuple[Any, Any]]
 
 
+# n-gram proposals cost nothing to make: only the verification of longer drafts limits them
+NGRAM_MAX_DRAFT = 16
+
+
 def build_speculator(
     config: ServerConfig,
     engine: EngineConfig,
@@ -66,9 +70,9 @@ def build_speculator(
         "speculative decoding: %s, draft length %s, up to %d decoding choices per step",
         mode, engine.spec_draft_length or "adaptive", engine.spec_max_batch,
     )  # fmt: skip
-    # n-gram proposals cost nothing to make: only the verification of longer drafts limits them
-    # (medusa: no more than its heads)
-    policy = DraftPolicy(max_length=16 if mode == "ngram" else getattr(proposer, "max_length", 8))
+    # medusa: no more than its heads
+    longest = NGRAM_MAX_DRAFT if mode == "ngram" else getattr(proposer, "max_length", 8)
+    policy = DraftPolicy(max_length=longest)
     return Speculator(
         mode,
         proposer,

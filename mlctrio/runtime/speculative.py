@@ -84,6 +84,14 @@ def take_drafted(
     return accepted
 
 
+def matched_prefix(proposal: Sequence[int], actual: Sequence[int]) -> int:
+    """How many tokens of `proposal` equal `actual`'s, from the first on."""
+    n = 0
+    while n < min(len(proposal), len(actual)) and proposal[n] == actual[n]:
+        n += 1
+    return n
+
+
 @attrs.define
 class SpecStats:
     """Counters for /metrics: drafts verified, tokens drafted, drafted tokens accepted."""
@@ -194,7 +202,4 @@ class Speculator:
                 continue
             at, proposal = self._unverified.pop(key)
             actual = b.token_slice(at, min(b.num_tokens, at + len(proposal)))
-            matched = 0
-            while matched < len(actual) and actual[matched] == proposal[matched]:
-                matched += 1
-            self.policy.observe_draft(key, len(actual), matched)
+            self.policy.observe_draft(key, len(actual), matched_prefix(proposal, actual))
