@@ -196,6 +196,48 @@ def test_row_block_forms_match_the_reference_and_batch_decode(compiled) -> None:
     assert calls == ["batch_decode_r2", "batch_decode_r8", "batch_decode_r8"]  # 3 rows: blocks of 4
 
 
+def test_hidden_row_block_forms_match_the_plain_ones(compiled, lib_dir: Path) -> None:
+    """The hidden-output library (medusa/eagle) has the row-block forms too: with the tap on,
+    steps of 2 and 5 rows go through batch_decode_hidden_r2 / _r8 and give the plain library's
+    logits bit for bit, and the hidden states the runner's `hidden` gives for those positions."""
+    cm = compiled("tiny", "q4f32_1;act=f32")
+    tapped_cm = compile_model(TINY.with_hidden_outputs(), cm.quantization, cache_dir=lib_dir)
+    mlc = hf_to_mlc(TINY, random_hf_weights(TINY, seed=7), cm.quantization)
+    runners = [
+        TVMRunner(
+            c.lib_path, mlc_to_params(mlc, c.params), config,
+            max_num_sequence=8, max_total_seq_length=2048, prefill_chunk_size=256,
+        )
+        for c, config in ((cm, TINY), (tapped_cm, TINY.with_hidden_outputs()))
+    ]  # fmt: skip
+    plain, tapped = runners
+    tap = tapped.enable_hidden_tap(64)
+    calls: list[str] = []
+    for name in ("batch_decode_r2", "batch_decode_r8"):
+        f = tapped._f_tapped[name]
+        assert f is not None
+        tapped._f_tapped[name] = lambda *a, name=name, f=f: calls.append(name) or f(*a)
+    rng = np.random.default_rng(8)
+    for r in runners:
+        for s in range(5):
+            r.add_sequence(s)
+    first = [(s, toks(rng, 4 + s)) for s in range(5)]
+    for r in runners:
+        r.step(first)
+    tokens0 = list(first[0][1])
+    for n in (2, 5):
+        batch = [(s, toks(rng, 1)) for s in range(n)]
+        np.testing.assert_array_equal(tapped.step(batch), plain.step(batch))
+        tokens0 += batch[0][1]
+    assert calls == ["batch_decode_r2", "batch_decode_r8"]
+    # sequence 0's 6 positions (its last 2 from those two steps) against a fresh whole pass
+    plain.add_sequence(7)
+    want = plain.hidden([(7, tokens0)])
+    got = tap.rows(0, 0, len(tokens0))
+    assert got is not None and want.shape == got.shape == (6, TINY.hidden_size)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_q4_without_vnni_runs_the_float_kernels(lib_dir: Path) -> None:
     """On a CPU without AVX512-VNNI the q4 layers keep float activations: the tile16 kernels
     (dequantise-per-tile for prefill, the group-scale kernel for decode) must be exact too."""
